@@ -1,0 +1,70 @@
+"""Eager PyTorch references with Hugging Face semantics.
+
+These are the readable versions of what the Triton kernels compute. The tests compare the kernels with them
+(run in float64 for the "true" answer, and in the input dtype for the "eager error" budget), and the models can
+select them with ``attn_implementation="eager"``.
+"""
+import math
+
+import torch
+
+
+def causal_padding_mask(batch, q_len, k_len, *, causal=True, key_padding_mask=None, past_len=None, device=None):
+    """Boolean visibility mask ``[B, 1, Lq, Lk]``: True where query i may attend to key j.
+
+    Causal: query i sits at absolute position ``past_len + i`` and sees key j iff ``j <= past_len + i``
+    (HF's ``_make_causal_mask`` with ``past_key_values_length``); ``past_len`` defaults to ``Lk - Lq``.
+    ``key_padding_mask`` is HF's 2-D ``attention_mask`` ``[B, Lk]`` (1 = real token, 0 = padding), expanded
+    like HF's ``_expand_mask``.
+    """
+    if past_len is None:
+        past_len = k_len - q_len
+    visible = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        query_pos = past_len + torch.arange(q_len, device=device)
+        key_pos = torch.arange(k_len, device=device)
+        visible = visible & (key_pos[None, :] <= query_pos[:, None])[None, None]
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    return visible
+
+
+def attention_reference(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_scale=None,
+                        kv_batch_index=None, scale_before_matmul=False):
+    """Eager masked attention in the dtype of its inputs.
+
+    q ``[B, Hq, Lq, D]``; k, v ``[B, Hkv, Lk, D]`` (or ``[Bkv, Hkv, Lk, D]`` with ``kv_batch_index [B]``);
+    returns ``[B, Hq, Lq, D]``. GQA by repeating K/V heads (as HF's ``repeat_kv``). A query row with no visible
+    key outputs zeros. ``scale_before_matmul`` scales q first, as BART does; LLaMA scales the scores.
+    """
+    batch, num_heads, q_len, head_dim = q.shape
+    if kv_batch_index is not None:
+        k, v = k[kv_batch_index.long()], v[kv_batch_index.long()]
+    group = num_heads // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+    if scale_before_matmul:
+        scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    visible = causal_padding_mask(batch, q_len, k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
+                                  past_len=past_len, device=q.device)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.where(visible.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
+    return torch.matmul(probs, v)
+
+
+def rms_norm_reference(x, weight, eps=1e-6, residual=None):
+    """HF ``LlamaRMSNorm``: statistics in float32, normalised value cast back to x's dtype, then times weight.
+
+    With ``residual``: ``h = x + residual`` (in x's dtype) and returns ``(rms_norm(h), h)``.
+    """
+    if residual is not None:
+        x = x + residual
+    hidden = x.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    out = weight * hidden.to(x.dtype)
+    return (out, x) if residual is not None else out

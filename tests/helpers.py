@@ -1,0 +1,28 @@
+"""Shared assertions: a kernel's error against a float64 reference may be at most a small multiple of the error
+of the eager computation in the same dtype, plus a small absolute slack; NaN never passes."""
+import torch
+
+# absolute slack added to the eager-error budget, per dtype
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
+
+
+def max_error(actual, expected):
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_within_eager_error(name, actual, expected64, eager, factor=2.0, atol=None):
+    """actual, eager: same-dtype results; expected64: float64 reference of the same computation."""
+    assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    assert not torch.isnan(actual).any(), f"{name}: NaN in the kernel's output"
+    assert torch.isfinite(actual).all(), f"{name}: inf in the kernel's output"
+    atol = ATOL[actual.dtype] if atol is None else atol
+    kernel_err = max_error(actual, expected64)
+    eager_err = max_error(eager, expected64)
+    budget = factor * eager_err + atol
+    assert kernel_err <= budget, (f"{name}: max error {kernel_err:.3e} > {factor} x eager error {eager_err:.3e} "
+                                  f"+ atol {atol:.1e}")
+
+
+def poison_(t):
+    """Fill a tensor with NaN so that an element the kernel fails to write is caught."""
+    return t.fill_(float("nan"))
