@@ -3,12 +3,26 @@
 triton 3.6-3.9's interpreter stores bfloat16 as raw uint16 and its ``tl.dot`` multiplies those bits as integers,
 so a bf16 ``tl.dot`` returns garbage on CPU. We widen bf16 operands to float32 exactly (bf16 is the top half of
 a float32) before the interpreter's matmul; fp32 accumulation of exact bf16 products is what the GPU does too.
+
+The interpreter also holds a scalar (a loaded value, a min/max of scalars) as a 1-element array and turns it
+into a Python int with ``int(array)``, which NumPy >= 2.3 refuses for arrays of one dimension; a loop bound read
+from memory (``range(lo, hi)``) then fails. We make ``__index__`` take the single element instead.
+
+Its float32 -> bfloat16 cast truncates (rounds toward zero) where the GPU rounds to nearest even; the bias
+adds up in long sums (e.g. P^T dO over many rows), so we round to nearest even as the hardware does.
 """
 import numpy as np
 
 
 def _bf16_bits_to_float32(bits):
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _float32_to_bf16_bits_rne(values):
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding_bias = ((bits >> 16) & 1) + np.uint32(0x7FFF)   # ties go to the even bf16 neighbour
+    rounded = ((bits + rounding_bias) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
 
 
 def install():
@@ -30,3 +44,23 @@ def install():
 
     builder_cls.create_dot = create_dot
     builder_cls._fusedformers_bf16_dot = True
+
+    original_cast = builder_cls.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(_float32_to_bf16_bits_rne(src.data), dst_type.scalar)
+        return original_cast(self, src, dst_type)
+
+    builder_cls.cast_impl = cast_impl
+    for name in ("create_fp_trunc", "create_fp_ext", "create_si_to_fp", "create_ui_to_fp", "create_fp_to_si",
+                 "create_fp_to_ui"):
+        setattr(builder_cls, name, lambda self, src, dst_type: self.cast_impl(src, dst_type))
+
+    original_patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original_patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor

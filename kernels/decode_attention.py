@@ -1,0 +1,381 @@
+"""Split-KV decode attention: a few query rows against a long cached K/V.
+
+Used for one decode step (Lq = 1), a few speculative tokens (Lq <= 16) and cached cross-attention. With so few
+query rows the usual "one program per block of queries" launch would leave most of the GPU idle at B = 1, so the
+key axis is split instead (flash-decoding):
+
+1. ``_decode_split_kernel``: one program per (row block, key split, batch x kv head). It loads each K/V block
+   of its split once and multiplies it with *all* query rows that share the kv head (``group = Hq // Hkv`` heads
+   x Lq rows, GQA/MQA without ``repeat_interleave``), keeping an online softmax in the exp2 domain. It writes
+   its unnormalised fp32 output, running max and running sum.
+2. ``_decode_combine_kernel``: one program per query row merges the splits:
+   ``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s`` with ``M = max_s m_s``.
+
+When there is a single split the first kernel normalises and writes the output itself (no combine launch).
+
+Masking: causal with a past offset (query i sits at absolute position ``past_len + i``) and HF's 2-D key
+padding mask (1 = token, 0 = padding; left/right padding or holes). A query row that sees no key outputs zeros,
+and a split that sees no key contributes nothing (its max is -inf and its weight 2^(-inf) = 0). Key blocks
+outside a row block's visible range ``[first valid key, min(last valid key + 1, causal limit))`` are skipped by
+the loop bounds, so whole splits of left padding, right padding or the causal future cost nothing.
+
+The arguments are assumed validated by ``kernels.checks.check_attention_inputs`` (the caller does it).
+"""
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# log2(e): softmax(x) = 2^(x * log2(e) - max) / sum(...), so the scale and log2(e) fold into one multiply
+LOG2E = 1.4426950408889634
+
+# upper bound on the number of key splits (bounds the fp32 partial buffers and the combine's work per row)
+MAX_SPLITS = 128
+# the combine kernel reduces over splits in chunks of at most this many
+COMBINE_SPLIT_CHUNK = 16
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, Out, PartAcc, PartMax, PartSum,
+    Mask, KeyStart, KeyEnd, KvIndex,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mask_b, stride_mask_n,
+    num_kv_heads, q_len, k_len, past_len, qk_scale,
+    split_size, num_splits, num_row_blocks,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_KV_INDEX: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Partial attention of one key split for BLOCK_M of the ``GROUP * Lq`` query rows of one (batch, kv head).
+
+    Q ``[B, Hq, Lq, D]``, K/V ``[B or Bkv, Hkv, Lk, D]`` (any strides), Mask ``[B, Lk]`` (any int type),
+    KeyStart/KeyEnd ``[B]`` int32 (first valid key, last valid key + 1), KvIndex ``[B]``.
+    WRITE_OUT (single split): Out ``[B, Hq, Lq, D]`` gets the normalised result.
+    Otherwise PartAcc ``[B, Hq, Lq, num_splits, D]`` fp32 gets the unnormalised output of this split, and
+    PartMax / PartSum ``[B, Hq, Lq, num_splits]`` fp32 its running max (log2 domain) and running sum.
+    """
+    # flat 1-D grid: row blocks of one (split, batch x kv head) are adjacent, so they share K/V through L2,
+    # and no grid axis can exceed its 65535 limit
+    pid = tl.program_id(0)
+    row_block = pid % num_row_blocks
+    split = (pid // num_row_blocks) % num_splits
+    bh = pid // (num_row_blocks * num_splits)  # = b * Hkv + kv head
+    b = bh // num_kv_heads
+    kv_head = bh % num_kv_heads
+
+    # ---- query rows: row r of this kv head is query head kv_head * GROUP + r // Lq, query position r % Lq
+    offs_r = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    num_rows = GROUP * q_len
+    row_valid = offs_r < num_rows  # rows past GROUP * Lq pad the block up to BLOCK_M >= 16 for tl.dot
+    q_head = (kv_head * GROUP + offs_r // q_len).to(tl.int64)
+    q_pos = offs_r % q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM  # BLOCK_D = next power of 2 >= D (D = 80, 96, ...)
+
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + q_head[:, None] * stride_qh
+              + q_pos.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+
+    # ---- K/V base of this (kv batch row, kv head); batch/head offsets in int64 (B*H*L*D may exceed 2^31)
+    if HAS_KV_INDEX:
+        kv_b = tl.load(KvIndex + b).to(tl.int64)  # beam search: several query rows share one K/V row
+    else:
+        kv_b = b.to(tl.int64)
+    k_base = K + kv_b * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + kv_b * stride_vb + kv_head.to(tl.int64) * stride_vh
+
+    # ---- key range of this program: its split, cut to the valid keys of batch row b and the causal limit
+    lo = split * split_size  # split_size is a multiple of BLOCK_N
+    hi = tl.minimum(lo + split_size, k_len)
+    if HAS_MASK:
+        key_start = tl.load(KeyStart + b)  # = Lk for a fully padded row (and key_end = 0): empty range
+        key_end = tl.load(KeyEnd + b)
+        lo = tl.maximum(lo, (key_start // BLOCK_N) * BLOCK_N)  # stay block aligned
+        hi = tl.minimum(hi, key_end)
+    if CAUSAL:
+        # the last query position in this row block sees keys j <= past_len + q_pos
+        max_pos = tl.max(tl.where(row_valid, q_pos, 0), axis=0)
+        hi = tl.minimum(hi, past_len + max_pos + 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the scaled scores (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(score - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running sum of 2^(score - m_i) * v
+
+    offs_bn = tl.arange(0, BLOCK_N)
+    # pointers to the first key block; the key offset lo * stride is taken in int64, the in-block offsets
+    # (< BLOCK_N rows) stay small, and each iteration advances the pointers by one block
+    k_ptrs = (k_base + lo.to(tl.int64) * stride_kn
+              + offs_bn[:, None] * stride_kn + offs_d[None, :] * stride_kd)
+    v_ptrs = (v_base + lo.to(tl.int64) * stride_vn
+              + offs_bn[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    # an empty range (lo >= hi) runs no iteration: the split then reports max -inf, sum 0, output 0
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_bn
+        key_in = offs_n < hi  # the split end, the valid-key end, the causal limit, Lk
+        kv_mask = key_in[:, None] & d_valid[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+
+        # scores in log2 units: q.k * sm_scale * log2(e), fp32 accumulation
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+
+        visible = key_in[None, :] & row_valid[:, None]
+        if HAS_MASK:
+            # holes inside [key_start, key_end), and the keys of the first block that precede key_start
+            pad = tl.load(Mask + b.to(tl.int64) * stride_mask_b + offs_n.to(tl.int64) * stride_mask_n,
+                          mask=key_in, other=0)
+            visible = visible & (pad != 0)[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= past_len + q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        # a row with no visible key so far keeps m = -inf; subtract 0 instead so that 2^(-inf - (-inf)) = NaN
+        # never appears (its p and alpha are then 2^-inf = 0)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)  # rescales what was accumulated under the old max
+        p = tl.math.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+
+    if WRITE_OUT:
+        # single split: normalise here; a row that saw no key has l = 0 and acc = 0, so it outputs 0
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        out_ptrs = (Out + b.to(tl.int64) * stride_ob + q_head[:, None] * stride_oh
+                    + q_pos.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od)
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+    else:
+        # partial row index: ((b * Hq + q_head) * Lq + q_pos) = bh * GROUP * Lq + r, since q_head = kv_head *
+        # GROUP + r // Lq; the split is the second-fastest axis, D the fastest
+        part_row = bh.to(tl.int64) * num_rows + offs_r
+        part_idx = part_row * num_splits + split
+        tl.store(PartMax + part_idx, m_i, mask=row_valid)
+        tl.store(PartSum + part_idx, l_i, mask=row_valid)
+        tl.store(PartAcc + part_idx[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=row_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _decode_combine_kernel(
+    Out, PartAcc, PartMax, PartSum,
+    stride_ob, stride_oh, stride_om, stride_od,
+    num_heads, q_len, num_rows, num_splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Merge the splits of BLOCK_R query rows: ``out = sum_s w_s acc_s / sum_s w_s l_s``, ``w_s = 2^(m_s - M)``.
+
+    PartAcc ``[B, Hq, Lq, num_splits, D]``, PartMax / PartSum ``[B, Hq, Lq, num_splits]`` (fp32);
+    Out ``[B, Hq, Lq, D]`` (any strides). Row ``(b * Hq + h) * Lq + i`` of ``num_rows = B * Hq * Lq``.
+    Splits are reduced BLOCK_S at a time, as a ``[BLOCK_R, BLOCK_S, BLOCK_D]`` tile.
+    """
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_valid = offs_r < num_rows
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    stat_base = offs_r * num_splits  # [BLOCK_R]: first split of each row in PartMax / PartSum
+
+    # pass 1: each row's largest split max M (-inf when no split saw a key)
+    m_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        stat_mask = row_valid[:, None] & (s0 + offs_s < num_splits)[None, :]
+        m = tl.load(PartMax + stat_base[:, None] + s0 + offs_s[None, :], mask=stat_mask, other=float("-inf"))
+        m_max = tl.maximum(m_max, tl.max(m, axis=1))
+    # no split saw a key: subtract 0 so that every weight is 2^-inf = 0 (not NaN) and the row outputs 0
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+
+    # pass 2: weighted sums; a split that saw no key has m = -inf, so weight 0 (its acc and l are 0 too)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        stat_mask = row_valid[:, None] & (s0 + offs_s < num_splits)[None, :]
+        stat_idx = stat_base[:, None] + s0 + offs_s[None, :]  # [BLOCK_R, BLOCK_S]
+        m = tl.load(PartMax + stat_idx, mask=stat_mask, other=float("-inf"))
+        l = tl.load(PartSum + stat_idx, mask=stat_mask, other=0.0)
+        w = tl.math.exp2(m - m_max[:, None])
+        total += tl.sum(w * l, axis=1)
+        part = tl.load(PartAcc + stat_idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                       mask=stat_mask[:, :, None] & d_valid[None, None, :], other=0.0)
+        acc += tl.sum(w[:, :, None] * part, axis=1)
+    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+
+    # row -> (b, h, i) of the output
+    q_pos = offs_r % q_len
+    head = (offs_r // q_len) % num_heads
+    b = offs_r // (q_len * num_heads)
+    out_ptrs = (Out + (b * stride_ob + head * stride_oh + q_pos * stride_om)[:, None]
+                + offs_d[None, :] * stride_od)
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launcher
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, *, causal=True, past_len=None,
+                device="cpu", num_splits=None):
+    """Block sizes and the key split for one launch; returns a dict.
+
+    Splits: the key range a causal query can see (``min(Lk, past_len + Lq)`` keys) is cut into ``num_splits``
+    equal runs of whole BLOCK_N blocks. On a GPU the split count targets about 4 programs per SM when
+    ``B * Hkv * row blocks`` alone is below 2 per SM (capped by the number of key blocks and MAX_SPLITS);
+    on CPU (Triton's interpreter) 2 splits whenever there are 2 key blocks, so the combine path is exercised.
+    ``num_splits`` overrides the choice (clamped to [1, number of key blocks]).
+    """
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    group = num_heads // num_kv_heads
+    num_rows = group * q_len  # query rows that share one kv head
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # rows padded to >= 16 for tl.dot; more than 64 rows (MQA with many speculative tokens) -> row blocks
+    block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
+    num_row_blocks = triton.cdiv(num_rows, block_m)
+    if on_gpu:
+        block_n = 64 if block_d <= 128 else 32
+    else:
+        block_n = 32  # the interpreter's cost is per block: few, mid-sized blocks
+    if past_len is None:
+        past_len = k_len - q_len
+    # keys past past_len + Lq - 1 are invisible to every causal query
+    k_visible = max(1, min(k_len, past_len + q_len)) if causal else k_len
+    num_key_blocks = triton.cdiv(k_visible, block_n)
+
+    if num_splits is None:
+        if on_gpu:
+            sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+            base_programs = batch * num_kv_heads * num_row_blocks
+            if base_programs >= 2 * sms:
+                num_splits = 1
+            else:
+                num_splits = triton.cdiv(4 * sms, base_programs)
+        else:
+            num_splits = 2
+    num_splits = max(1, min(num_splits, num_key_blocks, MAX_SPLITS))
+    # equal splits of whole blocks; drop splits that would start past the visible range
+    blocks_per_split = triton.cdiv(num_key_blocks, num_splits)
+    num_splits = triton.cdiv(num_key_blocks, blocks_per_split)
+
+    # the combine merges this many query rows per program: one on a GPU (B * Hq * Lq programs), many in the
+    # interpreter (its cost is per program)
+    combine_rows = 1 if on_gpu else min(64, triton.next_power_of_2(batch * num_heads * q_len))
+
+    num_warps = 8 if block_m * block_d >= 64 * 128 else 4
+    num_stages = 3 if block_d <= 128 else 2
+    return dict(block_m=block_m, block_n=block_n, block_d=block_d, num_row_blocks=num_row_blocks,
+                num_splits=num_splits, split_size=blocks_per_split * block_n, num_warps=num_warps,
+                num_stages=num_stages, combine_rows=combine_rows)
+
+
+def key_padding_range(key_padding_mask):
+    """Per batch row, the first valid key and the last valid key + 1, as int32 ``[B]`` tensors.
+
+    A fully padded row gets ``(Lk, 0)``, an empty range. Pure torch ops on the mask's device (no host sync).
+    The mask is the same for every layer of a forward pass, so a model may compute this once and pass it to
+    ``decode_attention(key_range=...)``.
+    """
+    valid = key_padding_mask != 0
+    k_len = valid.shape[1]
+    positions = torch.arange(k_len, device=valid.device, dtype=torch.int32)
+    key_start = torch.where(valid, positions, k_len).amin(dim=1)
+    key_end = torch.where(valid, positions + 1, 0).amax(dim=1)
+    return key_start.to(torch.int32).contiguous(), key_end.to(torch.int32).contiguous()
+
+
+def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_scale=None,
+                     kv_batch_index=None, out=None, num_splits=None, key_range=None):
+    """Masked attention for few query rows (Lq <= 16) against a long K/V, split over the key axis.
+
+    q ``[B, Hq, Lq, D]``; k, v ``[B, Hkv, Lk, D]`` or ``[Bkv, Hkv, Lk, D]`` with ``kv_batch_index`` (int ``[B]``:
+    query row r reads K/V row ``kv_batch_index[r]``); any strides. ``key_padding_mask``: HF ``[B, Lk]``
+    attention mask (bool or int, 1 = token), indexed by the query batch row. Causal: query i sees key j iff
+    ``j <= past_len + i`` (``past_len`` defaults to ``Lk - Lq``). ``sm_scale`` defaults to ``1/sqrt(D)``.
+    Returns ``[B, Hq, Lq, D]`` in q's dtype, contiguous, or writes into ``out`` (same shape and dtype, any
+    strides) and returns it. ``num_splits`` overrides the split heuristic; ``key_range`` takes a precomputed
+    ``key_padding_range(key_padding_mask)``. Arguments are assumed validated (``check_attention_inputs``).
+    """
+    batch, num_heads, q_len, head_dim = q.shape
+    num_kv_heads, k_len = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    if past_len is None:
+        past_len = k_len - q_len
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    if out is None:
+        out = torch.empty((batch, num_heads, q_len, head_dim), dtype=q.dtype, device=q.device)
+    elif tuple(out.shape) != tuple(q.shape) or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+
+    plan = decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, causal=causal, past_len=past_len,
+                       device=q.device, num_splits=num_splits)
+    splits = plan["num_splits"]
+
+    has_mask = key_padding_mask is not None
+    if has_mask:
+        key_start, key_end = key_range if key_range is not None else key_padding_range(key_padding_mask)
+        # bool loads as a byte (zero-copy view); other int types are compared with 0 in the kernel
+        mask = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
+        stride_mask_b, stride_mask_n = mask.stride()
+    else:
+        key_start = key_end = mask = q  # placeholders, never read (HAS_MASK=False)
+        stride_mask_b = stride_mask_n = 0
+    has_kv_index = kv_batch_index is not None
+    kv_index = kv_batch_index.contiguous() if has_kv_index else q  # placeholder when unused
+
+    if splits == 1:
+        part_acc = part_max = part_sum = out  # placeholders, never written (WRITE_OUT=True)
+    else:
+        part_acc = torch.empty((batch, num_heads, q_len, splits, head_dim), dtype=torch.float32, device=q.device)
+        part_max = torch.empty((batch, num_heads, q_len, splits), dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+
+    grid = (plan["num_row_blocks"] * splits * batch * num_kv_heads,)
+    _decode_split_kernel[grid](
+        q, k, v, out, part_acc, part_max, part_sum,
+        mask, key_start, key_end, kv_index,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        stride_mask_b, stride_mask_n,
+        num_kv_heads, q_len, k_len, past_len, sm_scale * LOG2E,
+        plan["split_size"], splits, plan["num_row_blocks"],
+        GROUP=group, HEAD_DIM=head_dim,
+        BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_D=plan["block_d"],
+        CAUSAL=causal, HAS_MASK=has_mask, HAS_KV_INDEX=has_kv_index, WRITE_OUT=splits == 1,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+    )
+    if splits > 1:
+        num_rows = batch * num_heads * q_len
+        block_r = plan["combine_rows"]
+        _decode_combine_kernel[(triton.cdiv(num_rows, block_r),)](
+            out, part_acc, part_max, part_sum,
+            *out.stride(),
+            num_heads, q_len, num_rows, splits,
+            HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_S=min(COMBINE_SPLIT_CHUNK, triton.next_power_of_2(splits)),
+            BLOCK_D=plan["block_d"],
+            num_warps=4,
+        )
+    return out

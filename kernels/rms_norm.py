@@ -1,0 +1,266 @@
+"""RMSNorm (LLaMA's ``LlamaRMSNorm``), optionally fused with the residual add, forward and backward in Triton.
+
+One file holds the kernels, their launchers and the ``torch.autograd.Function``. The forward kernel handles one
+row per program, like the layer-norm tutorial of Triton; the backward kernel loops over a block of rows per
+program so that it can keep a float32 partial sum of the weight gradient in registers.
+
+Semantics are those of Hugging Face (see ``kernels.reference.rms_norm_reference``)::
+
+    h   = x + residual                       # rounded to x's dtype (only with residual)
+    hn  = h.float() * rsqrt(mean(h.float() ** 2, -1) + eps)
+    out = weight * hn.to(x.dtype)            # PyTorch type promotion of weight and x
+"""
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.checks import check_float_dtype, check_same_device, check_tensor
+
+# Largest hidden size handled: a whole row lives in registers (BLOCK_N = next_power_of_2(N)).
+MAX_HIDDEN_SIZE = 65536
+
+
+def _num_warps(block_n):
+    """Warps per program for a row block of ``block_n`` elements (about 256 elements per warp, 1 to 16 warps)."""
+    return min(max(block_n // 256, 1), 16)
+
+
+def _num_backward_programs(rows, device):
+    """Programs of the backward kernel: a few per SM on a GPU (each keeps a float32 dweight partial sum)."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 8  # Triton's interpreter: every program is run in turn, keep the dweight partials few
+    return max(1, min(rows, target))
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, R, W, Y, H, RSTD,  # pointers: x, residual, weight, out, h = x + residual, rstd per row
+    stride_x_row, stride_r_row, stride_y_row, stride_h_row,  # row strides (the column stride is 1)
+    N, eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # one row per program; int64 so that row * stride cannot overflow int32 on large tensors
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N  # BLOCK_N is N rounded up to a power of two: the tail lanes are masked off
+    x = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r_row + cols, mask=mask, other=0.0)
+        # add in float32, then round once to x's dtype: the result of PyTorch's `residual + hidden_states`
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(H + row * stride_h_row + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    # masked lanes were loaded as 0 and add nothing to the sum of squares; divide by the true N
+    variance = tl.sum(h * h, axis=0) / N
+    rstd = tl.rsqrt(variance + eps)
+    tl.store(RSTD + row, rstd)
+    # HF rounds the normalised value to x's dtype before it multiplies by the weight
+    normed = (h * rstd).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    # the product of two 16-bit floats is exact in float32, so one rounding to Y's dtype matches PyTorch's
+    y = w * normed
+    tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, H, W, RSTD, DH, DX, DW_PARTIAL,  # pointers: grad of out, normalised input h, weight, rstd per row,
+                                         # grad of the returned h (residual path), grad of h, dweight partials
+    stride_dy_row, stride_h_row, stride_dh_row, stride_dx_row,  # row strides (the column stride is 1)
+    M, N,
+    HAS_DH: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,  # a power of two, so that few variants get compiled
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N  # BLOCK_N is N rounded up to a power of two: the tail lanes are masked off
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)  # this program's share of dweight, summed in float32
+    # this program handles rows [row_start, row_start + ROWS_PER_PROGRAM); the last block may run past M,
+    # so each row is masked with row < M (a masked row loads zeros and adds nothing to dweight)
+    row_start = pid.to(tl.int64) * ROWS_PER_PROGRAM  # int64 so that row * stride cannot overflow int32
+    for i in range(0, ROWS_PER_PROGRAM):
+        row = row_start + i
+        row_ok = row < M
+        row_mask = mask & row_ok
+        dy = tl.load(DY + row * stride_dy_row + cols, mask=row_mask, other=0.0).to(tl.float32)
+        h = tl.load(H + row * stride_h_row + cols, mask=row_mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row, mask=row_ok, other=0.0)
+        h_hat = h * rstd  # normalised value before rounding
+        # out = weight * round(h_hat): dweight sees the rounded value, as in the forward pass
+        dw_acc += dy * h_hat.to(H.dtype.element_ty).to(tl.float32)
+        # the rounding passes gradients through unchanged; d(h * rstd(h))/dh applied to g:
+        #   rstd * (g - h_hat * mean(g * h_hat))
+        g = dy * w
+        dx = rstd * (g - h_hat * (tl.sum(g * h_hat, axis=0) / N))
+        if HAS_DH:
+            # h was also returned (fused residual add): its own gradient adds to the one through the norm
+            dx += tl.load(DH + row * stride_dh_row + cols, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx_row + cols, dx.to(DX.dtype.element_ty), mask=row_mask)
+    # row pid of the [num_programs, N] float32 partials; summed over programs by the launcher
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw_acc, mask=mask)
+
+
+def _as_rows(t, n):
+    """View ``t`` as ``[rows, n]`` with a unit column stride; copies only when the strides do not allow it."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    t = t.reshape(-1, n)
+    if t.stride(1) != 1 and t.shape[0] * t.shape[1] > 0:
+        t = t.contiguous()
+    return t
+
+
+def _rms_norm_forward(x, weight, eps, residual=None, out=None, h_out=None, rstd=None, num_warps=None):
+    """Launch the forward kernel on 2-D rows.
+
+    x, residual: ``[M, N]`` with unit column stride; weight ``[N]`` contiguous. The output buffers may be given
+    (``out [M, N]`` of dtype ``promote_types(x, weight)``, ``h_out [M, N]`` of x's dtype, ``rstd [M]`` float32,
+    each with unit column stride) or are allocated. Returns ``(out, h_out or None, rstd)``.
+    """
+    rows, n = x.shape
+    block_n = triton.next_power_of_2(n)
+    if out is None:
+        out = torch.empty((rows, n), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if rstd is None:
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if residual is not None and h_out is None:
+        h_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if rows == 0:
+        return out, h_out, rstd
+    _rms_norm_fwd_kernel[(rows,)](
+        x, residual if residual is not None else x, weight, out,
+        h_out if residual is not None else out, rstd,
+        x.stride(0), residual.stride(0) if residual is not None else 0,
+        out.stride(0), h_out.stride(0) if residual is not None else 0,
+        n, eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_N=block_n,
+        num_warps=num_warps or _num_warps(block_n),
+    )
+    return out, h_out, rstd
+
+
+def _rms_norm_backward(dy, h, weight, rstd, dh=None, dx=None, num_programs=None, num_warps=None):
+    """Launch the backward kernel on 2-D rows (``num_programs`` is a target; the rows are split in power-of-two
+    blocks).
+
+    dy ``[M, N]`` (grad of out), h ``[M, N]`` (the normalised input, x or x + residual), weight ``[N]``,
+    rstd ``[M]`` float32, dh ``[M, N]`` (grad of the returned h) or None; all with unit column stride.
+    ``dx`` (``[M, N]``, h's dtype) may be given. Returns ``(dx, dweight)`` with dweight in weight's dtype.
+    """
+    rows, n = h.shape
+    block_n = triton.next_power_of_2(n)
+    if dx is None:
+        dx = torch.empty((rows, n), dtype=h.dtype, device=h.device)
+    if rows == 0:
+        return dx, torch.zeros_like(weight)
+    if num_programs is None:
+        num_programs = _num_backward_programs(rows, h.device)
+    # rows per program rounded up to a power of two (it is a constexpr: this bounds the compiled variants)
+    rows_per_program = triton.next_power_of_2(triton.cdiv(rows, num_programs))
+    num_programs = triton.cdiv(rows, rows_per_program)  # every program gets at least one row
+    dw_partial = torch.empty((num_programs, n), dtype=torch.float32, device=h.device)
+    _rms_norm_bwd_kernel[(num_programs,)](
+        dy, h, weight, rstd, dh if dh is not None else dy, dx, dw_partial,
+        dy.stride(0), h.stride(0), dh.stride(0) if dh is not None else 0, dx.stride(0),
+        rows, n,
+        HAS_DH=dh is not None,
+        ROWS_PER_PROGRAM=rows_per_program,
+        BLOCK_N=block_n,
+        num_warps=num_warps or _num_warps(block_n),
+    )
+    dweight = dw_partial.sum(dim=0).to(weight.dtype)
+    return dx, dweight
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd wrapper; ``forward(x, weight, eps, residual)`` returns ``out`` or ``(out, h)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, residual):
+        shape, n = x.shape, x.shape[-1]
+        x2d = _as_rows(x, n)
+        residual2d = _as_rows(residual, n) if residual is not None else None
+        out, h, rstd = _rms_norm_forward(x2d, weight, eps, residual2d)
+        ctx.has_residual = residual is not None
+        ctx.shape = shape
+        ctx.save_for_backward(h if residual is not None else x2d, weight, rstd)
+        ctx.set_materialize_grads(False)  # an unused output (out or h) gets None, not a tensor of zeros
+        if residual is not None:
+            return out.view(shape), h.view(shape)
+        return out.view(shape)
+
+    @staticmethod
+    def backward(ctx, dout, *maybe_dh):
+        h, weight, rstd = ctx.saved_tensors
+        n = h.shape[1]
+        dh = maybe_dh[0] if ctx.has_residual else None
+        dh2d = _as_rows(dh, n) if dh is not None else None
+        if dout is None:
+            # only h was used: the norm contributes nothing and weight gets no gradient (as in eager PyTorch)
+            dx = dh2d.contiguous() if dh2d is not None else torch.zeros_like(h)
+            dweight = None
+        else:
+            dx, dweight = _rms_norm_backward(_as_rows(dout, n), h, weight, rstd, dh2d)
+        dx = dx.view(ctx.shape)
+        # h = x + residual: both receive the same gradient
+        dresidual = dx if ctx.has_residual else None
+        return dx, dweight, None, dresidual
+
+
+def _check_inputs(x, weight, eps, residual):
+    check_tensor("x", x)
+    check_tensor("weight", weight, 1)
+    check_float_dtype("x", x)
+    check_float_dtype("weight", weight)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dimension [..., N], got a 0-d tensor")
+    n = x.shape[-1]
+    if n == 0:
+        raise ValueError(f"x's last dimension N must be > 0, got shape {tuple(x.shape)}")
+    if n > MAX_HIDDEN_SIZE:
+        raise ValueError(f"x's last dimension N must be at most {MAX_HIDDEN_SIZE} (a whole row is normalised "
+                         f"in registers), got {n}")
+    if tuple(weight.shape) != (n,):
+        raise ValueError(f"weight must have shape [N] = [{n}] (x's last dimension), got {tuple(weight.shape)}")
+    if residual is not None:
+        check_tensor("residual", residual)
+        if tuple(residual.shape) != tuple(x.shape):
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    check_same_device(x=x, weight=weight, residual=residual)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
+    if not eps > 0:  # also rejects NaN
+        raise ValueError(f"eps must be a positive float, got {eps}")
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None):
+    """RMSNorm of the last dimension, as Hugging Face's ``LlamaRMSNorm``; optionally fused with the residual add.
+
+    Args:
+        x: ``[..., N]`` float16, bfloat16 or float32, any strides (copied only when the rows cannot be viewed
+            with a unit column stride).
+        weight: ``[N]``, float16, bfloat16 or float32.
+        eps: positive float added to the mean square.
+        residual: None, or ``[..., N]`` with x's shape and dtype.
+
+    Returns:
+        Without residual: ``out [..., N]``, ``weight * (x.float() * rsqrt(mean(x.float()**2, -1) + eps)).to(x.dtype)``
+        in the dtype ``torch.promote_types(weight.dtype, x.dtype)``.
+        With residual: ``(rms_norm(h), h)`` where ``h = x + residual`` ``[..., N]`` in x's dtype (the fused
+        add + norm of a LLaMA decoder layer).
+
+    Differentiable in x, weight and residual (dweight is reduced in float32, then cast to weight's dtype).
+    Hidden sizes up to ``MAX_HIDDEN_SIZE``; larger N raises ``ValueError``.
+    """
+    _check_inputs(x, weight, eps, residual)
+    return RMSNormFunction.apply(x, weight.contiguous(), float(eps), residual)

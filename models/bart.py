@@ -1,0 +1,624 @@
+"""BART for conditional generation on the fused attention kernel, loading and saving HF checkpoints.
+
+Layout and parameter names follow HF's ``BartForConditionalGeneration`` so that a checkpoint maps 1:1:
+``model.shared`` (ONE token embedding Parameter, also used as ``model.encoder.embed_tokens``,
+``model.decoder.embed_tokens`` and ``lm_head``), ``final_logits_bias``, learned positions with offset 2,
+``layernorm_embedding``, post-LN encoder/decoder layers.
+
+Shapes: B batch (sources), N decoder rows (B * num_beams while generating), Ls source length, Lt target length,
+d = d_model, H heads, D = d / H head dim, V vocab.
+
+Attention: q/k/v are transposed views of the ``[B, L, d]`` projections (no copies). Encoder self-attention is
+bidirectional with the source padding mask; decoder self-attention is causal and, while generating, reads a
+preallocated :class:`KVCache`; cross-attention K/V are projected once per source sentence and read by every beam
+through ``kv_batch_index`` (never expanded, never reordered: beam search reorders the self-attention cache only).
+"""
+import math
+import os
+import warnings
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models import beam_search
+from models.checkpoint import (assign_state_dict, load_config_dict, load_generation_config,
+                               load_safetensors_state_dict, save_safetensors)
+from models.kv_cache import KVCache
+
+POSITION_OFFSET = 2  # BART's learned positions are stored shifted by 2 (a fairseq legacy)
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "mish": F.mish,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class BartConfig:
+    """The fields of HF's config.json that the model uses (defaults: HF's ``BartConfig`` defaults).
+
+    ``extra`` keeps every other key of config.json so that :meth:`to_dict` writes them back unchanged.
+    """
+    vocab_size: int = 50265
+    d_model: int = 1024
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    encoder_attention_heads: int = 16
+    decoder_attention_heads: int = 16
+    encoder_ffn_dim: int = 4096
+    decoder_ffn_dim: int = 4096
+    max_position_embeddings: int = 1024
+    scale_embedding: bool = False
+    activation_function: str = "gelu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    encoder_layerdrop: float = 0.0
+    decoder_layerdrop: float = 0.0
+    init_std: float = 0.02
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | list | None = 2
+    decoder_start_token_id: int | None = 2
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list | None = 2
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation_function {self.activation_function!r}; "
+                             f"supported: {sorted(ACTIVATIONS)}")
+        for side in ("encoder", "decoder"):
+            heads = getattr(self, f"{side}_attention_heads")
+            if self.d_model % heads:
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by {side}_attention_heads ({heads})")
+
+    @classmethod
+    def from_dict(cls, config_dict):
+        """Build from an HF config.json dict; rejects other model types and the pre-LN / untied variants."""
+        model_type = config_dict.get("model_type")
+        if model_type != "bart":
+            raise ValueError(f"config.json has model_type {model_type!r}; models.bart loads only 'bart'")
+        unsupported = {
+            "normalize_before": (True, "pre-LayerNorm layers (normalize_before=true, mBART-style)"),
+            "add_final_layer_norm": (True, "a final encoder/decoder LayerNorm (add_final_layer_norm=true)"),
+            "static_position_embeddings": (True, "sinusoidal positions (static_position_embeddings=true)"),
+            "normalize_embedding": (False, "no embedding LayerNorm (normalize_embedding=false)"),
+            "add_bias_logits": (True, "add_bias_logits=true"),
+            "tie_word_embeddings": (False, "an lm_head untied from the token embedding (tie_word_embeddings=false)"),
+        }
+        for key, (bad_value, what) in unsupported.items():
+            if config_dict.get(key, not bad_value) == bad_value:
+                raise ValueError(f"this BART variant is not supported: {what}; only the post-LN BART of "
+                                 f"HF's BartForConditionalGeneration with tied embeddings is implemented")
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in config_dict.items() if k in names}
+        extra = {k: v for k, v in config_dict.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def to_dict(self):
+        """config.json contents (HF-loadable)."""
+        out = dict(self.extra)
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        out["model_type"] = "bart"
+        out.setdefault("architectures", ["BartForConditionalGeneration"])
+        out.setdefault("is_encoder_decoder", True)
+        return out
+
+
+@dataclass
+class Seq2SeqLMOutput:
+    """logits ``[B, Lt, V]``; loss (mean cross-entropy over labels != -100) or None;
+    encoder_last_hidden_state ``[B, Ls, d]``."""
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+
+
+def shift_tokens_right(input_ids, pad_token_id, decoder_start_token_id):
+    """Decoder inputs from labels ``[B, Lt]``: prepend decoder_start, drop the last token, -100 -> pad."""
+    if pad_token_id is None:
+        raise ValueError("config.pad_token_id must be set to shift labels into decoder_input_ids")
+    if decoder_start_token_id is None:
+        raise ValueError("config.decoder_start_token_id must be set to shift labels into decoder_input_ids")
+    shifted = input_ids.new_empty(input_ids.shape)
+    shifted[:, 1:] = input_ids[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill_(shifted == -100, pad_token_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------------
+_warned = set()
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _fused_attention():
+    import kernels
+    return kernels.attention
+
+
+def _eager_attention(q, k, v, *, causal, key_padding_mask, past_len, sm_scale, kv_batch_index, dropout_p=0.0):
+    """The eager reference (q scaled before the matmul, as BART does), plus dropout on the probabilities."""
+    from kernels.reference import attention_reference, causal_padding_mask
+    if dropout_p == 0.0:
+        return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
+                                   sm_scale=sm_scale, kv_batch_index=kv_batch_index, scale_before_matmul=True)
+    if kv_batch_index is not None:
+        k, v = k[kv_batch_index.long()], v[kv_batch_index.long()]
+    scores = torch.matmul(q * sm_scale, k.transpose(-1, -2))                        # [B, H, Lq, Lk]
+    visible = causal_padding_mask(q.shape[0], q.shape[2], k.shape[2], causal=causal,
+                                  key_padding_mask=key_padding_mask, past_len=past_len, device=q.device)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).float(), dim=-1).to(q.dtype)
+    probs = torch.where(visible.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
+    probs = F.dropout(probs, p=dropout_p, training=True)
+    return torch.matmul(probs, v)
+
+
+class BartAttention(nn.Module):
+    """Multi-head attention: q/k/v/out projections around the fused (or eager) attention kernel."""
+
+    def __init__(self, d_model, num_heads, attention_dropout, attn_implementation):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.scaling = self.head_dim ** -0.5
+        self.attention_dropout = attention_dropout
+        self.attn_implementation = attn_implementation
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x):
+        """``[B, L, d]`` -> ``[B, H, L, D]`` (a view)."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def project_kv(self, source):
+        """source ``[B, L, d]`` -> k, v ``[B, H, L, D]`` (views of the projections)."""
+        return self.split_heads(self.k_proj(source)), self.split_heads(self.v_proj(source))
+
+    def forward(self, hidden_states, key, value, *, causal, key_padding_mask=None, past_len=None,
+                kv_batch_index=None):
+        """hidden_states ``[N, Lq, d]`` (queries), key/value ``[N or Bkv, H, Lk, D]`` -> ``[N, Lq, d]``."""
+        q = self.split_heads(self.q_proj(hidden_states))
+        kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, past_len=past_len, sm_scale=self.scaling,
+                      kv_batch_index=kv_batch_index)
+        if self.training and self.attention_dropout > 0:
+            _warn_once("dropout", "attention_dropout > 0 in training: BART attention runs the eager path "
+                                  "(the fused kernel has no dropout)")
+            out = _eager_attention(q, key, value, dropout_p=self.attention_dropout, **kwargs)
+        elif self.attn_implementation == "fused" and _fused_kernel_can_run(q.device):
+            out = _fused_attention()(q, key, value, **kwargs)
+        else:
+            out = _eager_attention(q, key, value, **kwargs)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def _fused_kernel_can_run(device):
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    _warn_once("cpu", f"the fused Triton attention needs CUDA (or TRITON_INTERPRET=1); tensors are on {device}, "
+                      "so BART runs the eager attention")
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------------------
+class _BartLayer(nn.Module):
+    """Shared by the encoder and decoder layers: the post-LN feed-forward block."""
+
+    def _init_ffn(self, config, ffn_dim):
+        d = config.d_model
+        self.fc1 = nn.Linear(d, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.activation = ACTIVATIONS[config.activation_function]
+        self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
+
+    def _residual_ffn(self, x):
+        """x = LN(x + fc2(act(fc1(x))))."""
+        h = F.dropout(self.activation(self.fc1(x)), self.activation_dropout, self.training)
+        return self.final_layer_norm(x + F.dropout(self.fc2(h), self.dropout, self.training))
+
+
+class BartEncoderLayer(_BartLayer):
+    """Post-LN: x = LN(x + SelfAttn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, config, attn_implementation):
+        super().__init__()
+        self.self_attn = BartAttention(config.d_model, config.encoder_attention_heads, config.attention_dropout,
+                                       attn_implementation)
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
+        self._init_ffn(config, config.encoder_ffn_dim)
+
+    def forward(self, hidden_states, attention_mask=None):
+        """hidden_states ``[B, Ls, d]``, attention_mask ``[B, Ls]`` bool (True = token) -> ``[B, Ls, d]``."""
+        k, v = self.self_attn.project_kv(hidden_states)
+        attn = self.self_attn(hidden_states, k, v, causal=False, key_padding_mask=attention_mask)
+        hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attn, self.dropout, self.training))
+        hidden_states = self._residual_ffn(hidden_states)
+        if hidden_states.dtype == torch.float16 and not torch.isfinite(hidden_states).all():
+            clamp = torch.finfo(torch.float16).max - 1000  # as HF: keep fp16 activations finite
+            hidden_states = hidden_states.clamp(-clamp, clamp)
+        return hidden_states
+
+
+class BartDecoderLayer(_BartLayer):
+    """Post-LN: causal self-attention, cross-attention over the encoder output, FFN."""
+
+    def __init__(self, config, attn_implementation, layer_idx):
+        super().__init__()
+        d, heads = config.d_model, config.decoder_attention_heads
+        self.layer_idx = layer_idx
+        self.self_attn = BartAttention(d, heads, config.attention_dropout, attn_implementation)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.encoder_attn = BartAttention(d, heads, config.attention_dropout, attn_implementation)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d)
+        self._init_ffn(config, config.decoder_ffn_dim)
+
+    def forward(self, hidden_states, encoder_hidden_states=None, encoder_attention_mask=None, attention_mask=None,
+                *, cache=None, cross_kv=None, kv_batch_index=None):
+        """hidden_states ``[N, Lt, d]`` -> ``[N, Lt, d]``.
+
+        encoder_hidden_states ``[B, Ls, d]`` (cross K/V projected here) or cross_kv = (k, v) ``[B, H, Ls, D]``
+        precomputed once per source; kv_batch_index ``[N]`` maps decoder rows to source rows (None: N == B).
+        encoder_attention_mask ``[N, Ls]``; attention_mask ``[N, Lt]`` decoder padding (training only).
+        cache: the self-attention KVCache (generation): new K/V are written at ``cache.length``.
+        """
+        k, v = self.self_attn.project_kv(hidden_states)
+        past_len = 0
+        if cache is not None:
+            past_len = cache.length
+            k, v = cache.update(self.layer_idx, k, v)
+        attn = self.self_attn(hidden_states, k, v, causal=True, key_padding_mask=attention_mask, past_len=past_len)
+        hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attn, self.dropout, self.training))
+
+        if cross_kv is None:
+            cross_kv = self.encoder_attn.project_kv(encoder_hidden_states)
+        attn = self.encoder_attn(hidden_states, *cross_kv, causal=False, key_padding_mask=encoder_attention_mask,
+                                 kv_batch_index=kv_batch_index)
+        hidden_states = self.encoder_attn_layer_norm(hidden_states + F.dropout(attn, self.dropout, self.training))
+        return self._residual_ffn(hidden_states)
+
+
+class BartLearnedPositionalEmbedding(nn.Embedding):
+    """Positions ``[past_len, past_len + L)`` read from rows shifted by 2."""
+
+    def __init__(self, max_positions, d_model):
+        super().__init__(max_positions + POSITION_OFFSET, d_model)
+        self.max_positions = max_positions
+
+    def forward(self, seq_len, past_len=0):
+        """-> ``[L, d]``."""
+        if past_len + seq_len > self.max_positions:
+            raise ValueError(f"sequence of {past_len + seq_len} positions exceeds max_position_embeddings "
+                             f"({self.max_positions})")
+        positions = torch.arange(past_len, past_len + seq_len, device=self.weight.device) + POSITION_OFFSET
+        return F.embedding(positions, self.weight)
+
+
+class BartScaledEmbedding(nn.Embedding):
+    """Token embedding times embed_scale (sqrt(d_model) with scale_embedding); the pad row gets no gradient."""
+
+    def __init__(self, vocab_size, d_model, padding_idx, embed_scale):
+        super().__init__(vocab_size, d_model, padding_idx=padding_idx)
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) * self.embed_scale
+
+
+def _expand_mask_check(mask, ids, what):
+    if mask is None:
+        return None
+    if mask.shape != ids.shape:
+        raise ValueError(f"{what} must have the shape of its ids {tuple(ids.shape)}, got {tuple(mask.shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+class _Stack(nn.Module):
+    """Shared pieces of the encoder and the decoder: embeddings, layer loop with LayerDrop and checkpointing."""
+    gradient_checkpointing = False
+
+    def _embed(self, input_ids, past_len=0):
+        hidden = self.embed_tokens(input_ids) + self.embed_positions(input_ids.shape[1], past_len)
+        return F.dropout(self.layernorm_embedding(hidden), self.dropout, self.training)
+
+    def _run_layer(self, layer, *args, **kwargs):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+        return layer(*args, **kwargs)
+
+    def _skip_layer(self):
+        return self.training and self.layerdrop > 0 and torch.rand([]).item() < self.layerdrop
+
+
+class BartEncoder(_Stack):
+    def __init__(self, config, shared, attn_implementation):
+        super().__init__()
+        self.embed_tokens = shared
+        self.embed_positions = BartLearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
+        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+        self.layers = nn.ModuleList(BartEncoderLayer(config, attn_implementation)
+                                    for _ in range(config.encoder_layers))
+        self.dropout, self.layerdrop = config.dropout, config.encoder_layerdrop
+
+    def forward(self, input_ids, attention_mask=None):
+        """input_ids ``[B, Ls]``, attention_mask ``[B, Ls]`` -> last hidden state ``[B, Ls, d]``."""
+        attention_mask = _expand_mask_check(attention_mask, input_ids, "attention_mask")
+        hidden = self._embed(input_ids)
+        for layer in self.layers:
+            if not self._skip_layer():
+                hidden = self._run_layer(layer, hidden, attention_mask)
+        return hidden
+
+
+class BartDecoder(_Stack):
+    def __init__(self, config, shared, attn_implementation):
+        super().__init__()
+        self.embed_tokens = shared
+        self.embed_positions = BartLearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
+        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+        self.layers = nn.ModuleList(BartDecoderLayer(config, attn_implementation, i)
+                                    for i in range(config.decoder_layers))
+        self.dropout, self.layerdrop = config.dropout, config.decoder_layerdrop
+
+    def forward(self, input_ids, encoder_hidden_states=None, encoder_attention_mask=None, attention_mask=None, *,
+                cache=None, cross_kv=None, kv_batch_index=None):
+        """input_ids ``[N, Lt]`` -> ``[N, Lt, d]``. Training/scoring: encoder_hidden_states ``[N, Ls, d]``.
+        Generation: cache (advanced by Lt here), cross_kv (one (k, v) per layer) and kv_batch_index."""
+        attention_mask = _expand_mask_check(attention_mask, input_ids, "decoder_attention_mask")
+        if encoder_attention_mask is not None and encoder_attention_mask.dtype != torch.bool:
+            encoder_attention_mask = encoder_attention_mask != 0
+        hidden = self._embed(input_ids, cache.length if cache is not None else 0)
+        for layer in self.layers:
+            if self._skip_layer():
+                continue
+            layer_kv = cross_kv[layer.layer_idx] if cross_kv is not None else None
+            if cache is not None or layer_kv is not None:
+                hidden = layer(hidden, encoder_hidden_states, encoder_attention_mask, attention_mask, cache=cache,
+                               cross_kv=layer_kv, kv_batch_index=kv_batch_index)
+            else:
+                hidden = self._run_layer(layer, hidden, encoder_hidden_states, encoder_attention_mask,
+                                         attention_mask)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        return hidden
+
+
+class BartModel(nn.Module):
+    def __init__(self, config, attn_implementation):
+        super().__init__()
+        embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        self.shared = BartScaledEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale)
+        self.encoder = BartEncoder(config, self.shared, attn_implementation)
+        self.decoder = BartDecoder(config, self.shared, attn_implementation)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conditional generation model
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class DecodingState:
+    """What the decoder reads while generating N = B * num_beams rows for B sources.
+
+    self_cache: KVCache ``[N, H, max_len, D]`` per layer (the only thing beam search reorders);
+    cross_kv: per layer (k, v) ``[B, H, Ls, D]``, projected once per source;
+    kv_batch_index: int32 ``[N]`` decoder row -> source row (None when N == B);
+    cross_mask: ``[N, Ls]`` bool source padding per decoder row (None: no padding).
+    """
+    self_cache: KVCache
+    cross_kv: list
+    kv_batch_index: torch.Tensor | None
+    cross_mask: torch.Tensor | None
+
+
+class BartForConditionalGeneration(nn.Module):
+    """HF-compatible BART with an LM head tied to the shared token embedding."""
+
+    def __init__(self, config, attn_implementation="fused", generation_config=None):
+        super().__init__()
+        if attn_implementation not in ("fused", "eager"):
+            raise ValueError(f"attn_implementation must be 'fused' or 'eager', got {attn_implementation!r}")
+        self.config = config
+        self.attn_implementation = attn_implementation
+        self.generation_config = dict(generation_config) if generation_config is not None \
+            else beam_search.generation_defaults_from_model_config(config.to_dict())
+        self.model = BartModel(config, attn_implementation)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.model.shared.weight  # one Parameter: encoder, decoder and LM head
+        self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))
+        if not any(t.is_meta for t in self.parameters()):
+            self._init_weights()
+
+    # -- construction / IO --------------------------------------------------------------------------------------
+    def _init_weights(self):
+        """HF's initialisation: normal(0, init_std) weights, zero biases, zero pad embedding, unit LayerNorms."""
+        std = self.config.init_std
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear) and module is not self.lm_head:
+                    module.weight.normal_(0.0, std)
+                    if module.bias is not None:
+                        module.bias.zero_()
+                elif isinstance(module, nn.Embedding):
+                    module.weight.normal_(0.0, std)
+                    if module.padding_idx is not None:
+                        module.weight[module.padding_idx].zero_()
+                elif isinstance(module, nn.LayerNorm):
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
+            self.final_logits_bias.zero_()
+
+    @classmethod
+    def from_pretrained(cls, model_dir, dtype=torch.float32, device="cpu", attn_implementation="fused"):
+        """Load an HF BART checkpoint directory (config.json, [generation_config.json], safetensors weights).
+
+        The token embedding may be stored as ``model.shared.weight`` or only under one of its tied aliases
+        (``model.encoder.embed_tokens.weight``, ``model.decoder.embed_tokens.weight``, ``lm_head.weight``).
+        Missing or unexpected tensors raise KeyError listing them all.
+        """
+        config_dict = load_config_dict(model_dir)
+        config = BartConfig.from_dict(config_dict)
+        # HF: generation_config.json, else the generation keys of config.json
+        generation_config = (load_generation_config(model_dir)
+                             or beam_search.generation_defaults_from_model_config(config_dict))
+        state_dict = load_safetensors_state_dict(model_dir, device=device, dtype=dtype)
+        if "final_logits_bias" not in state_dict:  # optional in HF checkpoints: zeros
+            state_dict["final_logits_bias"] = torch.zeros(1, config.vocab_size, device=device, dtype=dtype)
+        with torch.device("meta"):
+            model = cls(config, attn_implementation, generation_config)
+        aliases = {"model.encoder.version": None, "model.decoder.version": None}
+        assign_state_dict(model, state_dict, aliases=aliases)
+        return model.eval()
+
+    def save_pretrained(self, model_dir):
+        """Write an HF-loadable directory: config.json, generation_config.json, model.safetensors (the shared
+        embedding once, as ``model.shared.weight``)."""
+        config_dict = self.config.to_dict()
+        config_dict["dtype"] = str(self.final_logits_bias.dtype).removeprefix("torch.")
+        tied = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
+        save_safetensors(self.state_dict(), model_dir, config_dict, generation_config=self.generation_config or None,
+                         skip=tied)
+
+    def gradient_checkpointing_enable(self):
+        """Recompute each encoder/decoder layer in backward (training only)."""
+        self.model.encoder.gradient_checkpointing = self.model.decoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.model.encoder.gradient_checkpointing = self.model.decoder.gradient_checkpointing = False
+
+    @property
+    def device(self):
+        return self.final_logits_bias.device
+
+    @property
+    def dtype(self):
+        return self.final_logits_bias.dtype
+
+    # -- forward ----------------------------------------------------------------------------------------------------
+    def logits(self, hidden_states):
+        """``[..., d]`` -> ``[..., V]``."""
+        return self.lm_head(hidden_states) + self.final_logits_bias.to(hidden_states.dtype)
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                labels=None, encoder_outputs=None):
+        """input_ids/attention_mask ``[B, Ls]``; decoder_input_ids/decoder_attention_mask ``[B, Lt]`` (default:
+        labels shifted right, else input_ids shifted right); labels ``[B, Lt]`` with -100 ignored;
+        encoder_outputs: a ``[B, Ls, d]`` tensor, a tuple whose first item is one, or an object with
+        ``.last_hidden_state``. Returns :class:`Seq2SeqLMOutput`."""
+        if decoder_input_ids is None:
+            source = labels if labels is not None else input_ids
+            if source is None:
+                raise ValueError("pass decoder_input_ids, labels or input_ids")
+            decoder_input_ids = shift_tokens_right(source, self.config.pad_token_id,
+                                                   self.config.decoder_start_token_id)
+        if encoder_outputs is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or encoder_outputs")
+            encoder_hidden = self.model.encoder(input_ids, attention_mask)
+        elif isinstance(encoder_outputs, torch.Tensor):
+            encoder_hidden = encoder_outputs
+        elif hasattr(encoder_outputs, "last_hidden_state"):
+            encoder_hidden = encoder_outputs.last_hidden_state
+        else:
+            encoder_hidden = encoder_outputs[0]
+        hidden = self.model.decoder(decoder_input_ids, encoder_hidden, attention_mask, decoder_attention_mask)
+        logits = self.logits(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+                                   ignore_index=-100)
+        return Seq2SeqLMOutput(logits=logits, loss=loss, encoder_last_hidden_state=encoder_hidden)
+
+    # -- generation -------------------------------------------------------------------------------------------------
+    def prepare_decoding(self, input_ids, attention_mask, num_beams, max_len):
+        """Run the encoder on the B sources and project every layer's cross-attention K/V once.
+
+        Returns a :class:`DecodingState` for N = B * num_beams decoder rows with a self-attention cache of
+        ``max_len`` positions."""
+        batch = input_ids.shape[0]
+        encoder_hidden = self.model.encoder(input_ids, attention_mask)
+        decoder = self.model.decoder
+        cross_kv = [layer.encoder_attn.project_kv(encoder_hidden) for layer in decoder.layers]
+        kv_batch_index = cross_mask = None
+        if num_beams > 1:
+            kv_batch_index = torch.arange(batch, device=input_ids.device, dtype=torch.int32)
+            kv_batch_index = kv_batch_index.repeat_interleave(num_beams)
+        if attention_mask is not None:
+            cross_mask = (attention_mask != 0).repeat_interleave(num_beams, dim=0)
+        attn = decoder.layers[0].self_attn if decoder.layers else None
+        cache = KVCache(len(decoder.layers), batch * num_beams, attn.num_heads if attn else 1, max_len,
+                        attn.head_dim if attn else 1, dtype=encoder_hidden.dtype, device=encoder_hidden.device)
+        return DecodingState(cache, cross_kv, kv_batch_index, cross_mask)
+
+    def decode_step(self, decoder_input_ids, state):
+        """Feed the new decoder tokens ``[N, n]`` (written into the cache) -> next-token logits ``[N, V]``."""
+        hidden = self.model.decoder(decoder_input_ids, encoder_attention_mask=state.cross_mask,
+                                    cache=state.self_cache, cross_kv=state.cross_kv,
+                                    kv_batch_index=state.kv_batch_index)
+        return self.logits(hidden[:, -1])
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, *, num_beams=None, max_new_tokens=None, max_length=None,
+                 min_new_tokens=None, min_length=None, length_penalty=None, early_stopping=None,
+                 no_repeat_ngram_size=None, forced_bos_token_id=None, forced_eos_token_id=None, eos_token_id=None,
+                 pad_token_id=None, decoder_start_token_id=None, num_return_sequences=None,
+                 decoder_input_ids=None):
+        """Greedy (num_beams=1) or beam search with HF ``generate`` semantics; unset arguments come from
+        generation_config.json (or config.json's generation fields), then HF's global defaults.
+
+        input_ids/attention_mask ``[B, Ls]``. Returns ``[B * num_return_sequences, P + generated]`` token ids,
+        P the decoder prompt length (1: decoder_start_token_id); finished rows are padded with pad_token_id."""
+        settings = beam_search.resolve_generation_settings(
+            self.generation_config, max_position_embeddings=self.config.max_position_embeddings,
+            num_beams=num_beams, max_new_tokens=max_new_tokens, max_length=max_length,
+            min_new_tokens=min_new_tokens, min_length=min_length, length_penalty=length_penalty,
+            early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
+            forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id,
+            num_return_sequences=num_return_sequences, decoder_input_ids=decoder_input_ids,
+            batch_size=input_ids.shape[0])
+        prompt = beam_search.decoder_prompt(settings, input_ids.shape[0], decoder_input_ids, input_ids.device)
+        expand = max(settings.num_beams, settings.num_return_sequences)
+        state = self.prepare_decoding(input_ids, attention_mask, expand, settings.max_length)
+
+        def step(tokens):
+            return self.decode_step(tokens, state)
+
+        if settings.num_beams > 1:
+            return beam_search.beam_search(step, prompt.repeat_interleave(expand, dim=0), settings,
+                                           reorder_cache=state.self_cache.reorder)
+        if expand > 1:
+            raise ValueError("num_return_sequences > 1 needs num_beams >= num_return_sequences (greedy decoding "
+                             "returns one sequence per input)")
+        return beam_search.greedy_search(step, prompt, settings)

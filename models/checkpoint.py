@@ -1,0 +1,194 @@
+"""Checkpoint I/O shared by the models: HF-layout directories (config.json, generation_config.json,
+model.safetensors or sharded model-0000x-of-0000y.safetensors + model.safetensors.index.json).
+
+Loading goes tensor by tensor straight to the target device and dtype, and is strict: every missing, unexpected or
+wrongly shaped tensor is reported at once.
+"""
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def read_json(path):
+    """Parse a JSON file; FileNotFoundError names the path, ValueError names the file on a syntax error."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def load_config_dict(model_dir):
+    """The model's config.json as a dict."""
+    path = os.path.join(os.fspath(model_dir), CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{CONFIG_NAME} not found: looked for {path}")
+    return read_json(path)
+
+
+def load_generation_config(model_dir):
+    """generation_config.json as a dict, or {} when the directory has none."""
+    path = os.path.join(os.fspath(model_dir), GENERATION_CONFIG_NAME)
+    return read_json(path) if os.path.isfile(path) else {}
+
+
+def safetensors_files(model_dir):
+    """Paths of the weight files: model.safetensors, or the shards named in model.safetensors.index.json."""
+    model_dir = os.fspath(model_dir)
+    single = os.path.join(model_dir, WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return [single]
+    index_path = os.path.join(model_dir, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index_path):
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path} has no 'weight_map'")
+        shards = [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing:
+            raise FileNotFoundError(f"shards listed in {index_path} are missing: {missing}")
+        return shards
+    raise FileNotFoundError(f"no weights in {model_dir}: looked for {WEIGHTS_NAME} and {WEIGHTS_INDEX_NAME}")
+
+
+def load_safetensors_state_dict(model_dir, device="cpu", dtype=None):
+    """Read every tensor of the checkpoint, each loaded directly on ``device``; floating tensors cast to ``dtype``
+    (when given), integer/bool tensors kept as stored. Returns ``{name: tensor}``."""
+    device = str(torch.device(device))
+    state_dict = {}
+    for path in safetensors_files(model_dir):
+        with safe_open(path, framework="pt", device=device) as f:
+            for name in f.keys():
+                if name in state_dict:
+                    raise ValueError(f"tensor {name!r} appears in more than one shard ({path})")
+                tensor = f.get_tensor(name)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                state_dict[name] = tensor
+    return state_dict
+
+
+def tied_parameter_groups(module):
+    """Lists of names under which one Parameter appears more than once (e.g. a tied embedding and lm_head)."""
+    by_id = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _set_by_name(module, name, value):
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    setattr(owner, attr, value)
+
+
+def assign_state_dict(module, state_dict, aliases=None, tied=()):
+    """Load ``state_dict`` into ``module`` strictly, taking ownership of the tensors (no second copy lingers:
+    the module's parameters become the given tensors, so the module may be built on the meta device).
+
+    aliases: ``{checkpoint_name: module_name}``, renames applied first; a value of None drops that checkpoint
+    tensor (for known unused entries such as rotary ``inv_freq`` buffers of old checkpoints).
+    tied: module names that may be absent from the checkpoint because their Parameter is shared with another
+    name, or ``(name, source_name)`` pairs to tie after loading (``name`` becomes ``source_name``'s Parameter).
+    Parameters the module already shares (detected from the module itself) are loaded once, from whichever of
+    their names the checkpoint has, and stay one shared Parameter.
+    Raises KeyError listing every missing and unexpected name, ValueError listing every shape mismatch.
+    """
+    aliases = aliases or {}
+    loaded = {}
+    for name, tensor in state_dict.items():
+        target = aliases.get(name, name)
+        if target is None:
+            continue
+        if target in loaded:
+            raise ValueError(f"two checkpoint tensors map to {target!r} (check the aliases)")
+        loaded[target] = tensor
+
+    tie_pairs = [t for t in tied if not isinstance(t, str)]
+    tied = [t if isinstance(t, str) else t[0] for t in tied]
+    expected = module.state_dict(keep_vars=True)  # every name, shared parameters under each of their names
+    groups = tied_parameter_groups(module)
+    for name, source in tie_pairs:
+        if name in loaded:  # a checkpoint that stores the tied copy too: the source's tensor is the one kept
+            if source not in loaded:
+                loaded[source] = loaded[name]
+            del loaded[name]
+    optional = set(tied)
+    for names in groups:
+        if any(n in loaded for n in names):
+            optional.update(names)
+    missing = sorted(n for n in expected if n not in loaded and n not in optional)
+    missing += sorted(names[0] for names in groups
+                      if not any(n in loaded for n in names) and names[0] not in missing)
+    unexpected = sorted(n for n in loaded if n not in expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {missing}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {unexpected}")
+        raise KeyError("checkpoint does not match the model: " + "; ".join(parts))
+    mismatched = [f"{n}: expected {tuple(expected[n].shape)}, got {tuple(t.shape)}"
+                  for n, t in sorted(loaded.items()) if tuple(t.shape) != tuple(expected[n].shape)]
+    if mismatched:
+        raise ValueError("checkpoint tensor shapes do not match the model: " + "; ".join(mismatched))
+
+    # one tensor per shared Parameter: the first of its names found in the checkpoint; the others are dropped
+    shared = []
+    for names in groups:
+        present = [n for n in names if n in loaded]
+        keep = present[0]
+        for n in present[1:]:
+            del loaded[n]
+        shared.append((keep, [n for n in names if n != keep]))
+    missing_keys, unexpected_keys = module.load_state_dict(loaded, strict=False, assign=True)
+    assert not unexpected_keys, unexpected_keys
+    for keep, others in shared:
+        param = module.get_parameter(keep)
+        for n in others:
+            _set_by_name(module, n, param)
+    for name, source in tie_pairs:
+        _set_by_name(module, name, module.get_parameter(source))
+    left = [n for n, t in module.state_dict(keep_vars=True).items() if t.is_meta]
+    if left:
+        raise KeyError(f"tensors left unloaded (declared tied but not shared): {left}")
+    return module
+
+
+def save_safetensors(module_state_dict, model_dir, config_dict, generation_config=None, skip=()):
+    """Write ``model.safetensors`` (contiguous CPU tensors, each shared tensor once, names in ``skip`` left out,
+    e.g. a tied ``lm_head.weight``) and ``config.json`` (+ ``generation_config.json`` when given)."""
+    model_dir = os.fspath(model_dir)
+    os.makedirs(model_dir, exist_ok=True)
+    skip = set(skip)
+    tensors, seen = {}, {}
+    for name, tensor in module_state_dict.items():
+        if name in skip:
+            continue
+        tensor = tensor.detach()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride())) if tensor.numel() else None
+        if key is not None and key in seen:
+            continue  # a tied weight under a second name: written once, as HF expects
+        if key is not None:
+            seen[key] = name
+        tensors[name] = tensor.to("cpu").contiguous()
+    save_file(tensors, os.path.join(model_dir, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(model_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config_dict, f, indent=2, sort_keys=True)
+        f.write("\n")
+    if generation_config:
+        with open(os.path.join(model_dir, GENERATION_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(generation_config, f, indent=2, sort_keys=True)
+            f.write("\n")

@@ -1,0 +1,284 @@
+"""Fused masked attention against float64 and same-dtype eager references (forward and gradients)."""
+import math
+import random
+
+import pytest
+import torch
+
+import kernels
+from kernels.attention import _attention_forward, _MaskArgs
+from kernels.reference import attention_reference
+from tests.conftest import ON_GPU
+from tests.helpers import assert_within_eager_error, poison_
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def make_padding_mask(batch, k_len, kind, device):
+    """HF-style 2-D attention_mask [B, Lk]: 'left'/'right' padding with a different length per row (row 0 has
+    none), 'holes' (random zeros), 'empty' (row 1 fully padded), or None."""
+    if kind is None:
+        return None
+    mask = torch.ones(batch, k_len, dtype=torch.long, device=device)
+    for row in range(1, batch):
+        pad = min(k_len, (row * k_len) // (batch + 1) + 1)
+        if kind == "left":
+            mask[row, :pad] = 0
+        elif kind == "right":
+            mask[row, k_len - pad:] = 0
+    if kind == "holes":
+        mask = (torch.rand(batch, k_len, device=device) > 0.3).long()
+        mask[:, 0] = 1
+    if kind == "empty":
+        mask[min(1, batch - 1)] = 0
+    return mask
+
+
+def make_qkv(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, dtype, device, layout="contiguous",
+             kv_batch=None):
+    kv_batch = batch if kv_batch is None else kv_batch
+    if layout == "bshd":
+        # transposed views of [B, L, H, D] projections, as a model produces them
+        q = torch.randn(batch, q_len, num_heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+        k = torch.randn(kv_batch, k_len, num_kv_heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+        v = torch.randn(kv_batch, k_len, num_kv_heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
+    elif layout == "cache_slice":
+        # slices of a preallocated KV cache longer than Lk
+        q = torch.randn(batch, num_heads, q_len, head_dim, device=device, dtype=dtype)
+        cache_k = torch.randn(kv_batch, num_kv_heads, k_len + 13, head_dim, device=device, dtype=dtype)
+        cache_v = torch.randn(kv_batch, num_kv_heads, k_len + 13, head_dim, device=device, dtype=dtype)
+        k, v = cache_k[:, :, :k_len], cache_v[:, :, :k_len]
+    else:
+        q = torch.randn(batch, num_heads, q_len, head_dim, device=device, dtype=dtype)
+        k = torch.randn(kv_batch, num_kv_heads, k_len, head_dim, device=device, dtype=dtype)
+        v = torch.randn(kv_batch, num_kv_heads, k_len, head_dim, device=device, dtype=dtype)
+    return q, k, v
+
+
+def to64(*tensors):
+    return [None if t is None else t.detach().double() for t in tensors]
+
+
+def check_forward(q, k, v, *, causal, key_padding_mask=None, past_len=None, kv_batch_index=None, via_dispatch=False):
+    """Run the fused forward kernel into a NaN-poisoned buffer and compare with the references."""
+    kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, past_len=past_len, kv_batch_index=kv_batch_index)
+    if via_dispatch:
+        out = kernels.attention(q, k, v, **kwargs)
+    else:
+        masks = _MaskArgs(q, key_padding_mask, kv_batch_index, k.shape[2])
+        out = poison_(torch.empty_like(q, memory_format=torch.contiguous_format))
+        resolved_past = k.shape[2] - q.shape[2] if past_len is None else past_len
+        _attention_forward(q, k, v, causal, resolved_past, 1.0 / math.sqrt(q.shape[-1]), masks, out=out)
+    q64, k64, v64 = to64(q, k, v)
+    expected = attention_reference(q64, k64, v64, **kwargs)
+    eager = attention_reference(q, k, v, **kwargs)
+    assert_within_eager_error("out", out, expected, eager)
+    return out
+
+
+def check_backward(q, k, v, *, causal, key_padding_mask=None, past_len=None, kv_batch_index=None):
+    kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, past_len=past_len, kv_batch_index=kv_batch_index)
+    dout = torch.randn(q.shape, device=q.device, dtype=q.dtype)
+
+    def grads(fn, tensors):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        out = fn(*leaves, **kwargs)
+        out.backward(dout.to(out.dtype))
+        return out, [leaf.grad for leaf in leaves]
+
+    out, fused = grads(kernels.attention, (q, k, v))
+    _, expected = grads(attention_reference, to64(q, k, v))
+    _, eager = grads(attention_reference, (q, k, v))
+    for name, got, want, budget in zip(("dq", "dk", "dv"), fused, expected, eager):
+        assert got.shape == want.shape, name
+        assert_within_eager_error(name, got, want, budget)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 96, 128, 256])
+def test_forward_head_dims(dtype, head_dim, device):
+    q, k, v = make_qkv(2, 2, 1, 37, 37, head_dim, dtype, device)
+    check_forward(q, k, v, causal=True, key_padding_mask=make_padding_mask(2, 37, "left", device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_len,k_len,past_len", [
+    (1, 1, None), (1, 50, None), (17, 17, None), (33, 70, None), (20, 45, 10), (40, 40, 0), (50, 20, None),
+])
+@pytest.mark.parametrize("causal", [True, False])
+def test_forward_lengths_and_past(dtype, q_len, k_len, past_len, causal, device):
+    q, k, v = make_qkv(2, 4, 2, q_len, k_len, 64, dtype, device)
+    check_forward(q, k, v, causal=causal, past_len=past_len)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("padding", ["left", "right", "holes", "empty"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_forward_padding_gqa(dtype, padding, causal, num_heads, num_kv_heads, device):
+    q, k, v = make_qkv(3, num_heads, num_kv_heads, 29, 41, 32, dtype, device)
+    check_forward(q, k, v, causal=causal, key_padding_mask=make_padding_mask(3, 41, padding, device))
+
+
+@pytest.mark.parametrize("layout", ["bshd", "cache_slice"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_forward_strided_inputs(layout, dtype, device):
+    q, k, v = make_qkv(2, 4, 2, 24, 40, 64, dtype, device, layout=layout)
+    assert not k.is_contiguous()
+    check_forward(q, k, v, causal=True, key_padding_mask=make_padding_mask(2, 40, "left", device))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.int64, torch.uint8])
+def test_forward_mask_dtypes(mask_dtype, device):
+    q, k, v = make_qkv(3, 2, 2, 20, 33, 32, torch.float16, device)
+    mask = make_padding_mask(3, 33, "left", device).to(mask_dtype)
+    check_forward(q, k, v, causal=True, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_kv_batch_index(dtype, device):
+    # 2 sources, 3 beams each: K/V stored once per source
+    q, k, v = make_qkv(6, 4, 2, 19, 27, 32, dtype, device, kv_batch=2)
+    kv_batch_index = torch.tensor([0, 0, 0, 1, 1, 1], device=device, dtype=torch.int32)
+    mask = make_padding_mask(2, 27, "right", device)[kv_batch_index]
+    check_forward(q, k, v, causal=False, key_padding_mask=mask, kv_batch_index=kv_batch_index)
+
+
+def test_fully_masked_rows_are_zero(device):
+    # left padding in a causal self-attention: the padded query rows see no key at all
+    q, k, v = make_qkv(2, 2, 2, 30, 30, 32, torch.float16, device)
+    mask = torch.ones(2, 30, dtype=torch.long, device=device)
+    mask[1, :21] = 0
+    out = check_forward(q, k, v, causal=True, key_padding_mask=mask)
+    assert torch.all(out[1, :, :21] == 0)
+    assert out[1, :, 21:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("q_len", [1, 5, 16])
+def test_dispatch_small_q_matches(dtype, q_len, device):
+    """kernels.attention sends Lq <= 16 to the decode kernel by itself; the result must be just as accurate."""
+    q, k, v = make_qkv(2, 4, 2, q_len, 45, 64, dtype, device)
+    check_forward(q, k, v, causal=True, key_padding_mask=make_padding_mask(2, 45, "left", device),
+                  via_dispatch=True)
+
+
+def test_randomized_forward(device):
+    rng = random.Random(torch.initial_seed())
+    for _ in range(12 if not ON_GPU else 60):
+        num_kv_heads = rng.choice([1, 2])
+        num_heads = num_kv_heads * rng.choice([1, 2, 3])
+        q_len = rng.randint(1, 40)
+        k_len = rng.randint(1, 60)
+        past_len = rng.choice([None, rng.randint(0, 10)])
+        causal = rng.random() < 0.7
+        batch = rng.randint(1, 3)
+        dtype = rng.choice(DTYPES)
+        head_dim = rng.choice([16, 40, 64])
+        q, k, v = make_qkv(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, dtype, device,
+                           layout=rng.choice(["contiguous", "bshd", "cache_slice"]))
+        mask = make_padding_mask(batch, k_len, rng.choice([None, "left", "right", "holes"]), device)
+        check_forward(q, k, v, causal=causal, key_padding_mask=mask, past_len=past_len,
+                      via_dispatch=rng.random() < 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 128])
+def test_backward_head_dims(dtype, head_dim, device):
+    q, k, v = make_qkv(2, 2, 2, 33, 33, head_dim, dtype, device)
+    check_backward(q, k, v, causal=True, key_padding_mask=make_padding_mask(2, 33, "left", device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("padding", [None, "left", "right", "empty"])
+def test_backward_gqa_padding(dtype, num_heads, num_kv_heads, padding, device):
+    q, k, v = make_qkv(2, num_heads, num_kv_heads, 26, 26, 32, dtype, device)
+    check_backward(q, k, v, causal=True, key_padding_mask=make_padding_mask(2, 26, padding, device))
+
+
+@pytest.mark.parametrize("q_len,k_len,past_len,causal", [
+    (1, 20, None, True), (17, 40, None, True), (20, 45, 7, True), (40, 23, None, False), (35, 35, 0, True),
+])
+def test_backward_lengths(q_len, k_len, past_len, causal, device):
+    q, k, v = make_qkv(2, 4, 2, q_len, k_len, 32, torch.float16, device, layout="bshd")
+    check_backward(q, k, v, causal=causal, past_len=past_len,
+                   key_padding_mask=make_padding_mask(2, k_len, "right", device))
+
+
+def test_backward_kv_batch_index(device):
+    q, k, v = make_qkv(4, 2, 2, 18, 21, 32, torch.float32, device, kv_batch=2)
+    kv_batch_index = torch.tensor([1, 0, 1, 1], device=device)
+    check_backward(q, k, v, causal=False, kv_batch_index=kv_batch_index,
+                   key_padding_mask=make_padding_mask(4, 21, "holes", device))
+
+
+def test_backward_fully_masked_rows_have_zero_grad(device):
+    q, k, v = make_qkv(2, 2, 2, 20, 20, 32, torch.float32, device)
+    mask = torch.ones(2, 20, dtype=torch.long, device=device)
+    mask[0, :8] = 0
+    q.requires_grad_(True)
+    out = kernels.attention(q, k, v, causal=True, key_padding_mask=mask)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    assert torch.all(q.grad[0, :, :8] == 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Larger shapes: GPU only (the CPU interpreter runs the same code paths above at small shapes)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not ON_GPU, reason="large shapes run on the GPU; CPU covers the same paths at small shapes")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_large_gpu(dtype, head_dim, device):
+    q, k, v = make_qkv(2, 8, 2, 1000, 1000, head_dim, dtype, device, layout="bshd")
+    mask = make_padding_mask(2, 1000, "left", device)
+    check_forward(q, k, v, causal=True, key_padding_mask=mask)
+    check_backward(q, k, v, causal=True, key_padding_mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------
+def _good(device):
+    return make_qkv(2, 4, 2, 8, 8, 32, torch.float16, device)
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda q, k, v: (q[0], k, v, {}), ValueError, "q must have 4 dimensions"),
+    (lambda q, k, v: (q, k[:1], v[:1], {}), ValueError, "batch"),
+    (lambda q, k, v: (q, k, v[:, :, :4], {}), ValueError, "v must have k's shape"),
+    (lambda q, k, v: (q, k[..., :16], v[..., :16], {}), ValueError, "head dim"),
+    (lambda q, k, v: (q[:, :3], k, v, {}), ValueError, "multiple of k/v's head count"),
+    (lambda q, k, v: (q, k.float(), v, {}), TypeError, "share one dtype"),
+    (lambda q, k, v: (q.double(), k.double(), v.double(), {}), TypeError, "float16, bfloat16 or float32"),
+    (lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(2, 9, dtype=torch.long, device=q.device)}),
+     ValueError, "key_padding_mask must have shape"),
+    (lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(2, 8, device=q.device)}),
+     TypeError, "key_padding_mask must be bool or integer"),
+    (lambda q, k, v: (q, k, v, {"kv_batch_index": torch.zeros(3, dtype=torch.long, device=q.device)}),
+     ValueError, "kv_batch_index must have shape"),
+    (lambda q, k, v: (q, k, v, {"kv_batch_index": torch.zeros(2, device=q.device)}),
+     TypeError, "kv_batch_index must be int32 or int64"),
+    (lambda q, k, v: (q, k, v, {"past_len": -1}), ValueError, "past_len must be >= 0"),
+    (lambda q, k, v: (q, k, v, {"past_len": 1.5}), TypeError, "past_len must be an int"),
+    (lambda q, k, v: (q[..., :12], k[..., :12], v[..., :12], {}), ValueError, "head dim D must be a multiple of 8"),
+    (lambda q, k, v: (q.numpy() if q.device.type == "cpu" else "q", k, v, {}), TypeError, "q must be a torch.Tensor"),
+])
+def test_bad_input(mutate, error, match, device):
+    q, k, v, kwargs = mutate(*_good(device))
+    with pytest.raises(error, match=match):
+        kernels.attention(q, k, v, **kwargs)
+
+
+def test_bad_input_devices(device):
+    q, k, v = _good(device)
+    mask = torch.ones(2, 8, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        kernels.attention(q, k, v, key_padding_mask=mask)

@@ -1,0 +1,489 @@
+"""models.llama against Hugging Face transformers (a test-only reference) on tiny random checkpoints that HF writes.
+
+Without a GPU the fused kernels run through Triton's interpreter (tests/conftest.py), so sequences stay short
+(<= 24) and few tokens are generated; checkpoints are shared per module.
+"""
+import json
+import os
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+import transformers
+
+from models.checkpoint import assign_state_dict, load_safetensors_state_dict
+from models.generation import apply_logits_processing, pick_next_token
+from models.kv_cache import KVCache
+from models.llama import LlamaConfig, LlamaForCausalLM
+
+from tests.conftest import DEVICE
+
+transformers.logging.set_verbosity_error()
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2, initializer_range=0.1)
+PAD = 0
+ATOL = 2e-4 if DEVICE == "cpu" else 1e-3  # fp32 logits of magnitude ~1; GPU tf32 dots are coarser
+
+
+def make_checkpoint(path, seed=0, **overrides):
+    """Save a random HF LLaMA (float32) to ``path``; returns the HF model in eval mode."""
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, **overrides}))
+    hf.set_attn_implementation("eager")
+    hf.save_pretrained(path)
+    return hf.eval()
+
+
+def edit_config(path, edit):
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    edit(config)
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+
+
+def left_padded_batch(lengths, total, seed=0):
+    """input_ids, attention_mask ``[B, total]``: row b has ``lengths[b]`` real tokens, left-padded with PAD."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, TINY["vocab_size"], (len(lengths), total), generator=g)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, total - n:] = 1
+    return ids.masked_fill(mask == 0, PAD).to(DEVICE), mask.to(DEVICE)
+
+
+def hf_positions(mask):
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def hf_logits(hf, ids, mask):
+    with torch.no_grad():
+        return hf(ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
+
+
+def assert_logits_close(ours, ref, mask):
+    """Only real (unpadded) query positions: HF's padded rows are garbage by design, ours are zero-attention."""
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=ATOL, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """GQA checkpoint (4 query heads, 2 K/V heads), untied embeddings: (directory, HF model on DEVICE)."""
+    path = str(tmp_path_factory.mktemp("llama_base"))
+    return path, make_checkpoint(path).to(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def fused(base):
+    return LlamaForCausalLM.from_pretrained(base[0], device=DEVICE)
+
+
+# ----------------------------------------------------------------------------------------------- logits
+
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+def test_logits_match_hf_left_padded(base, impl):
+    path, hf = base
+    model = LlamaForCausalLM.from_pretrained(path, device=DEVICE, attn_implementation=impl)
+    ids, mask = left_padded_batch([12, 9, 4], 12)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits  # positions from the mask, as HF's generate
+    assert ours.shape == (3, 12, TINY["vocab_size"])
+    assert torch.isfinite(ours).all()
+    assert_logits_close(ours, hf_logits(hf, ids, mask), mask)
+
+
+def test_logits_match_hf_without_mask(base, fused):
+    ids, _ = left_padded_batch([10], 10, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, base[1](ids).logits, atol=ATOL, rtol=1e-4)
+
+
+def test_kv_cache_decode_matches_full_forward(fused):
+    """Prefill then one token per step through forward(past_key_values=...) equals one full forward."""
+    ids, mask = left_padded_batch([10, 6], 10, seed=2)
+    with torch.no_grad():
+        full = fused(ids, attention_mask=mask).logits
+        out = fused(ids[:, :7], attention_mask=mask[:, :7], use_cache=True, max_cache_len=10)
+        cache = out.past_key_values
+        assert isinstance(cache, KVCache) and cache.length == 7 and cache.max_len == 10
+        steps = [out.logits]
+        for t in range(7, 10):
+            out = fused(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache)
+            assert out.past_key_values is cache and cache.length == t + 1
+            steps.append(out.logits)
+    assert_logits_close(torch.cat(steps, dim=1), full, mask)
+    with pytest.raises(ValueError, match="KVCache overflow"):
+        fused(ids[:, :1], attention_mask=torch.ones(2, 11, dtype=torch.long, device=DEVICE), past_key_values=cache)
+
+
+def test_kv_cache_in_place_views_and_reorder():
+    cache = KVCache(num_layers=2, batch_size=3, num_kv_heads=2, max_len=5, head_dim=4)
+    k_new = torch.randn(3, 4, 2, 4).transpose(1, 2)  # [B, Hkv, 4, D] strided view, as the model passes
+    k, v = cache.update(0, k_new, k_new * 2)
+    assert k.shape == (3, 2, 4, 4) and k.data_ptr() == cache.k[0].data_ptr()
+    torch.testing.assert_close(k, k_new)
+    cache.update(1, k_new, k_new)
+    cache.advance(4)
+    cache.reorder(torch.tensor([2, 2, 0]))
+    torch.testing.assert_close(cache.k[0][:, :, :4], k_new[[2, 2, 0]])
+    torch.testing.assert_close(cache.v[0][:, :, :4], 2 * k_new[[2, 2, 0]])
+    with pytest.raises(ValueError, match="exceeds max_len 5"):
+        cache.update(0, k_new[:, :, :2], k_new[:, :, :2])
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+def test_greedy_generation_matches_hf(base, fused):
+    ids, mask = left_padded_batch([10, 7, 3], 10, seed=3)
+    ref = base[1].generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    ours = fused.generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert ours.shape == (3, 16)
+    assert torch.equal(ours, ref)
+
+
+def test_generation_finished_rows_pad_and_eos_list(base, fused):
+    """A row that emits an eos continues with pad; generation stops once every row has finished."""
+    ids, mask = left_padded_batch([8, 5], 8, seed=4)
+    free = fused.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[127, 126])
+    eos = [int(free[0, 9]), 127]  # row 0 finishes at its second new token
+    ref = base[1].generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=eos,
+                           pad_token_id=PAD)
+    ours = fused.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=PAD)
+    assert torch.equal(ours, ref)
+    assert (ours[0, 10:] == PAD).all()
+    # min_new_tokens keeps eos from being picked for the first tokens
+    ref = base[1].generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=3, do_sample=False,
+                           eos_token_id=eos, pad_token_id=PAD)
+    ours = fused.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=3, eos_token_id=eos,
+                          pad_token_id=PAD)
+    assert torch.equal(ours, ref)
+    assert int(ours[0, 9]) != eos[0]
+
+
+def test_sampling_seeded_and_top_k_top_p(fused):
+    ids, mask = left_padded_batch([6, 4], 6, seed=5)
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=True, temperature=1.5, top_k=0)
+    first = fused.generate(ids, seed=7, **kwargs)
+    assert torch.equal(first, fused.generate(ids, seed=7, **kwargs))
+    others = [fused.generate(ids, seed=s, **kwargs) for s in (8, 9)]
+    assert any(not torch.equal(first, o) for o in others), "three seeds gave identical samples"
+    greedy = fused.generate(ids, attention_mask=mask, max_new_tokens=5)
+    assert torch.equal(fused.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=1,
+                                      seed=3), greedy)
+    assert torch.equal(fused.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_p=1e-6,
+                                      top_k=0, seed=3), greedy)
+
+
+def test_sampling_matches_hf_under_global_seed(base, fused):
+    """Same processors in the same order and one multinomial draw per step: HF's tokens under the same seed."""
+    ids, mask = left_padded_batch([6, 4], 6, seed=6)
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=True, temperature=0.7, top_k=20, top_p=0.9)
+    torch.manual_seed(11)
+    ref = base[1].generate(ids, pad_token_id=PAD, **kwargs)
+    torch.manual_seed(11)
+    assert torch.equal(fused.generate(ids, **kwargs), ref)
+
+
+def test_logits_processing_matches_hf_processors():
+    from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    logits = torch.randn(4, 50) * 3
+    logits[0, :3] = 5.0  # ties at the top-k boundary
+    prompt = torch.zeros(4, 7, dtype=torch.long)
+    for temperature, top_k, top_p in [(0.7, 5, 0.8), (1.0, 0, 0.3), (2.0, 3, 1.0), (1.0, 1, 0.5), (0.5, 0, 1e-9)]:
+        expected = logits
+        if temperature != 1.0:
+            expected = TemperatureLogitsWarper(temperature)(prompt, expected)
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(prompt, expected)
+        if top_p < 1.0:
+            expected = TopPLogitsWarper(top_p)(prompt, expected)
+        ours = apply_logits_processing(logits, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+        torch.testing.assert_close(ours, expected)
+        assert (ours > float("-inf")).sum(-1).min() >= 1
+    expected = MinNewTokensLengthLogitsProcessor(5, 2, [3, 9])(torch.zeros(4, 6, dtype=torch.long), logits)
+    torch.testing.assert_close(apply_logits_processing(logits, num_generated=1, min_new_tokens=2,
+                                                       eos_token_ids=[3, 9]), expected)
+    torch.testing.assert_close(apply_logits_processing(logits, num_generated=2, min_new_tokens=2,
+                                                       eos_token_ids=[3, 9]), logits)
+    assert torch.equal(pick_next_token(logits), logits.argmax(-1))
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def hf_grads(hf):
+    return {name.removeprefix("model."): p.grad for name, p in hf.named_parameters()}
+
+
+def loss_inputs():
+    ids, mask = left_padded_batch([10, 7], 10, seed=8)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 4] = -100
+    return ids, mask, labels
+
+
+@pytest.fixture(scope="module")
+def trained(base):
+    """Loss and parameter gradients of HF and of our fused model on one left-padded batch with -100 labels."""
+    path, hf = base
+    ids, mask, labels = loss_inputs()
+    hf.zero_grad()
+    ref = hf(ids, attention_mask=mask, position_ids=hf_positions(mask), labels=labels).loss
+    ref.backward()
+    ref_grads = {k: g.clone() for k, g in hf_grads(hf).items()}
+    hf.zero_grad()
+    model = LlamaForCausalLM.from_pretrained(path, device=DEVICE).train()
+    loss = model(ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    return model, loss.detach(), ref.detach(), ref_grads
+
+
+def test_loss_and_gradients_match_hf(trained):
+    model, loss, ref_loss, ref_grads = trained
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert grad is not None, f"no gradient for {name}"
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+    assert grads["embed_tokens.weight"][PAD].abs().max() == 0  # padding_idx, as HF's nn.Embedding
+
+
+def test_gradient_checkpointing_same_gradients(base, trained):
+    model, loss, _, _ = trained
+    plain = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    try:
+        ids, mask, labels = loss_inputs()
+        checkpointed = model(ids, attention_mask=mask, labels=labels).loss
+        checkpointed.backward()
+    finally:
+        model.gradient_checkpointing_disable()
+    torch.testing.assert_close(checkpointed.detach(), loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------- config variants
+
+def legacy_rope(config):
+    """Rewrite transformers 5's rope_parameters as the older rope_theta + rope_scaling spelling."""
+    params = dict(config.pop("rope_parameters"))
+    config["rope_theta"] = params.pop("rope_theta")
+    rope_type = params.pop("rope_type")
+    if rope_type == "default":
+        config["rope_scaling"] = None
+    elif rope_type == "llama3":
+        config["rope_scaling"] = {"rope_type": "llama3", **params}  # as Llama 3.1 configs spell it
+    else:
+        config["rope_scaling"] = {"type": rope_type, **params}  # as Llama 2 era configs spell it
+
+
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 5000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 3.0},
+    # max_position_embeddings 8 below: the 12-token prompt and the generated tokens grow the NTK base
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    # wavelengths 6.3 (kept), 19.9 (smoothed), >= 63 (divided by factor) around the cut-offs 8 and 32
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+VARIANTS = {
+    "mha": dict(num_key_value_heads=4),
+    "mqa": dict(num_key_value_heads=1),
+    "tied": dict(tie_word_embeddings=True),
+    "head_dim_32": dict(head_dim=32),
+    "attention_and_mlp_bias": dict(attention_bias=True, mlp_bias=True),
+    "eos_list_gelu": dict(eos_token_id=[2, 5], hidden_act="gelu_pytorch_tanh"),
+}
+for _name, _rope in ROPES.items():
+    _extra = {"max_position_embeddings": 8} if _name == "dynamic" else {}
+    VARIANTS[f"rope_{_name}"] = dict(rope_parameters=_rope, **_extra)
+    VARIANTS[f"rope_{_name}_legacy"] = dict(rope_parameters=_rope, **_extra, _legacy=True)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_config_variant_logits(tmp_path, variant):
+    overrides = dict(VARIANTS[variant])
+    legacy = overrides.pop("_legacy", False)
+    hf = make_checkpoint(str(tmp_path), seed=1, **overrides).to(DEVICE)
+    if legacy:
+        edit_config(str(tmp_path), legacy_rope)
+        with open(tmp_path / "config.json") as f:
+            assert "rope_parameters" not in json.load(f)
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE)
+    if "rope_parameters" in overrides:
+        assert model.config.rope_parameters == {**overrides["rope_parameters"],
+                                                **model.config.rope_parameters}
+    if overrides.get("tie_word_embeddings"):
+        assert model.lm_head.weight is model.embed_tokens.weight
+    else:
+        assert model.lm_head.weight is not model.embed_tokens.weight
+    ids, mask = left_padded_batch([12, 8], 12, seed=9)
+    with torch.no_grad():
+        assert_logits_close(model(ids, attention_mask=mask).logits, hf_logits(hf, ids, mask), mask)
+    if variant in ("eos_list_gelu", "rope_dynamic"):
+        assert model.config.eos_token_id == hf.config.eos_token_id
+        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3), ref)
+
+
+def test_sharded_checkpoint_and_dtype(tmp_path, base):
+    hf = base[1]
+    hf.save_pretrained(str(tmp_path), max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert not os.path.exists(tmp_path / "model.safetensors")
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE, dtype=torch.bfloat16,
+                                             attn_implementation="eager")
+    assert all(p.dtype == torch.bfloat16 and p.device.type == torch.device(DEVICE).type
+               for p in model.parameters())
+    torch.testing.assert_close(model.layers[1].mlp.up_proj.weight,
+                               hf.model.layers[1].mlp.up_proj.weight.to(torch.bfloat16))
+    ids, mask = left_padded_batch([6, 4], 6, seed=10)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    assert logits.dtype == torch.bfloat16
+    assert_close = (logits.float() - hf_logits(hf, ids, mask)).abs()[mask.bool()].max()
+    assert assert_close < 0.1
+
+
+# ----------------------------------------------------------------------------------------------- save / load
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_pretrained_loads_in_hf(tmp_path, base, tied):
+    path = base[0]
+    if tied:
+        path = str(tmp_path / "src")
+        make_checkpoint(path, seed=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM.from_pretrained(path, device=DEVICE)
+    with torch.no_grad():  # make the round trip non-trivial: weights that differ from the source checkpoint
+        model.norm.weight.mul_(1.5)
+        model.layers[0].self_attn.k_proj.weight.add_(0.01)
+    out = str(tmp_path / "saved")
+    model.save_pretrained(out)
+    hf = transformers.LlamaForCausalLM.from_pretrained(out).to(DEVICE).eval()
+    assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == tied
+    ids, mask = left_padded_batch([9, 5], 9, seed=11)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+    assert_logits_close(ours, hf_logits(hf, ids, mask), mask)
+    reloaded = LlamaForCausalLM.from_pretrained(out, device=DEVICE)
+    assert replace(reloaded.config, extra={}) == replace(model.config, extra={})
+    for (name, p), q in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_untied_config_without_lm_head_ties(tmp_path, base):
+    shutil.copytree(base[0], tmp_path, dirs_exist_ok=True)
+    state_dict = load_safetensors_state_dict(str(tmp_path), "cpu", torch.float32)
+    del state_dict["lm_head.weight"]
+    from safetensors.torch import save_file
+    save_file(state_dict, str(tmp_path / "model.safetensors"))
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager")
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+# ----------------------------------------------------------------------------------------------- bad checkpoints
+
+@pytest.fixture
+def broken(tmp_path, base):
+    shutil.copytree(base[0], tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def rewrite_weights(path, edit):
+    from safetensors.torch import save_file
+    state_dict = load_safetensors_state_dict(str(path), "cpu", torch.float32)
+    edit(state_dict)
+    save_file(state_dict, str(path / "model.safetensors"))
+
+
+def test_missing_config_json(broken):
+    os.remove(broken / "config.json")
+    with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_missing_weights_file(broken):
+    os.remove(broken / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"looked for model\.safetensors and model\.safetensors\.index"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_missing_tensor(broken):
+    rewrite_weights(broken, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(KeyError, match=r"missing tensors: \['layers\.1\.mlp\.up_proj\.weight'\]"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_unexpected_tensor(broken):
+    rewrite_weights(broken, lambda sd: sd.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
+    with pytest.raises(KeyError, match=r"unexpected tensors: \['layers\.0\.self_attn\.q_proj\.bias'\]"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_wrong_shape(broken):
+    rewrite_weights(broken, lambda sd: sd.update({"model.norm.weight": torch.ones(32)}))
+    with pytest.raises(ValueError, match=r"norm\.weight: expected \(64,\), got \(32,\)"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_unknown_rope_type(broken):
+    edit_config(broken, lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 2.0,
+                                                            "rope_theta": 10000.0}))
+    with pytest.raises(ValueError, match="unsupported rope type 'yarn'"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+    edit_config(broken, lambda c: (c.pop("rope_parameters"), c.update(rope_scaling={"type": "su", "factor": 2.0})))
+    with pytest.raises(ValueError, match="unsupported rope type 'su'"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+    edit_config(broken, lambda c: c.update(rope_scaling={"type": "linear"}))
+    with pytest.raises(ValueError, match=r"missing \['factor'\]"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_unknown_model_type_and_fields(broken):
+    edit_config(broken, lambda c: c.update(model_type="mistral"))
+    with pytest.raises(ValueError, match="unsupported model_type 'mistral'"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+    edit_config(broken, lambda c: c.update(model_type="llama", sliding_window=4096))
+    with pytest.raises(ValueError, match=r"not understood .*\['sliding_window'\]"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+    edit_config(broken, lambda c: (c.pop("sliding_window"), c.update(hidden_act="tanh")))
+    with pytest.raises(ValueError, match="unsupported hidden_act 'tanh'"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_config_fields_parsed():
+    config = LlamaConfig.from_dict({**TINY, "model_type": "llama", "num_key_value_heads": None, "head_dim": None,
+                                    "rope_theta": 500000.0, "rope_scaling": None, "eos_token_id": [2, 7],
+                                    "transformers_version": "4.40.0", "torch_dtype": "bfloat16"})
+    assert config.num_key_value_heads == 4 and config.head_dim == 16
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 500000.0}
+    assert config.eos_token_id == [2, 7]
+    with pytest.raises(ValueError, match=r"multiple of num_key_value_heads"):
+        LlamaConfig.from_dict({**TINY, "model_type": "llama", "num_key_value_heads": 3})
+
+
+def test_assign_state_dict_reports_everything_at_once():
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    good = {k: v.clone() for k, v in module.state_dict().items()}
+    bad = dict(good)
+    del bad["0.bias"], bad["1.weight"]
+    bad["2.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match=r"missing tensors: \['0\.bias', '1\.weight'\]; unexpected tensors: "
+                                       r"\['2\.weight'\]"):
+        assign_state_dict(module, bad)
+    bad = dict(good, **{"0.weight": torch.zeros(3, 5), "1.bias": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"0\.weight: expected \(3, 4\), got \(3, 5\); 1\.bias: expected \(2,\)"):
+        assign_state_dict(module, bad)
+    renamed = {"first." + k[2:] if k.startswith("0.") else k: v for k, v in good.items()}
+    assign_state_dict(module, renamed, aliases={"first.weight": "0.weight", "first.bias": "0.bias"})
+    assert module[0].weight is not None and module[0].weight.data_ptr() == good["0.weight"].data_ptr()
