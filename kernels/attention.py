@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import check_attention_inputs
-from kernels.decode_attention import decode_attention
+from kernels.decode_attention import decode_attention, key_padding_range
 
 LOG2E = 1.4426950408889634
 DECODE_MAX_QUERY_LEN = 16  # Lq at or below this (and no autograd) goes to the split-KV decode kernel
@@ -60,20 +60,6 @@ def _key_loop_bounds(b, start_m, q_len, k_len, past_len, kv_start_ptr, kv_end_pt
         diag_lo = tl.maximum((first_row_limit // BLOCK_N) * BLOCK_N, lo)
         diag_lo = tl.minimum(diag_lo, tl.maximum(hi, lo))
     return lo, hi, diag_lo
-
-
-def _padding_bounds(key_padding_mask, k_len):
-    """(mask as bool [B, Lk], kv_start int32 [B], kv_end int32 [B]) with no host synchronisation.
-
-    kv_start: first real key of each row (Lk when none); kv_end: one past its last real key (0 when none)."""
-    valid = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask != 0
-    has_any = valid.any(dim=1)
-    as_int = valid.to(torch.int8)
-    first = as_int.argmax(dim=1)
-    last_plus_one = k_len - as_int.flip(1).argmax(dim=1)
-    kv_start = torch.where(has_any, first, torch.full_like(first, k_len)).to(torch.int32)
-    kv_end = torch.where(has_any, last_plus_one, torch.zeros_like(last_plus_one)).to(torch.int32)
-    return valid, kv_start, kv_end
 
 
 def _block_config(head_dim, device):
@@ -412,11 +398,15 @@ def _attn_bwd_dq_kernel(
 class _MaskArgs:
     """Kernel arguments derived from key_padding_mask and kv_batch_index (dummies when absent)."""
 
-    def __init__(self, q, key_padding_mask, kv_batch_index, k_len):
+    def __init__(self, q, key_padding_mask, kv_batch_index):
         self.has_padding = key_padding_mask is not None
         self.has_kv_index = kv_batch_index is not None
         if self.has_padding:
-            self.mask, self.kv_start, self.kv_end = _padding_bounds(key_padding_mask, k_len)
+            # first real key and one past the last of each row bound the key loops (no host sync)
+            self.kv_start, self.kv_end = key_padding_range(key_padding_mask)
+            # bool loads as a byte through a zero-copy view; integer masks are compared with 0 in the kernel
+            self.mask = (key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool
+                         else key_padding_mask)
             self.stride_b, self.stride_n = self.mask.stride()
         else:
             self.mask = self.kv_start = self.kv_end = q  # never read: HAS_PADDING is False
@@ -493,7 +483,7 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, past_len, sm_scale, key_padding_mask, kv_batch_index):
-        masks = _MaskArgs(q, key_padding_mask, kv_batch_index, k.shape[2])
+        masks = _MaskArgs(q, key_padding_mask, kv_batch_index)
         out, lse = _attention_forward(q, k, v, causal, past_len, sm_scale, masks)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.masks, ctx.causal, ctx.past_len, ctx.sm_scale = masks, causal, past_len, sm_scale

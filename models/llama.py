@@ -129,21 +129,36 @@ class LlamaConfig:
         return cls(**args, extra=d)
 
     def to_dict(self):
-        """HF config.json (transformers 5 spelling: ``rope_parameters``)."""
+        """HF config.json; RoPE in both spellings (``rope_parameters``, and ``rope_theta`` + ``rope_scaling``)."""
         d = {k: v for k, v in self.extra.items() if k not in ("architectures", "transformers_version")}
         d.update({k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"})
-        d.update({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                  "rope_parameters": dict(self.rope_parameters)})
+        rope = dict(self.rope_parameters)
+        legacy = {k: v for k, v in rope.items() if k != "rope_theta"}
+        d.update({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "rope_parameters": rope,
+                  # the older spelling too, for transformers 4 (transformers 5 reads both; they agree)
+                  "rope_theta": rope["rope_theta"],
+                  "rope_scaling": legacy if rope["rope_type"] != "default" else None})
         return d
 
 
 def parse_rope(rope_parameters, rope_scaling, rope_theta, max_position_embeddings):
     """Normalise RoPE settings given as transformers 5's ``rope_parameters`` or as the older ``rope_theta`` +
-    ``rope_scaling`` (whose type key is ``rope_type`` or ``type``) into ``{"rope_type", "rope_theta", ...}``."""
-    if rope_parameters and rope_scaling and dict(rope_parameters) != dict(rope_scaling):
-        raise ValueError(f"config.json sets both rope_parameters {rope_parameters} and rope_scaling "
-                         f"{rope_scaling}; keep one")
-    params = dict(rope_parameters or rope_scaling or {})
+    ``rope_scaling`` (whose type key is ``rope_type`` or ``type``) into ``{"rope_type", "rope_theta", ...}``.
+    When a config carries both spellings they must agree."""
+    if rope_parameters is not None:
+        rope = _parse_rope_dict(rope_parameters, rope_theta, max_position_embeddings)
+        if rope_theta is not None and float(rope_theta) != rope["rope_theta"]:
+            raise ValueError(f"config.json rope_theta {rope_theta} disagrees with rope_parameters {rope_parameters}")
+        if rope_scaling is not None and _parse_rope_dict(rope_scaling, rope["rope_theta"],
+                                                         max_position_embeddings) != rope:
+            raise ValueError(f"config.json rope_scaling {rope_scaling} disagrees with rope_parameters "
+                             f"{rope_parameters}; keep one")
+        return rope
+    return _parse_rope_dict(rope_scaling or {}, rope_theta, max_position_embeddings)
+
+
+def _parse_rope_dict(params, rope_theta, max_position_embeddings):
+    params = dict(params)
     rope_type = params.pop("rope_type", None)
     legacy_type = params.pop("type", None)
     if rope_type is not None and legacy_type is not None and rope_type != legacy_type:

@@ -65,7 +65,7 @@ def check_forward(q, k, v, *, causal, key_padding_mask=None, past_len=None, kv_b
     if via_dispatch:
         out = kernels.attention(q, k, v, **kwargs)
     else:
-        masks = _MaskArgs(q, key_padding_mask, kv_batch_index, k.shape[2])
+        masks = _MaskArgs(q, key_padding_mask, kv_batch_index)
         out = poison_(torch.empty_like(q, memory_format=torch.contiguous_format))
         resolved_past = k.shape[2] - q.shape[2] if past_len is None else past_len
         _attention_forward(q, k, v, causal, resolved_past, 1.0 / math.sqrt(q.shape[-1]), masks, out=out)

@@ -10,35 +10,12 @@ import math
 import pytest
 import torch
 
+from kernels.decode_attention import decode_attention, decode_plan, key_padding_range
+from kernels.reference import attention_reference
 from tests.conftest import ON_GPU
 from tests.helpers import assert_within_eager_error, poison_
 
-
-def _install_interpreter_index_fix():
-    """Triton 3.6's interpreter keeps scalars as 1-element numpy arrays and converts a loop bound with
-    ``int(array)``, which NumPy >= 2.? rejects for 1-d arrays; a ``range(lo, hi)`` whose bounds come from
-    ``tl.program_id`` or ``tl.load`` then raises. Convert through the single element instead. (Belongs with the
-    other work-arounds in tests/interpreter_fixes.py; idempotent.)"""
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_fusedformers_index_fix", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patch_lang_tensor
-    interpreter._fusedformers_index_fix = True
-
-
-if not ON_GPU:
-    _install_interpreter_index_fix()
-
 decode_module = importlib.import_module("kernels.decode_attention")
-from kernels.decode_attention import decode_attention, decode_plan, key_padding_range  # noqa: E402
-from kernels.reference import attention_reference  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -206,7 +183,9 @@ def test_kv_cache_slice(device):
     k, v = cache_k[:, :, :75], cache_v[:, :, :75]
     assert not k.is_contiguous()
     q = _randn(2, 4, 3, 64, dtype=torch.float16, device=device)
-    _check("cache slice", q, k, v, causal=True, key_padding_mask=_lengths_mask([75, 60], 75, device, left=True))
+    mask = _lengths_mask([128, 113], 128, device, left=True)[:, :75]  # the preallocated mask, sliced too
+    assert not mask.is_contiguous()
+    _check("cache slice", q, k, v, causal=True, key_padding_mask=mask)
 
 
 def test_transposed_views(device):

@@ -165,6 +165,18 @@ def test_generation_finished_rows_pad_and_eos_list(base, fused):
     assert int(ours[0, 9]) != eos[0]
 
 
+def test_generation_defaults_from_generation_config(tmp_path, base):
+    shutil.copytree(base[0], tmp_path, dirs_exist_ok=True)
+    with open(tmp_path / "generation_config.json", "w") as f:
+        json.dump({"max_new_tokens": 2, "eos_token_id": 127, "pad_token_id": 0, "do_sample": False}, f)
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE, attn_implementation="eager")
+    ids, mask = left_padded_batch([5, 3], 5, seed=12)
+    out = model.generate(ids, attention_mask=mask)
+    assert out.shape == (2, 7)
+    assert torch.equal(out, base[1].generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                                             pad_token_id=PAD))
+
+
 def test_sampling_seeded_and_top_k_top_p(fused):
     ids, mask = left_padded_batch([6, 4], 6, seed=5)
     kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=True, temperature=1.5, top_k=0)
@@ -223,7 +235,10 @@ def hf_grads(hf):
 
 def loss_inputs():
     ids, mask = left_padded_batch([10, 7], 10, seed=8)
-    labels = ids.masked_fill(mask == 0, -100)
+    # -100 on padding and on each row's first real token: HF's loss would predict it from a padded position,
+    # whose output is garbage in HF and zero-attention here
+    follows_padding = torch.nn.functional.pad(mask[:, :-1], (1, 0), value=1) == 0
+    labels = ids.masked_fill((mask == 0) | follows_padding, -100)
     labels[0, 4] = -100
     return ids, mask, labels
 
@@ -362,7 +377,7 @@ def test_save_pretrained_loads_in_hf(tmp_path, base, tied):
     path = base[0]
     if tied:
         path = str(tmp_path / "src")
-        make_checkpoint(path, seed=2, tie_word_embeddings=True)
+        make_checkpoint(path, seed=2, tie_word_embeddings=True, rope_parameters=ROPES["llama3"])
     model = LlamaForCausalLM.from_pretrained(path, device=DEVICE)
     with torch.no_grad():  # make the round trip non-trivial: weights that differ from the source checkpoint
         model.norm.weight.mul_(1.5)
@@ -468,6 +483,12 @@ def test_config_fields_parsed():
     assert config.num_key_value_heads == 4 and config.head_dim == 16
     assert config.rope_parameters == {"rope_type": "default", "rope_theta": 500000.0}
     assert config.eos_token_id == [2, 7]
+    both = {**TINY, "model_type": "llama", "rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0},
+            "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}
+    assert LlamaConfig.from_dict(both).rope_parameters == both["rope_parameters"]
+    both["rope_scaling"]["factor"] = 4.0
+    with pytest.raises(ValueError, match="rope_scaling .* disagrees with rope_parameters"):
+        LlamaConfig.from_dict(both)
     with pytest.raises(ValueError, match=r"multiple of num_key_value_heads"):
         LlamaConfig.from_dict({**TINY, "model_type": "llama", "num_key_value_heads": 3})
 

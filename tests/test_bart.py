@@ -1,0 +1,432 @@
+"""models.bart against HF transformers on tiny random checkpoints saved by HF itself.
+
+On CPU the fused kernels run through Triton's interpreter (slow: ~20 ms per program), so the fused path gets a
+forward/backward comparison and one greedy + one beam generation; the many generation settings run on the eager
+path, which shares every line of the model and search code except the attention call.
+"""
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+
+from models import bart as bart_module  # noqa: E402
+from models.bart import BartConfig, BartForConditionalGeneration, shift_tokens_right  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TINY = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=100, max_position_embeddings=64)
+PAD, EOS = 1, 2
+
+
+def make_hf_bart(seed=0, eos_bias=1.5, **overrides):
+    """A random HF BART whose greedy/beam outputs depend on the input and sometimes stop early: weights wider
+    than HF's init, random LayerNorms and a logits bias that favours eos a little."""
+    config = transformers.BartConfig(**{**TINY, "init_std": 0.3, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.BartForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name or "layernorm" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+        model.model.shared.weight.normal_(0.0, 0.1)
+        model.final_logits_bias.normal_(0.0, 0.5)
+        model.final_logits_bias[0, EOS] += eos_bias
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    """(directory, HF model on DEVICE) of a tiny BART saved by HF (dropout 0.1, as BART checkpoints have)."""
+    model = make_hf_bart()
+    path = tmp_path_factory.mktemp("bart") / "tiny"
+    model.save_pretrained(path)
+    return path, model.to(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def models(hf_checkpoint):
+    path, _ = hf_checkpoint
+    return {impl: BartForConditionalGeneration.from_pretrained(path, device=DEVICE, attn_implementation=impl)
+            for impl in ("fused", "eager")}
+
+
+@pytest.fixture(scope="module")
+def source_batch():
+    """input_ids/attention_mask [3, 12], rows right-padded to 12, 8 and 5 tokens (eos last, as tokenizers do)."""
+    g = torch.Generator().manual_seed(1234)
+    lengths = [12, 8, 5]
+    ids = torch.randint(3, TINY["vocab_size"], (3, 12), generator=g)
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+        ids[row, n - 1] = EOS
+        ids[row, n:] = PAD
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def target_batch():
+    """labels [3, 7] with -100 after each row's end, and the matching decoder_attention_mask."""
+    g = torch.Generator().manual_seed(99)
+    labels = torch.randint(3, TINY["vocab_size"], (3, 7), generator=g)
+    decoder_mask = torch.ones(3, 7, dtype=torch.long)
+    for row, n in enumerate([7, 4, 6]):
+        labels[row, n:] = -100
+        decoder_mask[row, n + 1:] = 0  # decoder inputs are labels shifted right: one more real position
+    return labels.to(DEVICE), decoder_mask.to(DEVICE)
+
+
+def assert_close(name, actual, expected, atol=2e-5, rtol=1e-4):
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward, loss, gradients
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+def test_forward_matches_hf(impl, hf_checkpoint, models, source_batch, target_batch):
+    _, hf = hf_checkpoint
+    model = models[impl]
+    ids, mask = source_batch
+    labels, decoder_mask = target_batch
+    decoder_ids = shift_tokens_right(labels, PAD, model.config.decoder_start_token_id)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+                      decoder_attention_mask=decoder_mask)
+        out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+                    decoder_attention_mask=decoder_mask)
+        from_encoder = model(attention_mask=mask, decoder_input_ids=decoder_ids,
+                             decoder_attention_mask=decoder_mask, encoder_outputs=(out.encoder_last_hidden_state,))
+    source_real, target_real = mask.bool(), decoder_mask.bool()
+    assert_close("encoder output", out.encoder_last_hidden_state[source_real],
+                 expected.encoder_last_hidden_state[source_real])
+    assert_close("logits", out.logits[target_real], expected.logits[target_real])
+    assert torch.equal(from_encoder.logits, out.logits)
+
+
+def _loss_and_grads(model, ids, mask, labels):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+def test_loss_and_gradients_match_hf(impl, hf_checkpoint, source_batch, target_batch):
+    path, hf = hf_checkpoint
+    model = BartForConditionalGeneration.from_pretrained(path, device=DEVICE, attn_implementation=impl)
+    ids, mask = source_batch
+    labels, _ = target_batch
+    expected_loss, expected_grads = _loss_and_grads(hf, ids, mask, labels)  # eval(): no dropout on either side
+    loss, grads = _loss_and_grads(model, ids, mask, labels)
+    assert_close("loss", loss, expected_loss)
+    assert set(grads) == set(expected_grads), set(grads) ^ set(expected_grads)
+    for name, grad in grads.items():
+        scale = expected_grads[name].abs().max().item()
+        assert_close(f"grad {name}", grad, expected_grads[name], atol=1e-5 + 1e-4 * scale, rtol=1e-3)
+
+
+def test_shift_tokens_right_matches_hf(target_batch):
+    from transformers.models.bart.modeling_bart import shift_tokens_right as hf_shift
+    labels, _ = target_batch
+    assert torch.equal(shift_tokens_right(labels, PAD, EOS), hf_shift(labels, PAD, EOS))
+
+
+def test_relu_and_scaled_embedding_match_hf(tmp_path, source_batch):
+    """Another activation and scale_embedding=True, eager path."""
+    hf = make_hf_bart(seed=3, activation_function="relu", scale_embedding=True)
+    hf.save_pretrained(tmp_path)
+    hf = hf.to(DEVICE)
+    model = BartForConditionalGeneration.from_pretrained(tmp_path, device=DEVICE, attn_implementation="eager")
+    assert model.config.activation_function == "relu" and model.config.scale_embedding
+    ids, mask = source_batch
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+        actual = model(input_ids=ids, attention_mask=mask).logits
+    assert_close("logits", actual, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generation
+# ----------------------------------------------------------------------------------------------------------------
+GENERATION_SETTINGS = {
+    "greedy": dict(max_new_tokens=8),
+    "greedy-min-forced": dict(max_new_tokens=6, min_new_tokens=3, forced_bos_token_id=5, no_repeat_ngram_size=2),
+    "beam3-lp": dict(num_beams=3, max_new_tokens=8, length_penalty=2.0),
+    "beam4-ngram-min-bos-eos": dict(num_beams=4, max_new_tokens=8, length_penalty=0.5, no_repeat_ngram_size=2,
+                                    min_new_tokens=3, forced_bos_token_id=0, forced_eos_token_id=EOS),
+    "beam3-early-stop": dict(num_beams=3, max_new_tokens=8, early_stopping=True),
+    "beam3-never": dict(num_beams=3, max_new_tokens=8, early_stopping="never", length_penalty=1.5),
+    "beam4-return2": dict(num_beams=4, max_new_tokens=7, num_return_sequences=2, length_penalty=-0.5),
+    "beam3-no-forced-eos": dict(num_beams=3, max_new_tokens=6, forced_eos_token_id=None, eos_token_id=[EOS, 7]),
+}
+
+
+@pytest.mark.parametrize("setting", list(GENERATION_SETTINGS))
+def test_generate_matches_hf_eager(setting, hf_checkpoint, models, source_batch):
+    _, hf = hf_checkpoint
+    ids, mask = source_batch
+    kwargs = GENERATION_SETTINGS[setting]
+    expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    actual = models["eager"].generate(ids, attention_mask=mask, **kwargs)
+    assert actual.shape == expected.shape and torch.equal(actual, expected), f"\nours {actual}\nHF   {expected}"
+
+
+@pytest.mark.parametrize("setting", ["greedy", "beam4-ngram-min-bos-eos"])
+def test_generate_matches_hf_fused(setting, hf_checkpoint, models, source_batch):
+    _, hf = hf_checkpoint
+    ids, mask = source_batch
+    ids, mask = ids[1:], mask[1:]  # two padded sources keep the interpreter's work small
+    kwargs = dict(GENERATION_SETTINGS[setting], max_new_tokens=6)
+    expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    actual = models["fused"].generate(ids, attention_mask=mask, **kwargs)
+    assert actual.shape == expected.shape and torch.equal(actual, expected), f"\nours {actual}\nHF   {expected}"
+
+
+def test_generate_outputs_are_nontrivial(hf_checkpoint, source_batch):
+    """Guard on the fixture: the compared outputs include early eos + padding and full-length rows."""
+    _, hf = hf_checkpoint
+    ids, mask = source_batch
+    out = hf.generate(ids, attention_mask=mask, num_beams=3, max_new_tokens=8, length_penalty=2.0)
+    greedy = hf.generate(ids, attention_mask=mask, max_new_tokens=8)
+    both = [out, greedy]
+    assert any((o == PAD).any() for o in both), "no row finished early"
+    assert any(len(set(row[1:].tolist())) > 2 for o in both for row in o), "degenerate outputs"
+
+
+def test_generation_defaults_from_generation_config(tmp_path, source_batch):
+    """Unset generate() arguments come from generation_config.json, as in HF."""
+    hf = make_hf_bart(seed=5)
+    hf.generation_config.num_beams = 3
+    hf.generation_config.no_repeat_ngram_size = 2
+    hf.generation_config.max_length = 7
+    hf.generation_config.length_penalty = 0.7
+    hf.generation_config.forced_bos_token_id = 0
+    hf.save_pretrained(tmp_path)
+    hf = hf.to(DEVICE)
+    model = BartForConditionalGeneration.from_pretrained(tmp_path, device=DEVICE, attn_implementation="eager")
+    ids, mask = source_batch
+    expected = hf.generate(ids, attention_mask=mask)
+    actual = model.generate(ids, attention_mask=mask)
+    assert expected.shape[1] <= 7 and torch.equal(actual, expected), f"\nours {actual}\nHF   {expected}"
+
+
+def test_cross_attention_kv_projected_once_per_source(models, source_batch):
+    """Generating with beams projects cross-attention K/V once per layer for the B sources (not per beam or
+    per step), and the attention reads them with batch B, indexed per beam row."""
+    model = models["eager"]
+    ids, mask = source_batch
+    num_sources, num_beams = ids.shape[0], 3
+    projected_batches, key_batches, query_batches = [], [], []
+    hooks = []
+    for layer in model.model.decoder.layers:
+        cross = layer.encoder_attn
+        for proj in (cross.k_proj, cross.v_proj):
+            hooks.append(proj.register_forward_hook(lambda m, args, out: projected_batches.append(args[0].shape[0])))
+        hooks.append(cross.register_forward_hook(
+            lambda m, args, kwargs, out: (query_batches.append(args[0].shape[0]), key_batches.append(args[1].shape[0])),
+            with_kwargs=True))
+    try:
+        out = model.generate(ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=5)
+    finally:
+        for h in hooks:
+            h.remove()
+    num_layers = len(model.model.decoder.layers)
+    assert projected_batches == [num_sources] * (2 * num_layers)
+    steps = len(query_batches) // num_layers
+    assert steps == out.shape[1] - 1 or steps > 1
+    assert set(query_batches) == {num_sources * num_beams}
+    assert set(key_batches) == {num_sources}
+
+    state = model.prepare_decoding(ids, mask, num_beams, max_len=8)
+    assert all(k.shape[0] == num_sources and v.shape[0] == num_sources for k, v in state.cross_kv)
+    assert state.self_cache.batch_size == num_sources * num_beams
+    assert state.kv_batch_index.tolist() == [s for s in range(num_sources) for _ in range(num_beams)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tying, training switches
+# ----------------------------------------------------------------------------------------------------------------
+def test_embeddings_and_lm_head_are_one_parameter(models, hf_checkpoint, source_batch, target_batch):
+    path, _ = hf_checkpoint
+    model = BartForConditionalGeneration.from_pretrained(path, device=DEVICE, attn_implementation="eager")
+    shared = model.model.shared.weight
+    assert model.model.encoder.embed_tokens.weight is shared
+    assert model.model.decoder.embed_tokens.weight is shared
+    assert model.lm_head.weight is shared
+    assert sum(p is shared for p in model.parameters()) == 1
+
+    before = shared.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    ids, mask = source_batch
+    labels, _ = target_batch
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    optimizer.step()
+    changed = (shared.detach() - before).abs().amax(dim=1) > 0
+    assert changed.sum() > 10  # label rows (lm_head) and input rows (embeddings) moved
+    for view in (model.model.encoder.embed_tokens.weight, model.model.decoder.embed_tokens.weight,
+                 model.lm_head.weight):
+        assert view is shared and torch.equal(view, shared)
+    # the embedding lookup sees the updated rows too
+    with torch.no_grad():
+        token = int(changed.nonzero()[0])
+        looked_up = model.model.encoder.embed_tokens(torch.tensor([[token]], device=DEVICE))[0, 0]
+    assert torch.equal(looked_up, shared[token] * model.model.encoder.embed_tokens.embed_scale)
+
+
+def test_gradient_checkpointing_same_gradients(hf_checkpoint, source_batch, target_batch):
+    """Train mode with dropout 0.1 (fused attention): same seed -> same gradients with and without
+    checkpointing, and the layers really are recomputed."""
+    path, _ = hf_checkpoint
+    model = BartForConditionalGeneration.from_pretrained(path, device=DEVICE).train()
+    ids, mask = source_batch
+    labels, _ = target_batch
+    calls = []
+    hook = model.model.decoder.layers[0].register_forward_hook(lambda *a: calls.append(1))
+
+    def run():
+        torch.manual_seed(7)
+        calls.clear()
+        return _loss_and_grads(model, ids, mask, labels)
+
+    loss, grads = run()
+    plain_calls = len(calls)
+    model.gradient_checkpointing_enable()
+    ckpt_loss, ckpt_grads = run()
+    ckpt_calls = len(calls)
+    model.gradient_checkpointing_disable()
+    hook.remove()
+    assert plain_calls == 1 and ckpt_calls == 2
+    assert torch.equal(loss, ckpt_loss)
+    for name, grad in grads.items():
+        assert_close(f"grad {name}", ckpt_grads[name], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_dropout_in_training_uses_eager_with_one_warning(tmp_path):
+    hf = make_hf_bart(seed=2, attention_dropout=0.1)
+    hf.save_pretrained(tmp_path)
+    model = BartForConditionalGeneration.from_pretrained(tmp_path, device=DEVICE).train()
+    ids = torch.randint(3, 100, (2, 6), device=DEVICE)
+    bart_module._warned.discard("dropout")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=ids).logits.sum().backward()
+        model(input_ids=ids).logits.sum()
+    dropout_warnings = [w for w in caught if "attention_dropout" in str(w.message)]
+    assert len(dropout_warnings) == 1
+    torch.manual_seed(0)
+    first = model(input_ids=ids).logits
+    torch.manual_seed(1)
+    assert not torch.equal(first, model(input_ids=ids).logits)  # dropout is active
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+def test_save_pretrained_loads_in_hf(tmp_path, models, source_batch):
+    model = models["eager"]
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert "model.shared.weight" in saved and "lm_head.weight" not in saved
+    assert "model.encoder.embed_tokens.weight" not in saved
+    reloaded_hf = transformers.BartForConditionalGeneration.from_pretrained(tmp_path).to(DEVICE).eval()
+    assert reloaded_hf.lm_head.weight.data_ptr() == reloaded_hf.model.shared.weight.data_ptr()
+    ours_again = BartForConditionalGeneration.from_pretrained(tmp_path, device=DEVICE, attn_implementation="eager")
+    ids, mask = source_batch
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        assert_close("HF reload", reloaded_hf(input_ids=ids, attention_mask=mask).logits, expected)
+        assert torch.equal(ours_again(input_ids=ids, attention_mask=mask).logits, expected)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["forced_eos_token_id"] == EOS
+    assert torch.equal(reloaded_hf.generate(ids, attention_mask=mask, num_beams=2, max_new_tokens=4),
+                       model.generate(ids, attention_mask=mask, num_beams=2, max_new_tokens=4))
+
+
+def _copy_checkpoint(src, dst, rename=None, drop=(), add=None):
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    for old, new in (rename or {}).items():
+        tensors[new] = tensors.pop(old)
+    for name in drop:
+        del tensors[name]
+    tensors.update(add or {})
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("alias", ["model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
+                                   "lm_head.weight"])
+def test_shared_weight_stored_only_under_an_alias(alias, tmp_path, hf_checkpoint, models, source_batch):
+    path, _ = hf_checkpoint
+    _copy_checkpoint(path, tmp_path, rename={"model.shared.weight": alias})
+    model = BartForConditionalGeneration.from_pretrained(tmp_path, device=DEVICE, attn_implementation="eager")
+    assert model.lm_head.weight is model.model.shared.weight is model.model.encoder.embed_tokens.weight
+    ids, mask = source_batch
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                           models["eager"](input_ids=ids, attention_mask=mask).logits)
+
+
+def test_checkpoint_without_final_logits_bias_loads_zeros(tmp_path, hf_checkpoint):
+    path, _ = hf_checkpoint
+    _copy_checkpoint(path, tmp_path, drop=["final_logits_bias"])
+    model = BartForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
+    assert torch.equal(model.final_logits_bias, torch.zeros(1, TINY["vocab_size"]))
+
+
+def test_load_errors_are_clear(tmp_path, hf_checkpoint):
+    path, _ = hf_checkpoint
+    missing = "model.decoder.layers.1.fc2.weight"
+    with pytest.raises(KeyError, match="missing.*" + missing.replace(".", r"\.")):
+        BartForConditionalGeneration.from_pretrained(_copy_checkpoint(path, tmp_path / "a", drop=[missing]))
+    with pytest.raises(KeyError, match=r"unexpected.*model\.encoder\.layers\.0\.adapter\.weight"):
+        BartForConditionalGeneration.from_pretrained(_copy_checkpoint(
+            path, tmp_path / "b", add={"model.encoder.layers.0.adapter.weight": torch.zeros(2)}))
+    with pytest.raises(KeyError, match="missing.*model.shared.weight"):
+        BartForConditionalGeneration.from_pretrained(_copy_checkpoint(path, tmp_path / "c",
+                                                                      drop=["model.shared.weight"]))
+    no_weights = tmp_path / "d"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_bytes((path / "config.json").read_bytes())
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        BartForConditionalGeneration.from_pretrained(no_weights)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        BartForConditionalGeneration.from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "mbart"}, "model_type"),
+    ({"normalize_before": True}, "pre-LayerNorm"),
+    ({"add_final_layer_norm": True}, "final"),
+    ({"tie_word_embeddings": False}, "untied"),
+    ({"activation_function": "swiglu_unknown"}, "activation_function"),
+    ({"encoder_attention_heads": 5}, "divisible"),
+])
+def test_config_rejects_unsupported_variants(change, message, hf_checkpoint):
+    path, _ = hf_checkpoint
+    config = json.loads((path / "config.json").read_text())
+    with pytest.raises(ValueError, match=message):
+        BartConfig.from_dict({**config, **change})
+
+
+def test_config_round_trip_keeps_hf_fields(hf_checkpoint):
+    path, _ = hf_checkpoint
+    config_dict = json.loads((path / "config.json").read_text())
+    config = BartConfig.from_dict(config_dict)
+    assert (config.d_model, config.encoder_layers, config.decoder_ffn_dim) == (64, 2, 128)
+    assert (config.pad_token_id, config.eos_token_id, config.forced_eos_token_id) == (PAD, EOS, EOS)
+    written = config.to_dict()
+    for key, value in config_dict.items():
+        assert written[key] == value, key
