@@ -244,7 +244,7 @@ def decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, *, causa
     equal runs of whole BLOCK_N blocks. On a GPU the split count targets about 4 programs per SM when
     ``B * Hkv * row blocks`` alone is below 2 per SM (capped by the number of key blocks and MAX_SPLITS);
     on CPU (Triton's interpreter) 2 splits whenever there are 2 key blocks, so the combine path is exercised.
-    ``num_splits`` overrides the choice (clamped to [1, number of key blocks]).
+    ``num_splits`` overrides the choice (clamped to [1, min(number of key blocks, MAX_SPLITS)]).
     """
     device = torch.device(device)
     on_gpu = device.type == "cuda"

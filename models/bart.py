@@ -28,6 +28,8 @@ from models.checkpoint import (assign_state_dict, load_config_dict, load_generat
                                load_safetensors_state_dict, save_safetensors)
 from models.kv_cache import KVCache
 
+UNSET = beam_search.UNSET
+
 POSITION_OFFSET = 2  # BART's learned positions are stored shifted by 2 (a fairseq legacy)
 
 
@@ -589,25 +591,28 @@ class BartForConditionalGeneration(nn.Module):
         return self.logits(hidden[:, -1])
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, *, num_beams=None, max_new_tokens=None, max_length=None,
-                 min_new_tokens=None, min_length=None, length_penalty=None, early_stopping=None,
-                 no_repeat_ngram_size=None, forced_bos_token_id=None, forced_eos_token_id=None, eos_token_id=None,
-                 pad_token_id=None, decoder_start_token_id=None, num_return_sequences=None,
+    def generate(self, input_ids, attention_mask=None, *, num_beams=UNSET, max_new_tokens=UNSET, max_length=UNSET,
+                 min_new_tokens=UNSET, min_length=UNSET, length_penalty=UNSET, early_stopping=UNSET,
+                 no_repeat_ngram_size=UNSET, forced_bos_token_id=UNSET, forced_eos_token_id=UNSET,
+                 eos_token_id=UNSET, pad_token_id=UNSET, decoder_start_token_id=UNSET, num_return_sequences=UNSET,
                  decoder_input_ids=None):
-        """Greedy (num_beams=1) or beam search with HF ``generate`` semantics; unset arguments come from
-        generation_config.json (or config.json's generation fields), then HF's global defaults.
+        """Greedy (num_beams=1) or beam search with HF ``generate`` semantics.
 
+        Arguments left out come from generation_config.json (or config.json's generation fields), then HF's
+        global defaults; as in HF, an argument passed explicitly, even as None, overrides the config (None:
+        that feature off, e.g. ``forced_eos_token_id=None``).
         input_ids/attention_mask ``[B, Ls]``. Returns ``[B * num_return_sequences, P + generated]`` token ids,
         P the decoder prompt length (1: decoder_start_token_id); finished rows are padded with pad_token_id."""
-        settings = beam_search.resolve_generation_settings(
-            self.generation_config, max_position_embeddings=self.config.max_position_embeddings,
+        given = {name: value for name, value in dict(
             num_beams=num_beams, max_new_tokens=max_new_tokens, max_length=max_length,
             min_new_tokens=min_new_tokens, min_length=min_length, length_penalty=length_penalty,
             early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
             forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id,
-            num_return_sequences=num_return_sequences, decoder_input_ids=decoder_input_ids,
-            batch_size=input_ids.shape[0])
+            num_return_sequences=num_return_sequences).items() if value is not UNSET}
+        settings = beam_search.resolve_generation_settings(
+            self.generation_config, given, max_position_embeddings=self.config.max_position_embeddings,
+            decoder_input_ids=decoder_input_ids)
         prompt = beam_search.decoder_prompt(settings, input_ids.shape[0], decoder_input_ids, input_ids.device)
         expand = max(settings.num_beams, settings.num_return_sequences)
         state = self.prepare_decoding(input_ids, attention_mask, expand, settings.max_length)
@@ -618,7 +623,4 @@ class BartForConditionalGeneration(nn.Module):
         if settings.num_beams > 1:
             return beam_search.beam_search(step, prompt.repeat_interleave(expand, dim=0), settings,
                                            reorder_cache=state.self_cache.reorder)
-        if expand > 1:
-            raise ValueError("num_return_sequences > 1 needs num_beams >= num_return_sequences (greedy decoding "
-                             "returns one sequence per input)")
         return beam_search.greedy_search(step, prompt, settings)

@@ -71,25 +71,32 @@ class GenerationSettings:
     decoder_start_token_id: int
 
 
-def resolve_generation_settings(generation_config, *, max_position_embeddings=None, decoder_input_ids=None,
-                                batch_size=1, **given):
-    """Merge call arguments (None = not given) over ``generation_config`` (a dict) over HF's defaults."""
+class _Unset:
+    def __repr__(self):
+        return "UNSET"
+
+
+UNSET = _Unset()  # default of generate()'s arguments: "not passed" (None passed explicitly means "off")
+
+
+def resolve_generation_settings(generation_config, given, *, max_position_embeddings=None, decoder_input_ids=None):
+    """HF's precedence: ``given`` (the arguments passed to generate, None included) > ``generation_config``
+    (a dict: generation_config.json) > HF's global defaults."""
     for key, off in UNSUPPORTED_OFF.items():
-        value = generation_config.get(key)
+        value = given.get(key, generation_config.get(key))
         if value is not None and value != off:
-            raise NotImplementedError(f"generation setting {key}={value!r} (from the generation config) is not "
-                                      f"supported by models.beam_search")
+            raise NotImplementedError(f"generation setting {key}={value!r} is not supported by models.beam_search")
 
     def pick(name):
-        if given.get(name) is not None:
-            return given[name]
+        if name in given:  # passed explicitly; None falls back to HF's global default (if it has one)
+            return given[name] if given[name] is not None else DEFAULTS.get(name)
         if generation_config.get(name) is not None:
             return generation_config[name]
         return DEFAULTS.get(name)
 
-    bos = generation_config.get("bos_token_id")
     start = pick("decoder_start_token_id")
-    start = bos if start is None else start
+    if start is None:
+        start = pick("bos_token_id")
     if start is None and decoder_input_ids is None:
         raise ValueError("decoder_start_token_id (or bos_token_id) must be set for encoder-decoder generation")
     prompt_len = 1 if decoder_input_ids is None else _prompt_with_start(decoder_input_ids, start).shape[1]
@@ -97,8 +104,7 @@ def resolve_generation_settings(generation_config, *, max_position_embeddings=No
     max_new_tokens = pick("max_new_tokens")
     if max_new_tokens is not None:
         max_length = max_new_tokens + prompt_len
-    elif pick("max_length") is not None and (given.get("max_length") is not None
-                                             or generation_config.get("max_length") is not None):
+    elif given.get("max_length") is not None or generation_config.get("max_length") is not None:
         max_length = pick("max_length")
     else:  # HF: 20 new tokens by default, capped at the position table
         max_length = DEFAULTS["max_length"] + prompt_len
@@ -120,9 +126,11 @@ def resolve_generation_settings(generation_config, *, max_position_embeddings=No
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     num_beams = int(pick("num_beams"))
     num_return_sequences = int(pick("num_return_sequences"))
-    if num_beams < 1 or num_return_sequences > num_beams and num_beams > 1:
-        raise ValueError(f"need num_beams >= 1 and num_return_sequences <= num_beams, got num_beams={num_beams}, "
-                         f"num_return_sequences={num_return_sequences}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}); "
+                         f"greedy decoding returns one sequence per input")
     return GenerationSettings(
         max_length=int(max_length), min_length=int(min_length or 0), prompt_len=prompt_len, num_beams=num_beams,
         num_return_sequences=num_return_sequences, length_penalty=float(pick("length_penalty")),
