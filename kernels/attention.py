@@ -62,11 +62,14 @@ def _key_loop_bounds(b, start_m, q_len, k_len, past_len, kv_start_ptr, kv_end_pt
     return lo, hi, diag_lo
 
 
-def _block_config(head_dim, device):
+def _block_config(head_dim, dtype, device):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter gets small blocks so small test shapes span
-    several blocks and exercise the skipping and diagonal logic."""
+    several blocks and exercise the skipping and diagonal logic. On the GPU the tiles must fit the 227 KB of
+    shared memory per block of sm_90 (tests/test_sm90_compile.py checks it): fp32 tiles are twice as large."""
     if device.type != "cuda":
         return 16, 16, 4, 1
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
     if head_dim <= 64:
         return 128, 64, 4, 3
     if head_dim <= 128:
@@ -426,7 +429,7 @@ def _attention_forward(q, k, v, causal, past_len, sm_scale, masks, out=None):
     if out is None:
         out = torch.empty(batch, num_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, num_heads, q_len, device=q.device, dtype=torch.float32)
-    block_m, block_n, num_warps, num_stages = _block_config(head_dim, q.device)
+    block_m, block_n, num_warps, num_stages = _block_config(head_dim, q.dtype, q.device)
     grid = (triton.cdiv(q_len, block_m), batch * num_heads)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
@@ -445,7 +448,7 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     batch, num_heads, q_len, head_dim = q.shape
     kv_batch, num_kv_heads, k_len = k.shape[0], k.shape[1], k.shape[2]
     block_d = triton.next_power_of_2(head_dim)
-    block_m, block_n, num_warps, num_stages = _block_config(head_dim, q.device)
+    block_m, block_n, num_warps, num_stages = _block_config(head_dim, q.dtype, q.device)
     common = dict(GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
                   BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_PADDING=masks.has_padding,
                   HAS_KV_INDEX=masks.has_kv_index, DOT_PRECISION=_dot_precision(q.dtype),

@@ -361,7 +361,9 @@ class _Stack(nn.Module):
         return layer(*args, **kwargs)
 
     def _skip_layer(self):
-        return self.training and self.layerdrop > 0 and torch.rand([]).item() < self.layerdrop
+        """LayerDrop. As HF, one draw per layer in training even when layerdrop is 0, so that a seeded run
+        consumes the RNG like HF's and gets the same dropout masks."""
+        return self.training and bool(torch.rand([]) < self.layerdrop)
 
 
 class BartEncoder(_Stack):

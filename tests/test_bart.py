@@ -4,8 +4,8 @@ On CPU the fused kernels run through Triton's interpreter (slow: ~20 ms per prog
 forward/backward comparison and one greedy + one beam generation; the many generation settings run on the eager
 path, which shares every line of the model and search code except the attention call.
 """
+import contextlib
 import json
-import os
 import warnings
 
 import pytest
@@ -111,7 +111,9 @@ def test_forward_matches_hf(impl, hf_checkpoint, models, source_batch, target_ba
     assert torch.equal(from_encoder.logits, out.logits)
 
 
-def _loss_and_grads(model, ids, mask, labels):
+def _loss_and_grads(model, ids, mask, labels, seed=None):
+    if seed is not None:
+        torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
@@ -124,8 +126,14 @@ def test_loss_and_gradients_match_hf(impl, hf_checkpoint, source_batch, target_b
     model = BartForConditionalGeneration.from_pretrained(path, device=DEVICE, attn_implementation=impl)
     ids, mask = source_batch
     labels, _ = target_batch
-    expected_loss, expected_grads = _loss_and_grads(hf, ids, mask, labels)  # eval(): no dropout on either side
-    loss, grads = _loss_and_grads(model, ids, mask, labels)
+    # train mode, dropout 0.1: the same seed gives HF's dropout masks (same RNG draws in the same order)
+    hf.train()
+    try:
+        expected_loss, expected_grads = _loss_and_grads(hf, ids, mask, labels, seed=11)
+    finally:
+        hf.eval()
+    model.train()
+    loss, grads = _loss_and_grads(model, ids, mask, labels, seed=11)
     assert_close("loss", loss, expected_loss)
     assert set(grads) == set(expected_grads), set(grads) ^ set(expected_grads)
     for name, grad in grads.items():
@@ -186,8 +194,22 @@ def test_generate_matches_hf_fused(setting, hf_checkpoint, models, source_batch)
     ids, mask = ids[1:], mask[1:]  # two padded sources keep the interpreter's work small
     kwargs = dict(GENERATION_SETTINGS[setting], max_new_tokens=6)
     expected = hf.generate(ids, attention_mask=mask, **kwargs)
-    actual = models["fused"].generate(ids, attention_mask=mask, **kwargs)
+    with record_cross_attention(models["fused"]) as seen:
+        actual = models["fused"].generate(ids, attention_mask=mask, **kwargs)
     assert actual.shape == expected.shape and torch.equal(actual, expected), f"\nours {actual}\nHF   {expected}"
+    assert_cross_kv_once_per_source(seen, models["fused"], ids.shape[0], kwargs.get("num_beams", 1))
+
+
+@pytest.mark.parametrize("prefix", [[[2, 5], [2, 9], [2, 11]], [[5], [9], [11]]], ids=["with-start", "no-start"])
+def test_generate_with_decoder_prefix_matches_hf(prefix, hf_checkpoint, models, source_batch):
+    """A user decoder prefix; HF prepends decoder_start_token_id when the rows do not start with it."""
+    _, hf = hf_checkpoint
+    ids, mask = source_batch
+    prefix = torch.tensor(prefix, device=DEVICE)
+    for kwargs in (dict(max_new_tokens=5), dict(num_beams=3, max_new_tokens=5, no_repeat_ngram_size=2)):
+        expected = hf.generate(ids, attention_mask=mask, decoder_input_ids=prefix, **kwargs)
+        actual = models["eager"].generate(ids, attention_mask=mask, decoder_input_ids=prefix, **kwargs)
+        assert torch.equal(actual, expected), f"{kwargs}\nours {actual}\nHF   {expected}"
 
 
 def test_generate_outputs_are_nontrivial(hf_checkpoint, source_batch):
@@ -218,32 +240,50 @@ def test_generation_defaults_from_generation_config(tmp_path, source_batch):
     assert expected.shape[1] <= 7 and torch.equal(actual, expected), f"\nours {actual}\nHF   {expected}"
 
 
-def test_cross_attention_kv_projected_once_per_source(models, source_batch):
-    """Generating with beams projects cross-attention K/V once per layer for the B sources (not per beam or
-    per step), and the attention reads them with batch B, indexed per beam row."""
-    model = models["eager"]
-    ids, mask = source_batch
-    num_sources, num_beams = ids.shape[0], 3
-    projected_batches, key_batches, query_batches = [], [], []
+@contextlib.contextmanager
+def record_cross_attention(model):
+    """Yields a dict of lists, filled while inside: 'projected' (batch of every call to a cross-attention k/v
+    projection), 'queries' and 'keys' (batch of the queries and of the K/V each cross-attention call reads)."""
+    seen = {"projected": [], "queries": [], "keys": []}
+
+    def on_projection(module, args, out):
+        seen["projected"].append(args[0].shape[0])
+
+    def on_cross_attention(module, args, kwargs, out):  # args: (queries [N, Lq, d], key [B, H, Ls, D], value)
+        seen["queries"].append(args[0].shape[0])
+        seen["keys"].append(args[1].shape[0])
+
     hooks = []
     for layer in model.model.decoder.layers:
         cross = layer.encoder_attn
-        for proj in (cross.k_proj, cross.v_proj):
-            hooks.append(proj.register_forward_hook(lambda m, args, out: projected_batches.append(args[0].shape[0])))
-        hooks.append(cross.register_forward_hook(
-            lambda m, args, kwargs, out: (query_batches.append(args[0].shape[0]), key_batches.append(args[1].shape[0])),
-            with_kwargs=True))
+        hooks += [cross.k_proj.register_forward_hook(on_projection),
+                  cross.v_proj.register_forward_hook(on_projection),
+                  cross.register_forward_hook(on_cross_attention, with_kwargs=True)]
     try:
-        out = model.generate(ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=5)
+        yield seen
     finally:
-        for h in hooks:
-            h.remove()
+        for hook in hooks:
+            hook.remove()
+
+
+def assert_cross_kv_once_per_source(seen, model, num_sources, num_beams):
     num_layers = len(model.model.decoder.layers)
-    assert projected_batches == [num_sources] * (2 * num_layers)
-    steps = len(query_batches) // num_layers
-    assert steps == out.shape[1] - 1 or steps > 1
-    assert set(query_batches) == {num_sources * num_beams}
-    assert set(key_batches) == {num_sources}
+    assert seen["projected"] == [num_sources] * (2 * num_layers)  # once per layer, for the sources only
+    assert len(seen["queries"]) > num_layers  # several decoding steps read them
+    assert set(seen["queries"]) == {num_sources * num_beams}
+    assert set(seen["keys"]) == {num_sources}  # never expanded per beam
+
+
+def test_cross_attention_kv_projected_once_per_source(models, source_batch):
+    """Generating with beams projects cross-attention K/V once per layer for the B sources (not per beam or
+    per step), and every step reads them with batch B, indexed per beam row; only the self-attention cache
+    has B * num_beams rows."""
+    model = models["eager"]
+    ids, mask = source_batch
+    num_sources, num_beams = ids.shape[0], 3
+    with record_cross_attention(model) as seen:
+        model.generate(ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=5)
+    assert_cross_kv_once_per_source(seen, model, num_sources, num_beams)
 
     state = model.prepare_decoding(ids, mask, num_beams, max_len=8)
     assert all(k.shape[0] == num_sources and v.shape[0] == num_sources for k, v in state.cross_kv)
@@ -289,7 +329,7 @@ def test_gradient_checkpointing_same_gradients(hf_checkpoint, source_batch, targ
     ids, mask = source_batch
     labels, _ = target_batch
     calls = []
-    hook = model.model.decoder.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    hook = model.model.decoder.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))  # recompute stops early
 
     def run():
         torch.manual_seed(7)

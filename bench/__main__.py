@@ -1,0 +1,104 @@
+"""python -m bench: our Triton kernels and models beside the PyTorch / Hugging Face alternatives, on a GPU.
+
+Without a GPU it runs the CPU smoke check instead (each kernel once at a tiny shape through Triton's interpreter,
+against its eager reference) and exits 0 when they match.
+"""
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARTS = ("attention", "decode", "rmsnorm", "models")
+
+EPILOG = """\
+parts:
+  attention  prefill attention, causal + left padding, bf16/fp16, D 64/128, L 512..16k, fwd and fwd+bwd:
+             vs SDPA with HF's 4-D mask, SDPA flash is_causal without padding, compiled FlexAttention, HF eager
+  decode     Lq=1 against a KV cache, GQA 32/8 and MHA 32/32, cache 1k..32k, B 1..64: vs SDPA with the mask
+             after repeat-KV (HF's path) and SDPA enable_gqa without mask; TB/s of K/V read
+  rmsnorm    hidden 1k..8k, rows 4k/16k, fp16/bf16, fwd and fwd+bwd: vs HF eager, torch.compile, F.rms_norm
+  models     Llama-3.2-1B- and BART-large-shaped random bf16 models vs transformers (sdpa; static cache)
+
+Results: <results-dir>/<device-slug>/<part>[-quick].json (rewritten after every case) and <part>[-quick].png;
+also copied to $OUT/bench-results/<device-slug>/ when $OUT is set (the GPU device tool brings $OUT back).
+"""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few shapes per part (models: one timed call each)")
+    parser.add_argument("--only", nargs="+", choices=PARTS, metavar="PART",
+                        help="run only these parts: attention, decode, rmsnorm, models (default: all)")
+    parser.add_argument("--results-dir", default=None,
+                        help="where results go (default: bench/results; a temporary directory with --dry-run)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run every part's code paths once at tiny shapes and print meaningless timings "
+                             "(without a GPU: on CPU through Triton's interpreter); checks the sweep itself")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import torch
+    has_gpu = torch.cuda.is_available()
+    if not has_gpu:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            print("warning: triton was imported before TRITON_INTERPRET could be set", flush=True)
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    if not has_gpu and not args.dry_run:
+        print("No CUDA GPU: no timings. Running the CPU smoke check (Triton interpreter, tiny shapes); "
+              "the sweep needs a GPU (or try --dry-run to exercise its code paths on CPU).", flush=True)
+        from bench import smoke
+        return 0 if smoke.run() else 1
+    return sweep(args, "cuda" if has_gpu else "cpu")
+
+
+def sweep(args, device):
+    from bench import common
+    if device == "cpu":
+        from bench import smoke
+        smoke.install_interpreter_fixes()
+    common.raise_compile_limits()
+    runner = common.Runner(device, dry_run=args.dry_run, wall_reps=1 if args.quick else 3)
+    meta = common.environment(device, args.quick, args.dry_run)
+    results_dir = args.results_dir or (tempfile.mkdtemp(prefix="bench-dry-run-") if args.dry_run
+                                       else os.path.join(ROOT, "bench", "results"))
+    out_dir = os.path.join(results_dir, common.slug(meta["device"]))
+    print(f"device: {meta['device']}  versions: {meta['versions']}", flush=True)
+    print(f"results: {out_dir}" + ("  (dry run: timings are single calls, not measurements)" if args.dry_run
+                                    else ""), flush=True)
+    failed, tables = [], []
+    for part in args.only or PARTS:
+        module = importlib.import_module(f"bench.{part}")
+        shapes = module.DRY_RUN_SHAPES if args.dry_run else module.shapes(args.quick)
+        writer = common.PartWriter(out_dir, part, meta)
+        start = time.perf_counter()
+        print(f"\n=== {part}: {len(shapes) * len(module.MODES)} cases", flush=True)
+        try:
+            common.run_part(module, shapes, runner, writer)
+        except Exception:  # a part that cannot go on (e.g. a model that fails to load); the others still run
+            traceback.print_exc()
+            print(f"=== {part} stopped early: the cases above are recorded", flush=True)
+            failed.append(part)
+            if hasattr(module, "finish"):
+                module.finish()
+        written = writer.finish()
+        tables.append(common.format_table(writer.records))
+        print(f"=== {part} took {time.perf_counter() - start:.0f} s; wrote {', '.join(written)}", flush=True)
+    print()
+    print("\n\n".join(t for t in tables if t), flush=True)
+    if failed:
+        print(f"\nparts stopped early: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Whole models in bf16, ours beside Hugging Face transformers (``attn_implementation="sdpa"``), both loaded from
+the same random checkpoint that transformers writes with ``save_pretrained`` to a temporary directory.
+
+- Llama-3.2-1B-shaped (hidden 2048, 16 layers, 32 heads / 8 KV heads, ffn 8192, vocab 128256, tied embeddings,
+  rope_theta 500000): prefill B=8 x 512 (logits of the last position, KV cache filled); greedy 128 new tokens
+  for B=1 (prompt 128) and B=8 (prompt 512, row 0 left-padded by a quarter), HF with its default dynamic cache
+  and with ``cache_implementation="static"`` (HF then compiles its decode step itself).
+- BART-large-shaped (d_model 1024, 12+12 layers, 16 heads, ffn 4096, vocab 50265): greedy B=8, source 512
+  (row 0 half padding) -> 64 new tokens; beam 4, B=4; a training step B=8, source 512, target 128 (forward +
+  backward of the loss, no optimizer; dropout as configured, 0.1, in both).
+
+Figures are tok/s: new tokens x B per second for generate, prompt tokens per second for prefill,
+(source + target) tokens per second for the training step. Before timing, each generate runs once per
+implementation and the new tokens are compared with ours (random weights in bf16 have near-ties, so a late
+divergence can be numerics, not a bug; the HF-static-vs-HF-dynamic comparison shows how much HF differs from
+itself).
+"""
+import gc
+import os
+import tempfile
+
+import torch
+
+from bench.common import Case
+
+NAME = "models"
+MODES = ("model",)
+LLAMA_PAD = 0
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                tie_word_embeddings=True, pad_token_id=LLAMA_PAD, bos_token_id=1, eos_token_id=2)
+BART_LARGE = dict(vocab_size=50265, d_model=1024, encoder_layers=12, decoder_layers=12, encoder_attention_heads=16,
+                  decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096, max_position_embeddings=1024)
+
+# tiny stand-ins for --dry-run (the same code paths on CPU, through Triton's interpreter)
+LLAMA_TINY = dict(LLAMA_1B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+BART_TINY = dict(BART_LARGE, vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128)
+
+
+def shapes(quick):
+    """One case per entry (the models are the same in --quick; it times each generate once instead of 3 times)."""
+    return [
+        dict(model="llama", task="prefill", B=8, prompt=512),
+        dict(model="llama", task="greedy", B=1, prompt=128, new=128),
+        dict(model="llama", task="greedy", B=8, prompt=512, new=128),
+        dict(model="bart", task="greedy", B=8, source=512, new=64),
+        dict(model="bart", task="beam4", B=4, source=512, new=64),
+        dict(model="bart", task="train", B=8, source=512, target=128),
+    ]
+
+
+DRY_RUN_SHAPES = [
+    dict(model="llama", task="prefill", B=2, prompt=16),
+    dict(model="llama", task="greedy", B=1, prompt=8, new=3),
+    dict(model="llama", task="greedy", B=2, prompt=12, new=3),
+    dict(model="bart", task="greedy", B=2, source=16, new=3),
+    dict(model="bart", task="beam4", B=2, source=16, new=3),
+    dict(model="bart", task="train", B=2, source=16, target=8),
+]
+
+
+# ------------------------------------------------------------------------------------------ the HF baselines
+def hf_load(cls, model_dir, device):
+    """transformers' from_pretrained, bf16, PyTorch SDPA attention."""
+    return cls.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").to(device).eval()
+
+
+def hf_llama_prefill(model, ids, mask, positions):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                     logits_to_keep=1).logits
+
+
+def hf_llama_greedy(model, ids, mask, new_tokens, static_cache=False):
+    extra = {"cache_implementation": "static"} if static_cache else {}
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=LLAMA_PAD, **extra)
+
+
+def hf_bart_generate(model, ids, mask, new_tokens, beams):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          num_beams=beams, do_sample=False, early_stopping=False)
+
+
+def train_step(model, ids, mask, labels):
+    """Forward with labels, then backward of the loss (HF's and ours take the same arguments)."""
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+
+
+# ------------------------------------------------------------------------------------------------- ours
+def ours_llama_prefill(model, ids, mask, positions):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1).logits
+
+
+def ours_llama_greedy(model, ids, mask, new_tokens):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=LLAMA_PAD)
+
+
+def ours_bart_generate(model, ids, mask, new_tokens, beams):
+    return model.generate(ids, attention_mask=mask, num_beams=beams, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, early_stopping=False)
+
+
+# ------------------------------------------------------------------------------------------------- loading
+class _Loaded:
+    """The pair (ours, HF) of the model in use; loading the other model frees this one."""
+    kind = None
+    ours = hf = None
+    tmp = None
+
+
+def _save_random(kind, config, device):
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    cls = transformers.LlamaForCausalLM if kind == "llama" else transformers.BartForConditionalGeneration
+    config_cls = transformers.LlamaConfig if kind == "llama" else transformers.BartConfig
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls(config_cls(**config))
+    tmp = tempfile.TemporaryDirectory(prefix=f"bench-{kind}-")
+    model.to(torch.bfloat16).save_pretrained(tmp.name)
+    del model
+    return cls, tmp
+
+
+def release():
+    if _Loaded.tmp is not None:
+        _Loaded.tmp.cleanup()
+    _Loaded.kind = _Loaded.ours = _Loaded.hf = _Loaded.tmp = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load(kind, runner):
+    if _Loaded.kind == kind:
+        return _Loaded.ours, _Loaded.hf
+    release()
+    config = (LLAMA_1B if kind == "llama" else BART_LARGE) if not runner.dry_run else (
+        LLAMA_TINY if kind == "llama" else BART_TINY)
+    hf_cls, tmp = _save_random(kind, config, runner.device)
+    if kind == "llama":
+        from models.llama import LlamaForCausalLM as Ours
+    else:
+        from models.bart import BartForConditionalGeneration as Ours
+    _Loaded.hf = hf_load(hf_cls, tmp.name, runner.device)
+    _Loaded.ours = Ours.from_pretrained(tmp.name, dtype=torch.bfloat16, device=runner.device)
+    _Loaded.kind, _Loaded.tmp = kind, tmp
+    return _Loaded.ours, _Loaded.hf
+
+
+finish = release  # called once the part is done
+
+
+# ------------------------------------------------------------------------------------------------- checks
+def compare_tokens(ours, theirs, prompt_len):
+    """'yes', or where the new tokens first differ."""
+    a, b = ours[:, prompt_len:], theirs[:, prompt_len:]
+    if a.shape != b.shape:
+        return f"no: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+    equal = a == b
+    if bool(equal.all()):
+        return "yes"
+    rows_equal = int(equal.all(dim=1).sum())
+    first = min(int((~row).nonzero()[0]) for row in equal if not bool(row.all()))
+    return (f"no: {rows_equal}/{a.shape[0]} rows equal, {int(equal.sum())}/{equal.numel()} tokens, "
+            f"first difference at new token {first}")
+
+
+def _token_check(case, outputs_of, prompt_len):
+    """Run each implementation once (its warm-up), compare the tokens with ours and HF static with HF."""
+    def check():
+        outputs = {}
+        for name in case.impls:
+            outputs[name] = outputs_of[name]()
+            case.warm.add(name)
+        result = {f"same_tokens_{name}": compare_tokens(outputs["ours"], out, prompt_len)
+                  for name, out in outputs.items() if name != "ours"}
+        if "hf_sdpa_static" in outputs:
+            result["hf_static_vs_hf_sdpa"] = compare_tokens(outputs["hf_sdpa_static"], outputs["hf_sdpa"], prompt_len)
+        return result
+    return check
+
+
+# ------------------------------------------------------------------------------------------------- cases
+def _random_ids(batch, length, vocab, device, low=3):
+    return torch.randint(low, vocab, (batch, length), device=device)
+
+
+def _llama_cases(spec, runner):
+    ours, hf = load("llama", runner)
+    device, batch, prompt = runner.device, spec["B"], spec["prompt"]
+    ids = _random_ids(batch, prompt, hf.config.vocab_size, device)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        mask[0, : prompt // 4] = 0
+        ids = ids.masked_fill(mask == 0, LLAMA_PAD)
+    padded = " (row 0 left-padded 25%)" if batch > 1 else ""
+    shape = dict(spec, dtype="bf16", layers=hf.config.num_hidden_layers, hidden=hf.config.hidden_size)
+    if spec["task"] == "prefill":
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        impls = {"ours": lambda: ours_llama_prefill(ours, ids, mask, positions),
+                 "hf_sdpa": lambda: hf_llama_prefill(hf, ids, mask, positions)}
+
+        def check():
+            diff = (impls["ours"]().float() - impls["hf_sdpa"]().float()).abs().max().item()
+            return {"max_abs_diff_last_logits_vs_hf": diff}
+
+        label = f"llama prefill B={batch} x {prompt}{padded}"
+        return Case(NAME, "prefill", label, label, None, shape, impls, "tok/s", batch * prompt, check=check,
+                    rep_ms=1000)
+    new = spec["new"]
+    impls = {"ours": lambda: ours_llama_greedy(ours, ids, mask, new),
+             "hf_sdpa": lambda: hf_llama_greedy(hf, ids, mask, new),
+             "hf_sdpa_static": lambda: hf_llama_greedy(hf, ids, mask, new, static_cache=True)}
+    label = f"llama greedy B={batch} prompt {prompt} +{new}{padded}"
+    case = Case(NAME, "generate", label, label, None, shape, impls, "tok/s", batch * new, wall_clock=True)
+    case.check = _token_check(case, impls, prompt)
+    return case
+
+
+def _bart_cases(spec, runner):
+    ours, hf = load("bart", runner)
+    device, batch, source = runner.device, spec["B"], spec["source"]
+    vocab, pad = hf.config.vocab_size, hf.config.pad_token_id
+    ids = _random_ids(batch, source, vocab, device)
+    mask = torch.ones_like(ids)
+    mask[0, source // 2:] = 0
+    ids = ids.masked_fill(mask == 0, pad)
+    shape = dict(spec, dtype="bf16", layers=hf.config.encoder_layers, d_model=hf.config.d_model)
+    if spec["task"] == "train":
+        ours.train()
+        hf.train()
+        labels = _random_ids(batch, spec["target"], vocab, device)
+        impls = {"ours": lambda: train_step(ours, ids, mask, labels),
+                 "hf_sdpa": lambda: train_step(hf, ids, mask, labels)}
+        params = list(ours.parameters()) + list(hf.parameters())
+
+        def check():
+            with torch.no_grad():
+                losses = {name: float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+                          for name, model in (("ours", ours), ("hf_sdpa", hf))}
+            return {f"loss_{name}": value for name, value in losses.items()}
+
+        label = f"bart train step B={batch} src {source} tgt {spec['target']} (row 0 half padded)"
+        return Case(NAME, "train", label, label, None, shape, impls, "tok/s", batch * (source + spec["target"]),
+                    grad_to_none=params, check=check, rep_ms=1000)
+    ours.eval()
+    hf.eval()
+    beams = 4 if spec["task"] == "beam4" else 1
+    new = spec["new"]
+    impls = {"ours": lambda: ours_bart_generate(ours, ids, mask, new, beams),
+             "hf_sdpa": lambda: hf_bart_generate(hf, ids, mask, new, beams)}
+    label = f"bart {'beam 4' if beams > 1 else 'greedy'} B={batch} src {source} +{new} (row 0 half padded)"
+    case = Case(NAME, "generate", label, label, None, shape, impls, "tok/s", batch * new, wall_clock=True)
+    case.check = _token_check(case, impls, 1)  # the decoder prompt is decoder_start_token_id
+    return case
+
+
+def cases(spec, runner):
+    yield (_llama_cases if spec["model"] == "llama" else _bart_cases)(spec, runner)
