@@ -350,6 +350,7 @@ def plot_records(records, path, title):
     cols = min(3, len(groups))
     rows = (len(groups) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(n for r in records for n in r["value"]))}
     for ax, group in zip(axes.flat, groups):
         members = [r for r in records if r["group"] == group]
         names = list(dict.fromkeys(n for r in members for n in r["value"]))
@@ -358,19 +359,24 @@ def plot_records(records, path, title):
                 pts = [(r["x"], r["value"].get(name)) for r in members if r["value"].get(name)]
                 if pts:
                     xs, ys = zip(*sorted(pts))
-                    ax.plot(xs, ys, marker="o", label=name, linewidth=2.5 if name == "ours" else 1.2)
+                    ax.plot(xs, ys, marker="o", label=name, color=colors[name],
+                            linewidth=2.5 if name == "ours" else 1.2)
+            roof = sorted((r["x"], r["amount"] / r["floor_ms"] / 1e9) for r in members
+                          if r["floor_ms"] and r["unit"] != "tok/s")
+            if roof:
+                ax.plot(*zip(*roof), linestyle="--", color="grey", linewidth=1, label="roofline floor")
             ax.set_xscale("log", base=2)
             ax.set_xlabel(members[0]["shape"].get("x_name", "x"))
         elif len(members) == 1:
             values = [members[0]["value"].get(name) or 0 for name in names]
-            bars = ax.bar(names, values, color=[f"C{i}" for i in range(len(names))])
+            bars = ax.bar(names, values, color=[colors[name] for name in names])
             ax.bar_label(bars, labels=[_figure(v) if v else "n/a" for v in values], fontsize=8)
             ax.tick_params(axis="x", labelsize=8)
         else:
             width = 0.8 / max(1, len(names))
             for i, name in enumerate(names):
                 ys = [r["value"].get(name) or 0 for r in members]
-                ax.bar([j + i * width for j in range(len(members))], ys, width, label=name)
+                ax.bar([j + i * width for j in range(len(members))], ys, width, label=name, color=colors[name])
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(members))])
             ax.set_xticklabels([r["label"] for r in members], rotation=15, fontsize=7)
         ax.set_title(group, fontsize=9)

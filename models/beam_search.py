@@ -16,7 +16,6 @@ HF semantics reproduced here:
   (heuristic at the current length) / "never" (at max_length when length_penalty > 0), outputs padded with
   pad_token_id (eos when pad is 0 or unset) and cut to the longest returned hypothesis.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +42,7 @@ UNSUPPORTED_OFF = {"do_sample": False, "repetition_penalty": 1.0, "encoder_repet
                    "diversity_penalty": 0.0, "suppress_tokens": None, "begin_suppress_tokens": None,
                    "exponential_decay_length_penalty": None, "sequence_bias": None, "renormalize_logits": False,
                    "remove_invalid_values": False, "force_words_ids": None, "constraints": None,
-                   "penalty_alpha": None}
+                   "penalty_alpha": 0.0}
 
 NEG_LARGE = -1.0e9  # HF's "impossible" score for beams
 
@@ -84,7 +83,7 @@ def resolve_generation_settings(generation_config, given, *, max_position_embedd
     (a dict: generation_config.json) > HF's global defaults."""
     for key, off in UNSUPPORTED_OFF.items():
         value = given.get(key, generation_config.get(key))
-        if value is not None and value != off:
+        if value is not None and value != off and value not in ([], {}):
             raise NotImplementedError(f"generation setting {key}={value!r} is not supported by models.beam_search")
 
     def pick(name):
