@@ -100,16 +100,6 @@ def sdpa_flash_causal(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-_flex_compiled = {}
-
-
-def compiled_flex(runner):
-    if "fn" not in _flex_compiled:
-        from torch.nn.attention.flex_attention import flex_attention
-        _flex_compiled["fn"] = runner.compile(flex_attention)
-    return _flex_compiled["fn"]
-
-
 # ------------------------------------------------------------------------------------------------- the cases
 def _visible_rows(bool_mask):
     """[B, 1, Lq, 1]: query rows that see at least one key (SDPA's output on the others is not defined alike)."""
@@ -126,7 +116,8 @@ def cases(shape, runner):
     key_padding_mask = left_padded_mask(batch, length, device)
     bool_mask = sdpa_bool_mask(key_padding_mask, length)
     extra_mask = additive_mask(bool_mask, dtype)
-    flex = compiled_flex(runner)
+    from torch.nn.attention.flex_attention import flex_attention
+    flex = runner.compile(flex_attention)
     block_mask = flex_block_mask(key_padding_mask)
     free = runner.free_bytes()
     label_base = f"{shape['dtype']} B={batch} H={heads} L={length} D={head_dim}"

@@ -11,6 +11,7 @@ faster. A failed or skipped implementation is recorded as null with a note; the 
 """
 import datetime
 import json
+import math
 import os
 import re
 import shutil
@@ -95,14 +96,18 @@ class Runner:
         self.device = torch.device(device)
         self.dry_run = dry_run
         self.wall_reps = 1 if dry_run else wall_reps
+        self._compiled = {}
 
     def sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def compile(self, fn):
-        """torch.compile specialised to each shape (dynamic=False), as a user tuning for speed would."""
-        return torch.compile(fn, dynamic=False)
+        """torch.compile specialised to each shape (dynamic=False), as a user tuning for speed would; one
+        compiled wrapper per function (its graphs are cached per shape)."""
+        if fn not in self._compiled:
+            self._compiled[fn] = torch.compile(fn, dynamic=False)
+        return self._compiled[fn]
 
     def time_ms(self, case, name):
         fn = case.impls[name]
@@ -189,6 +194,7 @@ def make_record(case, ms, notes, checks):
     ours = ms.get("ours")
     ratio = {name: (t / ours if t and ours else None) for name, t in ms.items() if name != "ours"}
     floor = floor_ms(case.flops, case.nbytes) if (case.flops or case.nbytes) else None
+    checks = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in checks.items()}
     return dict(part=case.part, mode=case.mode, label=case.label, group=case.group, x=case.x, shape=case.shape,
                 unit=case.unit, amount=case.amount, flops=case.flops, bytes=case.nbytes, floor_ms=floor,
                 ours_fraction_of_floor=(floor / ours if floor and ours else None),
@@ -294,37 +300,40 @@ def environment(device, quick, dry_run):
 
 class PartWriter:
     """Writes ``<dir>/<part>[-quick].json`` after every case (a run cut short keeps what it measured) and the
-    plot at the end; copies both under $OUT/bench-results/ too when $OUT is set (the GPU device tool)."""
+    plot at the end. When $OUT is set (the GPU device tool brings back only $OUT), both are also written to
+    ``$OUT/bench-results/<device-slug>/`` as they are made."""
 
     def __init__(self, out_dir, part, meta):
-        self.out_dir = out_dir
         self.stem = part + ("-quick" if meta["quick"] else "")
         self.meta = dict(meta, part=part)
         self.records = []
-        os.makedirs(out_dir, exist_ok=True)
+        self.dirs = [out_dir]
+        mirror = os.environ.get("OUT")
+        if mirror and os.path.isdir(mirror) and not meta["dry_run"]:
+            self.dirs.append(os.path.join(mirror, "bench-results", os.path.basename(os.path.normpath(out_dir))))
+        for d in self.dirs:
+            os.makedirs(d, exist_ok=True)
 
     @property
     def json_path(self):
-        return os.path.join(self.out_dir, self.stem + ".json")
+        return os.path.join(self.dirs[0], self.stem + ".json")
 
     def add(self, record):
         self.records.append(record)
-        tmp = self.json_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dict(self.meta, records=self.records), f, indent=1)
-        os.replace(tmp, self.json_path)
+        for d in self.dirs:
+            path = os.path.join(d, self.stem + ".json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(dict(self.meta, records=self.records), f, indent=1)
+            os.replace(path + ".tmp", path)
 
     def finish(self):
-        written = [self.json_path]
-        png = os.path.join(self.out_dir, self.stem + ".png")
+        """Write the plot; returns the paths written in the results directory."""
+        written = [self.json_path] if self.records else []
+        png = os.path.join(self.dirs[0], self.stem + ".png")
         if plot_records(self.records, png, title=f"{self.meta['part']} on {self.meta['device']}"):
             written.append(png)
-        mirror = os.environ.get("OUT")
-        if mirror and os.path.isdir(mirror) and not self.meta["dry_run"]:
-            target = os.path.join(mirror, "bench-results", os.path.basename(os.path.normpath(self.out_dir)))
-            os.makedirs(target, exist_ok=True)
-            for path in written:
-                shutil.copy(path, target)
+            for d in self.dirs[1:]:
+                shutil.copy(png, d)
         return written
 
 

@@ -16,7 +16,6 @@ divergence can be numerics, not a bug; the HF-static-vs-HF-dynamic comparison sh
 itself).
 """
 import gc
-import os
 import tempfile
 
 import torch
@@ -133,6 +132,7 @@ def release():
     if _Loaded.tmp is not None:
         _Loaded.tmp.cleanup()
     _Loaded.kind = _Loaded.ours = _Loaded.hf = _Loaded.tmp = None
+    torch._dynamo.reset()  # HF's static-cache generate compiled graphs (and CUDA graphs) that hold the model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -38,15 +38,6 @@ def hf_rms_norm(x, weight, eps=EPS):
     return weight * hidden.to(x.dtype)
 
 
-_compiled = {}
-
-
-def compiled_hf_rms_norm(runner):
-    if "fn" not in _compiled:
-        _compiled["fn"] = runner.compile(hf_rms_norm)
-    return _compiled["fn"]
-
-
 def cases(shape, runner):
     from kernels import rms_norm
     device = runner.device
@@ -54,7 +45,7 @@ def cases(shape, runner):
     rows, hidden = shape["rows"], shape["hidden"]
     x = torch.randn(rows, hidden, device=device, dtype=dtype)
     weight = 1 + 0.1 * torch.randn(hidden, device=device, dtype=dtype)
-    compiled = compiled_hf_rms_norm(runner)
+    compiled = runner.compile(hf_rms_norm)
     shape = dict(shape, x_name="hidden size")
 
     def impls_for(x, weight):

@@ -62,6 +62,19 @@ def _key_loop_bounds(b, start_m, q_len, k_len, past_len, kv_start_ptr, kv_end_pt
     return lo, hi, diag_lo
 
 
+@triton.jit
+def _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE: tl.constexpr, HAS_KV_INDEX: tl.constexpr):
+    """For a (query block, batch x query head) program: (pid_m, pid_bh, b, h, kv_b, kv_h)."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kv_h = h // GROUP_SIZE                       # GQA: query heads [kv_h * G, (kv_h + 1) * G) share KV head kv_h
+    kv_b = b
+    if HAS_KV_INDEX:
+        kv_b = tl.load(kv_batch_index_ptr + b)   # query batch row b reads K/V batch row kv_batch_index[b]
+    return tl.program_id(0), pid_bh, b, h, kv_b, kv_h
+
+
 def _block_config(head_dim, dtype, device):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter gets small blocks so small test shapes span
     several blocks and exercise the skipping and diagonal logic. On the GPU the tiles must fit the 227 KB of
@@ -126,14 +139,8 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    kv_h = h // GROUP_SIZE                       # GQA: query heads [kv_h * G, (kv_h + 1) * G) share KV head kv_h
-    kv_b = b
-    if HAS_KV_INDEX:
-        kv_b = tl.load(kv_batch_index_ptr + b)   # query batch row b reads K/V batch row kv_batch_index[b]
+    pid_m, pid_bh, b, h, kv_b, kv_h = _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE,
+                                                            HAS_KV_INDEX)
     start_m = pid_m * BLOCK_M
 
     q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -349,14 +356,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    kv_h = h // GROUP_SIZE
-    kv_b = b
-    if HAS_KV_INDEX:
-        kv_b = tl.load(kv_batch_index_ptr + b)
+    pid_m, pid_bh, b, h, kv_b, kv_h = _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE,
+                                                            HAS_KV_INDEX)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
 

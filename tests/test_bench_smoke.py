@@ -1,0 +1,81 @@
+"""The benchmark off the GPU: ``python -m bench`` runs its CPU smoke check and exits 0, and every case of the GPU
+sweep builds at its real shape (on the meta device: no memory, nothing run)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE_LINES = ("smoke attention fwd", "smoke attention bwd", "smoke decode", "smoke rms_norm fwd",
+               "smoke rms_norm bwd")
+
+
+def test_bench_without_gpu_runs_the_smoke_check():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # a GPU machine too takes the CPU path
+    proc = subprocess.run([sys.executable, "-m", "bench"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "No CUDA GPU" in out
+    for start in SMOKE_LINES:
+        lines = [line for line in out.splitlines() if line.startswith(start)]
+        assert len(lines) == 1 and "max error" in lines[0] and lines[0].rstrip().split(" [")[0].endswith("ok"), out
+    assert "smoke: 5/5 kernels match their eager references" in out
+
+
+class _MetaRunner:
+    """Builds cases on the meta device; 79 GiB free, as on an H100 80GB."""
+    device = torch.device("meta")
+    dry_run = False
+
+    def free_bytes(self):
+        return 79 * 2**30
+
+    def compile(self, fn):
+        return fn
+
+
+@pytest.mark.parametrize("part", ["attention", "decode", "rmsnorm"])
+@pytest.mark.parametrize("quick", [True, False])
+def test_gpu_sweep_cases_build(part, quick, monkeypatch):
+    import importlib
+
+    from bench import common
+    module = importlib.import_module(f"bench.{part}")
+    if part == "attention":  # create_block_mask evaluates the mask: not on meta tensors
+        monkeypatch.setattr(module, "flex_block_mask", lambda mask, heads=None: None)
+    runner = _MetaRunner()
+    labels = []
+    for shape in module.shapes(quick):
+        built = list(module.cases(shape, runner))
+        assert [c.mode for c in built] == list(module.MODES)
+        for case in built:
+            labels.append(case.label)
+            assert next(iter(case.impls)) == "ours" and set(case.impls) <= set(module.IMPLS)
+            assert case.amount > 0 and common.floor_ms(case.flops, case.nbytes) > 0
+            if part == "attention":
+                b, h, n, d = shape["B"], shape["H"], shape["L"], shape["D"]
+                assert b * n == 16384
+                assert case.flops == common.attention_flops(b, h, n, n, d, True, case.mode == "fwd+bwd")
+                # HF eager's [B, H, L, L] intermediates: only fwd+bwd at L = 16k exceeds 79 GiB
+                assert ("hf_eager" in case.skipped) == (case.mode == "fwd+bwd" and n == 16384), case.label
+    assert len(labels) == len(set(labels)) == len(module.shapes(quick)) * len(module.MODES)
+
+
+def test_bench_dry_run_writes_results(tmp_path):
+    """--dry-run: the sweep's own code (cases, timing loop, table, JSON) end to end at tiny shapes on CPU."""
+    import json
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--dry-run", "--only", "decode", "rmsnorm",
+                           "--results-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "== decode: figures in TB/s" in proc.stdout and "== rmsnorm: figures in TB/s" in proc.stdout
+    for part, cases in (("decode", 1), ("rmsnorm", 2)):
+        result = json.loads((tmp_path / "cpu" / f"{part}.json").read_text())
+        assert result["dry_run"] and len(result["records"]) == cases
+        for record in result["records"]:
+            assert record["ms"]["ours"] is not None, record["notes"]
+            assert list(record["ratio"]) == [n for n in record["ms"] if n != "ours"]
