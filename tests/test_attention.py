@@ -230,6 +230,20 @@ def test_backward_fully_masked_rows_have_zero_grad(device):
     assert torch.all(q.grad[0, :, :8] == 0)
 
 
+def test_randomized_backward(device):
+    rng = random.Random(torch.initial_seed() + 1)
+    for _ in range(6 if not ON_GPU else 30):
+        num_kv_heads = rng.choice([1, 2])
+        num_heads = num_kv_heads * rng.choice([1, 2])
+        q_len, k_len = rng.randint(1, 40), rng.randint(1, 40)
+        batch = rng.randint(1, 3)
+        q, k, v = make_qkv(batch, num_heads, num_kv_heads, q_len, k_len, rng.choice([16, 48]),
+                           rng.choice(DTYPES), device, layout=rng.choice(["contiguous", "bshd"]))
+        check_backward(q, k, v, causal=rng.random() < 0.7, past_len=rng.choice([None, rng.randint(0, 10)]),
+                       key_padding_mask=make_padding_mask(batch, k_len, rng.choice([None, "left", "right", "holes"]),
+                                                          device))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Larger shapes: GPU only (the CPU interpreter runs the same code paths above at small shapes)
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,6 +255,22 @@ def test_large_gpu(dtype, head_dim, device):
     mask = make_padding_mask(2, 1000, "left", device)
     check_forward(q, k, v, causal=True, key_padding_mask=mask)
     check_backward(q, k, v, causal=True, key_padding_mask=mask)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs > 2^31-element K/V tensors: GPU only")
+def test_int64_offsets_gpu(device):
+    """K/V batch row 2 starts past element 2^31: the kernels' batch/head offsets must be int64."""
+    k_len, head_dim = (1 << 23) + 17, 128
+    k = torch.randn(3, 1, k_len, head_dim, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(2, 2, 32, head_dim, device=device, dtype=torch.bfloat16)
+    kv_batch_index = torch.tensor([2, 0], device=device)
+    out = kernels.attention(q, k, v, causal=False, kv_batch_index=kv_batch_index)
+    for row in range(2):
+        kv_row = kv_batch_index[row].item()
+        expected = attention_reference(q[row:row + 1].float(), k[kv_row:kv_row + 1].float(),
+                                       v[kv_row:kv_row + 1].float(), causal=False)
+        assert (out[row:row + 1].float() - expected).abs().max().item() < 2e-2
 
 
 # ---------------------------------------------------------------------------------------------------------------
