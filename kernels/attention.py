@@ -64,10 +64,12 @@ def _key_loop_bounds(b, start_m, q_len, k_len, past_len, kv_start_ptr, kv_end_pt
 
 @triton.jit
 def _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE: tl.constexpr, HAS_KV_INDEX: tl.constexpr):
-    """For a (query block, batch x query head) program: (pid_m, pid_bh, b, h, kv_b, kv_h)."""
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    """For a program of the grid (query blocks, Hq, B): (pid_m, pid_bh = b * Hq + h, b, h, kv_b, kv_h).
+    Query blocks of one head are adjacent in launch order, so they share that head's K/V in L2; the head and
+    batch axes are separate because a grid's second and third axes are limited to 65535."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    pid_bh = b * num_heads + h
     kv_h = h // GROUP_SIZE                       # GQA: query heads [kv_h * G, (kv_h + 1) * G) share KV head kv_h
     kv_b = b
     if HAS_KV_INDEX:
@@ -194,9 +196,9 @@ def _bwd_preprocess_kernel(out_ptr, dout_ptr, delta_ptr,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta[b, h, i] = sum_d out[b, h, i, d] * dout[b, h, i, d] (fp32), the softmax-backward row term."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    pid_bh = b * num_heads + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     tile_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
@@ -246,7 +248,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_mask_b, stride_mask_n,
-    num_heads, num_kv_heads, q_len, k_len, past_len, qk_scale, sm_scale,
+    num_heads, q_len, k_len, past_len, qk_scale, sm_scale,
     GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -254,9 +256,8 @@ def _attn_bwd_dkdv_kernel(
     """One program: key block pid_n of (batch b, KV head kv_h). dK/dV are written per *query* batch row
     ([B, Hkv, Lk, D]); with kv_batch_index the wrapper sums rows that share a K/V row."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_kv_heads
-    kv_h = pid_bh % num_kv_heads
+    kv_h = tl.program_id(1)                      # grid (key blocks, Hkv, B)
+    b = tl.program_id(2)
     kv_b = b
     if HAS_KV_INDEX:
         kv_b = tl.load(kv_batch_index_ptr + b)
@@ -431,7 +432,7 @@ def _attention_forward(q, k, v, causal, past_len, sm_scale, masks, out=None):
         out = torch.empty(batch, num_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, num_heads, q_len, device=q.device, dtype=torch.float32)
     block_m, block_n, num_warps, num_stages = _block_config(head_dim, q.dtype, q.device)
-    grid = (triton.cdiv(q_len, block_m), batch * num_heads)
+    grid = (triton.cdiv(q_len, block_m), num_heads, batch)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), masks.stride_b, masks.stride_n,
@@ -456,7 +457,7 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
                   num_warps=num_warps, num_stages=num_stages)
 
     delta = torch.empty_like(lse)
-    _bwd_preprocess_kernel[(triton.cdiv(q_len, block_m), batch * num_heads)](
+    _bwd_preprocess_kernel[(triton.cdiv(q_len, block_m), num_heads, batch)](
         out, dout, delta, *out.stride(), *dout.stride(), num_heads, q_len,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m)
 
@@ -464,13 +465,13 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     grad_dtype = torch.float32 if masks.has_kv_index else k.dtype
     dk = torch.empty(batch, num_kv_heads, k_len, head_dim, device=k.device, dtype=grad_dtype)
     dv = torch.empty_like(dk)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(k_len, block_n), batch * num_kv_heads)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(k_len, block_n), num_kv_heads, batch)](
         q, k, v, dout, lse, delta, dk, dv, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), masks.stride_b, masks.stride_n,
-        num_heads, num_kv_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, **common)
+        num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, **common)
 
     dq = torch.empty(batch, num_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
-    _attn_bwd_dq_kernel[(triton.cdiv(q_len, block_m), batch * num_heads)](
+    _attn_bwd_dq_kernel[(triton.cdiv(q_len, block_m), num_heads, batch)](
         q, k, v, dout, lse, delta, dq, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), masks.stride_b, masks.stride_n,
         num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, **common)
