@@ -470,3 +470,24 @@ def test_config_round_trip_keeps_hf_fields(hf_checkpoint):
     written = config.to_dict()
     for key, value in config_dict.items():
         assert written[key] == value, key
+
+
+def test_bf16_logits_within_hf_bf16_error(hf_checkpoint, source_batch, target_batch):
+    """bf16: our error against HF's fp32 logits stays within 2x HF's own bf16 error (plus a small slack)."""
+    path, hf32 = hf_checkpoint
+    ids, mask = source_batch
+    labels, decoder_mask = target_batch
+    decoder_ids = shift_tokens_right(labels, PAD, hf32.config.decoder_start_token_id)
+    inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+                  decoder_attention_mask=decoder_mask)
+    hf16 = transformers.BartForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).to(DEVICE).eval()
+    ours = BartForConditionalGeneration.from_pretrained(path, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        reference = hf32(**inputs).logits.double()
+        hf_logits = hf16(**inputs).logits
+        our_logits = ours(**inputs).logits
+    assert our_logits.dtype == torch.bfloat16 and torch.isfinite(our_logits).all()
+    real = decoder_mask.bool()
+    ours_error = (our_logits[real].double() - reference[real]).abs().max().item()
+    hf_error = (hf_logits[real].double() - reference[real]).abs().max().item()
+    assert ours_error <= 2 * hf_error + 1e-2, f"bf16 logits error {ours_error:.3e} vs HF bf16's {hf_error:.3e}"

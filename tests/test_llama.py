@@ -508,3 +508,23 @@ def test_assign_state_dict_reports_everything_at_once():
     renamed = {"first." + k[2:] if k.startswith("0.") else k: v for k, v in good.items()}
     assign_state_dict(module, renamed, aliases={"first.weight": "0.weight", "first.bias": "0.bias"})
     assert module[0].weight is not None and module[0].weight.data_ptr() == good["0.weight"].data_ptr()
+
+
+# ----------------------------------------------------------------------------------------------- bf16
+
+def test_bf16_logits_within_hf_bf16_error(base):
+    """bf16 (the deployment dtype): our error against HF's fp32 logits stays within 2x the error of HF's own
+    bf16 computation on the same checkpoint (plus a small slack), at the real positions of a padded batch."""
+    path, hf32 = base
+    ids, mask = left_padded_batch([12, 7], 12, seed=5)
+    reference = hf_logits(hf32, ids, mask).double()
+    hf16 = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEVICE).eval()
+    hf16.set_attn_implementation("eager")
+    ours = LlamaForCausalLM.from_pretrained(path, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ours_logits = ours(ids, attention_mask=mask).logits
+    assert ours_logits.dtype == torch.bfloat16 and torch.isfinite(ours_logits).all()
+    real = mask.bool()
+    ours_error = (ours_logits[real].double() - reference[real]).abs().max().item()
+    hf_error = (hf_logits(hf16, ids, mask)[real].double() - reference[real]).abs().max().item()
+    assert ours_error <= 2 * hf_error + 1e-2, f"bf16 logits error {ours_error:.3e} vs HF bf16's {hf_error:.3e}"
