@@ -23,6 +23,7 @@ The arguments are assumed validated by ``kernels.checks.check_attention_inputs``
 """
 import functools
 import math
+import weakref
 
 import torch
 import triton
@@ -294,15 +295,26 @@ def key_padding_range(key_padding_mask):
     """Per batch row, the first valid key and the last valid key + 1, as int32 ``[B]`` tensors.
 
     A fully padded row gets ``(Lk, 0)``, an empty range. Pure torch ops on the mask's device (no host sync).
-    The mask is the same for every layer of a forward pass, so a model may compute this once and pass it to
-    ``decode_attention(key_range=...)``.
+    A model passes the same mask tensor to every layer of a forward pass, so the last result is kept and
+    reused while the very same tensor object, unmodified (same version counter), comes back.
     """
+    global _last_key_range
+    cached = _last_key_range
+    if (cached is not None and cached[0]() is key_padding_mask
+            and cached[1] == key_padding_mask._version):
+        return cached[2]
     valid = key_padding_mask != 0
     k_len = valid.shape[1]
     positions = torch.arange(k_len, device=valid.device, dtype=torch.int32)
     key_start = torch.where(valid, positions, k_len).amin(dim=1)
     key_end = torch.where(valid, positions + 1, 0).amax(dim=1)
-    return key_start.to(torch.int32).contiguous(), key_end.to(torch.int32).contiguous()
+    result = (key_start.to(torch.int32).contiguous(), key_end.to(torch.int32).contiguous())
+    _last_key_range = (weakref.ref(key_padding_mask), key_padding_mask._version, result)
+    return result
+
+
+# (weak reference to the last mask, its version counter, its key range): see key_padding_range
+_last_key_range = None
 
 
 def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_scale=None,

@@ -28,6 +28,8 @@ from models.generation import (apply_logits_processing, make_generator, pick_nex
                                resolve_generation_args)
 from models.kv_cache import KVCache
 
+STOP_CHECK_INTERVAL = 8  # generate() asks the GPU whether every row has finished once per this many steps
+
 IMPLEMENTATIONS = {"fused": (attention, rms_norm), "eager": (attention_reference, rms_norm_reference)}
 
 ACTIVATIONS = {
@@ -437,9 +439,7 @@ class LlamaForCausalLM(nn.Module):
                              f"got {tuple(attention_mask.shape)}")
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past_len, q_len, batch, input_ids.device)
-        key_padding_mask = attention_mask
-        if attention_mask is not None and bool(attention_mask.all()):
-            key_padding_mask = None  # nothing masked: let the kernel skip the mask loads
+        key_padding_mask = attention_mask  # an all-ones mask is correct too; generate() drops it when unpadded
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
         residual = None
@@ -497,8 +497,14 @@ class LlamaForCausalLM(nn.Module):
 
         cache = self.new_kv_cache(batch, total)
         positions = positions_from_mask(attention_mask, 0, prompt_len, batch, input_ids.device)
-        out = self(input_ids, attention_mask=mask[:, :prompt_len], position_ids=positions, past_key_values=cache,
+        # one host sync here instead of one per step: without padding the kernels need no mask at all
+        padded = bool((attention_mask == 0).any())
+        step_mask = (lambda n: mask[:, :n]) if padded else (lambda n: None)
+        out = self(input_ids, attention_mask=step_mask(prompt_len), position_ids=positions, past_key_values=cache,
                    logits_to_keep=1)
+        # the stop test reads the GPU every STOP_CHECK_INTERVAL steps only (a host sync stalls the launch
+        # queue); steps run past the moment every row finished only produce pad and are cut off again
+        finished_at = torch.full((batch,), total, dtype=torch.long, device=input_ids.device)
         length = prompt_len
         for step in range(new_tokens):
             logits = apply_logits_processing(out.logits[:, -1], num_generated=step,
@@ -510,10 +516,16 @@ class LlamaForCausalLM(nn.Module):
             tokens[:, length] = next_token
             length += 1
             if eos.numel():
-                unfinished &= ~torch.isin(next_token, eos)
-            if length == total or not bool(unfinished.any()):
+                just_finished = unfinished & torch.isin(next_token, eos)
+                finished_at = torch.where(just_finished, torch.full_like(finished_at, length), finished_at)
+                unfinished &= ~just_finished
+            if length == total:
+                break
+            if (step + 1) % STOP_CHECK_INTERVAL == 0 and not bool(unfinished.any()):
                 break
             positions = positions[:, -1:] + 1
-            out = self(next_token[:, None], attention_mask=mask[:, :length], position_ids=positions,
+            out = self(next_token[:, None], attention_mask=step_mask(length), position_ids=positions,
                        past_key_values=cache, logits_to_keep=1)
+        if eos.numel() and not bool(unfinished.any()):
+            length = int(finished_at.max())  # HF stops at the step where the last row finished
         return tokens[:, :length]

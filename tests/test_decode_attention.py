@@ -306,3 +306,20 @@ def test_int64_offsets_gpu(device):
                               attention_reference(q.double(), row.double(), row.double(), causal=False),
                               attention_reference(q, row, row, causal=False))
     assert math.isfinite(out.float().abs().max().item())
+
+
+def test_key_padding_range_reuses_only_the_same_unmodified_mask(device):
+    """The key range is cached for the last mask object; a new tensor or an in-place change recomputes it."""
+    from kernels.decode_attention import key_padding_range
+
+    mask = torch.ones(2, 10, dtype=torch.long, device=device)
+    mask[1, :4] = 0
+    first = key_padding_range(mask)
+    assert key_padding_range(mask) is first
+    assert first[0].tolist() == [0, 4] and first[1].tolist() == [10, 10]
+    mask[0, 7:] = 0                                    # in place: bumps the version counter
+    changed = key_padding_range(mask)
+    assert changed is not first and changed[1].tolist() == [7, 10]
+    other = mask.clone()
+    assert key_padding_range(other) is not changed
+    assert key_padding_range(other)[1].tolist() == [7, 10]

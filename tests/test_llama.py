@@ -165,6 +165,22 @@ def test_generation_finished_rows_pad_and_eos_list(base, fused):
     assert int(ours[0, 9]) != eos[0]
 
 
+def test_generation_stops_when_every_row_finished(base, fused):
+    """All rows finish long before max_new_tokens (past the stop-check interval): output ends where HF's does."""
+    from models.llama import STOP_CHECK_INTERVAL
+
+    ids, mask = left_padded_batch([6, 4], 6, seed=7)
+    free = fused.generate(ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[127])
+    eos = sorted({int(free[0, 7]), int(free[1, 8])})  # row 0 ends at its 2nd new token, row 1 by its 3rd
+    assert 127 not in eos
+    max_new = STOP_CHECK_INTERVAL + 5
+    ref = base[1].generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
+                           pad_token_id=PAD)
+    ours = fused.generate(ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=PAD)
+    assert ours.shape[1] < ids.shape[1] + max_new
+    assert torch.equal(ours, ref)
+
+
 def test_generation_defaults_from_generation_config(tmp_path, base):
     shutil.copytree(base[0], tmp_path, dirs_exist_ok=True)
     with open(tmp_path / "generation_config.json", "w") as f:
