@@ -168,20 +168,11 @@ def _fused_attention():
 
 
 def _eager_attention(q, k, v, *, causal, key_padding_mask, past_len, sm_scale, kv_batch_index, dropout_p=0.0):
-    """The eager reference (q scaled before the matmul, as BART does), plus dropout on the probabilities."""
-    from kernels.reference import attention_reference, causal_padding_mask
-    if dropout_p == 0.0:
-        return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
-                                   sm_scale=sm_scale, kv_batch_index=kv_batch_index, scale_before_matmul=True)
-    if kv_batch_index is not None:
-        k, v = k[kv_batch_index.long()], v[kv_batch_index.long()]
-    scores = torch.matmul(q * sm_scale, k.transpose(-1, -2))                        # [B, H, Lq, Lk]
-    visible = causal_padding_mask(q.shape[0], q.shape[2], k.shape[2], causal=causal,
-                                  key_padding_mask=key_padding_mask, past_len=past_len, device=q.device)
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")).float(), dim=-1).to(q.dtype)
-    probs = torch.where(visible.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
-    probs = F.dropout(probs, p=dropout_p, training=True)
-    return torch.matmul(probs, v)
+    """The eager reference (q scaled before the matmul, as BART does), with dropout on the probabilities."""
+    from kernels.reference import attention_reference
+    return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
+                               sm_scale=sm_scale, kv_batch_index=kv_batch_index, scale_before_matmul=True,
+                               dropout_p=dropout_p)
 
 
 class BartAttention(nn.Module):
