@@ -14,6 +14,7 @@ Backward: a dK/dV kernel (one program per key block and KV head, looping over th
 so grouped gradients are summed without atomics) and a dQ kernel (one program per query block and query head).
 ``attention`` dispatches Lq <= 16 without autograd to the split-KV decode kernel (kernels/decode_attention.py).
 """
+import contextlib
 import math
 
 import torch
@@ -77,10 +78,27 @@ def _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE: tl.constexp
     return tl.program_id(0), pid_bh, b, h, kv_b, kv_h
 
 
+_forced_blocks = None  # (BLOCK_M, BLOCK_N) while forced_block_sizes() is active
+
+
+@contextlib.contextmanager
+def forced_block_sizes(block_m, block_n):
+    """Run the kernels with these tile sizes (for tests: the GPU's tiles have BLOCK_M != BLOCK_N, which the
+    interpreter's default 16 x 16 tiles would never exercise)."""
+    global _forced_blocks
+    previous, _forced_blocks = _forced_blocks, (block_m, block_n)
+    try:
+        yield
+    finally:
+        _forced_blocks = previous
+
+
 def _block_config(head_dim, dtype, device):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter gets small blocks so small test shapes span
     several blocks and exercise the skipping and diagonal logic. On the GPU the tiles must fit the 227 KB of
     shared memory per block of sm_90 (tests/test_sm90_compile.py checks it): fp32 tiles are twice as large."""
+    if _forced_blocks is not None:
+        return (*_forced_blocks, 4, 1)
     if device.type != "cuda":
         return 16, 16, 4, 1
     if dtype == torch.float32:

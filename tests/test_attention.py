@@ -244,6 +244,22 @@ def test_randomized_backward(device):
                                                           device))
 
 
+@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 32), (64, 16)])
+@pytest.mark.parametrize("q_len,k_len,past_len,padding", [
+    (45, 45, None, "left"), (37, 70, None, "right"), (40, 52, 5, "holes"), (70, 30, None, None),
+])
+def test_unequal_tiles(block_m, block_n, q_len, k_len, past_len, padding, device):
+    """The GPU runs BLOCK_M != BLOCK_N (e.g. 128 x 64): the diagonal and skipping bounds must hold for any
+    tile shape, forward and backward."""
+    from kernels.attention import forced_block_sizes
+
+    q, k, v = make_qkv(2, 4, 2, q_len, k_len, 32, torch.float32, device)
+    mask = make_padding_mask(2, k_len, padding, device)
+    with forced_block_sizes(block_m, block_n):
+        check_forward(q, k, v, causal=True, key_padding_mask=mask, past_len=past_len)
+        check_backward(q, k, v, causal=True, key_padding_mask=mask, past_len=past_len)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Larger shapes: GPU only (the CPU interpreter runs the same code paths above at small shapes)
 # ---------------------------------------------------------------------------------------------------------------
