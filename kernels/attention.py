@@ -434,7 +434,8 @@ class _MaskArgs:
         else:
             self.mask = self.kv_start = self.kv_end = q  # never read: HAS_PADDING is False
             self.stride_b = self.stride_n = 0
-        self.kv_batch_index = kv_batch_index if self.has_kv_index else q
+        # the kernels read kv_batch_index[b] with unit stride
+        self.kv_batch_index = kv_batch_index.contiguous() if self.has_kv_index else q
 
 
 def _dot_precision(dtype):

@@ -299,8 +299,10 @@ def key_padding_range(key_padding_mask):
     reused while the very same tensor object, unmodified (same version counter), comes back.
     """
     global _last_key_range
+    # inference-mode tensors have no version counter: those are not cached
+    cacheable = not key_padding_mask.is_inference()
     cached = _last_key_range
-    if (cached is not None and cached[0]() is key_padding_mask
+    if (cacheable and cached is not None and cached[0]() is key_padding_mask
             and cached[1] == key_padding_mask._version):
         return cached[2]
     valid = key_padding_mask != 0
@@ -309,7 +311,8 @@ def key_padding_range(key_padding_mask):
     key_start = torch.where(valid, positions, k_len).amin(dim=1)
     key_end = torch.where(valid, positions + 1, 0).amax(dim=1)
     result = (key_start.to(torch.int32).contiguous(), key_end.to(torch.int32).contiguous())
-    _last_key_range = (weakref.ref(key_padding_mask), key_padding_mask._version, result)
+    if cacheable:
+        _last_key_range = (weakref.ref(key_padding_mask), key_padding_mask._version, result)
     return result
 
 

@@ -147,6 +147,21 @@ def test_forward_kv_batch_index(dtype, device):
     check_forward(q, k, v, causal=False, key_padding_mask=mask, kv_batch_index=kv_batch_index)
 
 
+def test_strided_kv_batch_index_and_inference_mode(device):
+    """kv_batch_index may be a strided view; masks made under torch.inference_mode work (no version counter)."""
+    q, k, v = make_qkv(4, 2, 2, 20, 23, 32, torch.float32, device, kv_batch=2)
+    kv_batch_index = torch.tensor([1, 9, 0, 9, 0, 9, 1, 9], device=device)[::2]   # 9 would be out of range
+    check_forward(q, k, v, causal=False, kv_batch_index=kv_batch_index)
+    check_backward(q, k, v, causal=False, kv_batch_index=kv_batch_index)
+    with torch.inference_mode():
+        mask = make_padding_mask(4, 23, "left", device)
+        for q_len in (20, 3):  # fused kernel and decode dispatch
+            out = kernels.attention(q[:, :, :q_len], k, v, key_padding_mask=mask, kv_batch_index=kv_batch_index)
+            expected = attention_reference(q[:, :, :q_len], k, v, key_padding_mask=mask,
+                                           kv_batch_index=kv_batch_index)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_fully_masked_rows_are_zero(device):
     # left padding in a causal self-attention: the padded query rows see no key at all
     q, k, v = make_qkv(2, 2, 2, 30, 30, 32, torch.float16, device)
