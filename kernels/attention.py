@@ -93,21 +93,33 @@ def forced_block_sizes(block_m, block_n):
         _forced_blocks = previous
 
 
-def _block_config(head_dim, dtype, device):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter gets small blocks so small test shapes span
-    several blocks and exercise the skipping and diagonal logic. On the GPU the tiles must fit the 227 KB of
-    shared memory per block of sm_90 (tests/test_sm90_compile.py checks it): fp32 tiles are twice as large."""
+# GPU tiles per kernel (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) for head dims up to 64 / 128 /
+# 256. Chosen ahead of time so that no kernel spills registers on sm_90 (ptxas; tests/test_sm90_compile.py
+# checks it). The dK/dV kernel keeps two fp32 [BLOCK_N, D] accumulators in registers, so it steps through the
+# queries 32 rows at a time. fp32 inputs run exact (ieee) dots on the CUDA cores and need small tiles.
+# Tuning them by measurement is bench/NOTES.md's job.
+_GPU_TILES = {
+    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
+    "dkdv": {64: (32, 128, 8, 3), 128: (32, 64, 8, 3), 256: (32, 32, 8, 2)},
+    "dq": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
+}
+_GPU_TILES_FP32 = {
+    "fwd": {128: (16, 64, 4, 2), 256: (16, 16, 4, 2)},
+    "dkdv": {128: (16, 32, 4, 2), 256: (16, 16, 4, 2)},
+    "dq": {128: (32, 16, 4, 2), 256: (16, 16, 4, 2)},
+}
+
+
+def _block_config(kernel, head_dim, dtype, device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` in "fwd", "dkdv", "dq". The interpreter gets
+    small blocks so small test shapes span several blocks and exercise the skipping and diagonal logic. On the
+    GPU the tiles must fit the 227 KB of shared memory per block of sm_90."""
     if _forced_blocks is not None:
         return (*_forced_blocks, 4, 1)
     if device.type != "cuda":
         return 16, 16, 4, 1
-    if dtype == torch.float32:
-        return 64, 32, 4, 2
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    if head_dim <= 128:
-        return 128, 64, 8, 3
-    return 64, 32, 8, 2
+    tiles = (_GPU_TILES_FP32 if dtype == torch.float32 else _GPU_TILES)[kernel]
+    return tiles[min(d for d in tiles if d >= head_dim)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -450,7 +462,7 @@ def _attention_forward(q, k, v, causal, past_len, sm_scale, masks, out=None):
     if out is None:
         out = torch.empty(batch, num_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, num_heads, q_len, device=q.device, dtype=torch.float32)
-    block_m, block_n, num_warps, num_stages = _block_config(head_dim, q.dtype, q.device)
+    block_m, block_n, num_warps, num_stages = _block_config("fwd", head_dim, q.dtype, q.device)
     grid = (triton.cdiv(q_len, block_m), num_heads, batch)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
@@ -469,31 +481,34 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     batch, num_heads, q_len, head_dim = q.shape
     kv_batch, num_kv_heads, k_len = k.shape[0], k.shape[1], k.shape[2]
     block_d = triton.next_power_of_2(head_dim)
-    block_m, block_n, num_warps, num_stages = _block_config(head_dim, q.dtype, q.device)
-    common = dict(GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                  BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_PADDING=masks.has_padding,
-                  HAS_KV_INDEX=masks.has_kv_index, DOT_PRECISION=_dot_precision(q.dtype),
-                  num_warps=num_warps, num_stages=num_stages)
+    common = dict(GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,
+                  HAS_PADDING=masks.has_padding, HAS_KV_INDEX=masks.has_kv_index,
+                  DOT_PRECISION=_dot_precision(q.dtype))
 
     delta = torch.empty_like(lse)
-    _bwd_preprocess_kernel[(triton.cdiv(q_len, block_m), num_heads, batch)](
+    preprocess_rows = 16 if q.device.type != "cuda" else 64
+    _bwd_preprocess_kernel[(triton.cdiv(q_len, preprocess_rows), num_heads, batch)](
         out, dout, delta, *out.stride(), *dout.stride(), num_heads, q_len,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m)
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=preprocess_rows)
 
     # dK/dV per query batch row; with kv_batch_index several rows may share one K/V row and are summed below
     grad_dtype = torch.float32 if masks.has_kv_index else k.dtype
     dk = torch.empty(batch, num_kv_heads, k_len, head_dim, device=k.device, dtype=grad_dtype)
     dv = torch.empty_like(dk)
+    block_m, block_n, num_warps, num_stages = _block_config("dkdv", head_dim, q.dtype, q.device)
     _attn_bwd_dkdv_kernel[(triton.cdiv(k_len, block_n), num_kv_heads, batch)](
         q, k, v, dout, lse, delta, dk, dv, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), masks.stride_b, masks.stride_n,
-        num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, **common)
+        num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, **common,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
     dq = torch.empty(batch, num_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
+    block_m, block_n, num_warps, num_stages = _block_config("dq", head_dim, q.dtype, q.device)
     _attn_bwd_dq_kernel[(triton.cdiv(q_len, block_m), num_heads, batch)](
         q, k, v, dout, lse, delta, dq, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), masks.stride_b, masks.stride_n,
-        num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, **common)
+        num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, **common,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
     if masks.has_kv_index:
         index = masks.kv_batch_index.long()

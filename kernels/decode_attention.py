@@ -238,7 +238,7 @@ def _sm_count(device_index):
 
 
 def decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, *, causal=True, past_len=None,
-                device="cpu", num_splits=None):
+                device="cpu", num_splits=None, dtype=torch.bfloat16):
     """Block sizes and the key split for one launch; returns a dict.
 
     Splits: the key range a causal query can see (``min(Lk, past_len + Lq)`` keys) is cut into ``num_splits``
@@ -255,7 +255,11 @@ def decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, *, causa
     # rows padded to >= 16 for tl.dot; more than 64 rows (MQA with many speculative tokens) -> row blocks
     block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
     num_row_blocks = triton.cdiv(num_rows, block_m)
-    if on_gpu:
+    if on_gpu and dtype == torch.float32:
+        # exact (ieee) fp32 dots run on the CUDA cores: 16 x 16 tiles keep them in registers (no ptxas spills)
+        block_m, block_n = 16, 16
+        num_row_blocks = triton.cdiv(num_rows, block_m)
+    elif on_gpu:
         block_n = 64 if block_d <= 128 else 32
     else:
         block_n = 32  # the interpreter's cost is per block: few, mid-sized blocks
@@ -286,6 +290,8 @@ def decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, *, causa
 
     num_warps = 8 if block_m * block_d >= 64 * 128 else 4
     num_stages = 3 if block_d <= 128 else 2
+    if on_gpu and dtype == torch.float32:
+        num_warps, num_stages = 4, 2
     return dict(block_m=block_m, block_n=block_n, block_d=block_d, num_row_blocks=num_row_blocks,
                 num_splits=num_splits, split_size=blocks_per_split * block_n, num_warps=num_warps,
                 num_stages=num_stages, combine_rows=combine_rows)
@@ -346,7 +352,7 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
 
     plan = decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, causal=causal, past_len=past_len,
-                       device=q.device, num_splits=num_splits)
+                       device=q.device, num_splits=num_splits, dtype=q.dtype)
     splits = plan["num_splits"]
 
     has_mask = key_padding_mask is not None

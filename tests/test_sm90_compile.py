@@ -11,8 +11,10 @@ compiled, so each test runs this file as a script in a subprocess with the inter
 """
 import importlib
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,51 +40,76 @@ TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 
 
 def compile_sm90(fn, pointer_types, constexprs, num_warps, num_stages):
-    """Compile ``fn`` for sm_90: pointer args get ``pointer_types``, scale/eps args fp32, all others i32."""
+    """Compile ``fn`` for sm_90 as the JIT specialises a real launch: pointers 16-byte aligned, unit strides
+    (``stride_*d``, ``stride_mask_n``) constant 1, other strides divisible by 16; scale/eps args fp32, other
+    ints i32."""
     assert ASTSource is not None, "triton.compiler.ASTSource / GPUTarget not found in this triton"
-    signature = {}
-    for name in fn.arg_names:
+    constexprs = dict(constexprs)
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name.startswith("stride_") and (name.endswith("d") or name == "stride_mask_n"):
+            constexprs.setdefault(name, 1)
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointer_types:
             signature[name] = pointer_types[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-    return compiled
+            if name.startswith("stride_"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def ptxas_report(compiled):
+    """(registers, spill store bytes) that ptxas reports for the kernel (spills never show in the PTX itself)."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path = os.path.join(tmp, "kernel.ptx")
+        with open(ptx_path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        result = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx_path, "-o", os.path.join(tmp, "k.cubin")],
+                                capture_output=True, text=True, check=True)
+    report = result.stdout + result.stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spill_stores = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    return registers, spill_stores
 
 
 def assert_fits_sm90(name, compiled):
     shared = compiled.metadata.shared
     assert shared <= SM90_MAX_SHARED_BYTES, f"{name}: {shared} bytes of shared memory > sm_90's {SM90_MAX_SHARED_BYTES}"
-    assert ".local" not in compiled.asm["ptx"], f"{name}: register spills (.local memory in the PTX)"
+    registers, spill_stores = ptxas_report(compiled)
+    print(f"  {name}: {registers} registers, {spill_stores} B spill stores, {shared} B shared", flush=True)
+    assert spill_stores == 0, f"{name}: ptxas spills {spill_stores} bytes of registers ({registers} registers)"
 
 
 def check_attention_kernels(dtype, head_dim):
-    block_m, block_n, num_warps, num_stages = attention_mod._block_config(head_dim, dtype, CUDA)
     element = "*" + TRITON_DTYPE[dtype]
     pointers = dict(q_ptr=element, k_ptr=element, v_ptr=element, out_ptr=element, dout_ptr=element,
                     dk_ptr=element, dv_ptr=element, dq_ptr=element, lse_ptr="*fp32", delta_ptr="*fp32",
                     mask_ptr="*u8", kv_start_ptr="*i32", kv_end_ptr="*i32", kv_batch_index_ptr="*i64")
     block_d = triton.next_power_of_2(head_dim)
-    common = dict(GROUP_SIZE=4, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                  CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False,
-                  DOT_PRECISION=attention_mod._dot_precision(dtype))
-    for kernel in (attention_mod._attn_fwd_kernel, attention_mod._attn_bwd_dkdv_kernel,
-                   attention_mod._attn_bwd_dq_kernel):
+    for name, kernel in (("fwd", attention_mod._attn_fwd_kernel), ("dkdv", attention_mod._attn_bwd_dkdv_kernel),
+                         ("dq", attention_mod._attn_bwd_dq_kernel)):
+        block_m, block_n, num_warps, num_stages = attention_mod._block_config(name, head_dim, dtype, CUDA)
+        common = dict(GROUP_SIZE=4, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+                      CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False,
+                      DOT_PRECISION=attention_mod._dot_precision(dtype))
         compiled = compile_sm90(kernel, pointers, common, num_warps, num_stages)
-        assert_fits_sm90(kernel.__name__, compiled)
+        assert_fits_sm90(f"{kernel.__name__} {dtype} D={head_dim}", compiled)
     compiled = compile_sm90(attention_mod._bwd_preprocess_kernel, pointers,
-                            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m), num_warps, num_stages)
+                            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64), 4, 1)
     assert_fits_sm90("_bwd_preprocess_kernel", compiled)
 
 
 def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len):
-    plan = decode_mod.decode_plan(2, num_heads, num_kv_heads, q_len, 4096, head_dim, device=CUDA, num_splits=8)
+    plan = decode_mod.decode_plan(2, num_heads, num_kv_heads, q_len, 4096, head_dim, device=CUDA, num_splits=8,
+                                  dtype=dtype)
     element = "*" + TRITON_DTYPE[dtype]
     pointers = dict(Q=element, K=element, V=element, Out=element, PartAcc="*fp32", PartMax="*fp32",
                     PartSum="*fp32", Mask="*u8", KeyStart="*i32", KeyEnd="*i32", KvIndex="*i64")
@@ -111,14 +138,15 @@ def check_rms_norm_kernels(dtype, hidden):
 
 
 CASES = {
-    # fp32 at the largest tiles only (80 pads to 128, and 256)
+    # every 16-bit head dim class (80 pads to 128); fp32 at each tile class
     "attention": (check_attention_kernels, [(dtype, head_dim) for dtype in (torch.bfloat16, torch.float16)
                                             for head_dim in (64, 80, 128, 256)]
-                  + [(torch.float32, 80), (torch.float32, 256)]),
+                  + [(torch.float32, head_dim) for head_dim in (64, 128, 256)]),
     "decode": (check_decode_kernels, [(torch.bfloat16, 128, 32, 8, 1), (torch.float16, 64, 16, 16, 1),
-                                      (torch.bfloat16, 256, 8, 1, 4), (torch.float32, 80, 8, 2, 16)]),
+                                      (torch.bfloat16, 256, 8, 1, 4), (torch.float32, 80, 8, 2, 16),
+                                      (torch.bfloat16, 128, 32, 2, 16)]),
     "rms_norm": (check_rms_norm_kernels, [(dtype, hidden) for dtype in (torch.bfloat16, torch.float32)
-                                          for hidden in (1024, 5120, 8192)]),
+                                          for hidden in (1024, 5120, 8192)]),  # 16384: bwd spills 156 B (whole row in registers)
 }
 
 
