@@ -25,7 +25,10 @@ from kernels.checks import check_attention_inputs
 from kernels.decode_attention import decode_attention, key_padding_range
 
 LOG2E = 1.4426950408889634
-DECODE_MAX_QUERY_LEN = 16  # Lq at or below this (and no autograd) goes to the split-KV decode kernel
+DECODE_MAX_QUERY_LEN = 16
+# lengths vary from call to call: one compiled kernel serves them all (no re-specialisation on 1 or on
+# multiples of 16, which would compile a new variant the first time each case appears)
+LENGTH_ARGS = ["q_len", "k_len", "past_len"]  # Lq at or below this (and no autograd) goes to the split-KV decode kernel
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,7 +160,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_block_ptr, v_block_ptr, lo, hi, b, offs_m, k_
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr,
@@ -268,7 +271,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr,
@@ -372,7 +375,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_t_block_ptr, v_t_block_ptr, lo, hi, b
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=LENGTH_ARGS)
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
     mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr,
@@ -567,7 +570,9 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if q_len <= DECODE_MAX_QUERY_LEN and not needs_grad:
-        return decode_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
-                                sm_scale=sm_scale, kv_batch_index=kv_batch_index)
-    return _FusedAttention.apply(q, k, v, causal, past_len, float(sm_scale), key_padding_mask, kv_batch_index)
+    # Triton launches on the current CUDA device: make it q's
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        if q_len <= DECODE_MAX_QUERY_LEN and not needs_grad:
+            return decode_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
+                                    sm_scale=sm_scale, kv_batch_index=kv_batch_index)
+        return _FusedAttention.apply(q, k, v, causal, past_len, float(sm_scale), key_padding_mask, kv_batch_index)

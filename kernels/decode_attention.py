@@ -38,7 +38,7 @@ MAX_SPLITS = 128
 COMBINE_SPLIT_CHUNK = 16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["q_len", "k_len", "past_len", "split_size", "num_splits", "num_row_blocks"])
 def _decode_split_kernel(
     Q, K, V, Out, PartAcc, PartMax, PartSum,
     Mask, KeyStart, KeyEnd, KvIndex,

@@ -10,6 +10,7 @@ Semantics are those of Hugging Face (see ``kernels.reference.rms_norm_reference`
     hn  = h.float() * rsqrt(mean(h.float() ** 2, -1) + eps)
     out = weight * hn.to(x.dtype)            # PyTorch type promotion of weight and x
 """
+import contextlib
 import numbers
 
 import torch
@@ -263,4 +264,6 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     Hidden sizes up to ``MAX_HIDDEN_SIZE``; larger N raises ``ValueError``.
     """
     _check_inputs(x, weight, eps, residual)
-    return RMSNormFunction.apply(x, weight.contiguous(), float(eps), residual)
+    # Triton launches on the current CUDA device: make it x's
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return RMSNormFunction.apply(x, weight.contiguous(), float(eps), residual)
