@@ -25,10 +25,10 @@ from kernels.checks import check_attention_inputs
 from kernels.decode_attention import decode_attention, key_padding_range
 
 LOG2E = 1.4426950408889634
-DECODE_MAX_QUERY_LEN = 16
+DECODE_MAX_QUERY_LEN = 16  # Lq at or below this (and no autograd) goes to the split-KV decode kernel
 # lengths vary from call to call: one compiled kernel serves them all (no re-specialisation on 1 or on
 # multiples of 16, which would compile a new variant the first time each case appears)
-LENGTH_ARGS = ["q_len", "k_len", "past_len"]  # Lq at or below this (and no autograd) goes to the split-KV decode kernel
+LENGTH_ARGS = ["q_len", "k_len", "past_len"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
