@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_attention_inputs
+from kernels.checks import check_attention_inputs, check_kernel_device
 from kernels.decode_attention import decode_attention, key_padding_range
 
 LOG2E = 1.4426950408889634
@@ -560,11 +560,7 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_
     """
     batch, num_heads, q_len, head_dim, num_kv_heads, k_len = check_attention_inputs(
         q, k, v, key_padding_mask, kv_batch_index, past_len)
-    if q.device.type != "cuda":
-        import os
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"q is on {q.device}: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
-                             "before triton is imported to run them on CPU (slow; use the eager reference)")
+    check_kernel_device("q", q)
     if past_len is None:
         past_len = k_len - q_len
     if sm_scale is None:

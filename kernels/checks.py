@@ -1,4 +1,6 @@
 """Argument checks shared by the kernel wrappers: every error names the argument and what was expected."""
+import os
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -72,3 +74,16 @@ def check_attention_inputs(q, k, v, key_padding_mask, kv_batch_index, past_len):
         if past_len < 0:
             raise ValueError(f"past_len must be >= 0, got {past_len}")
     return batch, num_heads, q_len, head_dim, num_kv_heads, k_len
+
+
+def triton_can_run(device):
+    """Triton kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1,
+    set before triton is imported)."""
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_kernel_device(name, t):
+    if not triton_can_run(t.device):
+        raise ValueError(f"{name} is on {t.device}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
+                         f"before triton is imported, to run them slowly on CPU); on CPU use the eager "
+                         f"references in kernels.reference, or attn_implementation='eager' in the models")

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_float_dtype, check_same_device, check_tensor
+from kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
 
 # Largest hidden size handled: a whole row lives in registers (BLOCK_N = next_power_of_2(N)).
 MAX_HIDDEN_SIZE = 65536
@@ -219,6 +219,7 @@ class RMSNormFunction(torch.autograd.Function):
 def _check_inputs(x, weight, eps, residual):
     check_tensor("x", x)
     check_tensor("weight", weight, 1)
+    check_kernel_device("x", x)
     check_float_dtype("x", x)
     check_float_dtype("weight", weight)
     if x.dim() == 0:

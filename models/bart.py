@@ -14,7 +14,6 @@ preallocated :class:`KVCache`; cross-attention K/V are projected once per source
 through ``kv_batch_index`` (never expanded, never reordered: beam search reorders the self-attention cache only).
 """
 import math
-import os
 import warnings
 from dataclasses import dataclass, field, fields
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kernels.checks import triton_can_run
 from models import beam_search
 from models.checkpoint import (assign_state_dict, load_config_dict, load_generation_config,
                                load_safetensors_state_dict, save_safetensors)
@@ -216,7 +216,7 @@ class BartAttention(nn.Module):
 
 
 def _fused_kernel_can_run(device):
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_can_run(device):
         return True
     _warn_once("cpu", f"the fused Triton attention needs CUDA (or TRITON_INTERPRET=1); tensors are on {device}, "
                       "so BART runs the eager attention")

@@ -14,6 +14,7 @@ Module names follow HF's checkpoint names without the ``model.`` prefix (``layer
 ``kernels.reference``.
 """
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import attention, attention_reference, rms_norm, rms_norm_reference
+from kernels.checks import triton_can_run
 from models.checkpoint import (assign_state_dict, load_config_dict, load_generation_config,
                                load_safetensors_state_dict, save_safetensors)
 from models.generation import (apply_logits_processing, make_generator, pick_next_token,
@@ -235,6 +237,22 @@ def positions_from_mask(attention_mask, past_len, q_len, batch, device):
 
 # -------------------------------------------------------------------------------------------------------- layers
 
+_warned_cpu = False
+
+
+def _implementation(impl, device):
+    """The (attention, rms_norm) pair to run: "fused" falls back to "eager", with one warning, where Triton
+    cannot run (CPU tensors without TRITON_INTERPRET=1)."""
+    global _warned_cpu
+    if impl == "fused" and not triton_can_run(device):
+        if not _warned_cpu:
+            _warned_cpu = True
+            warnings.warn(f"the fused Triton kernels need CUDA (or TRITON_INTERPRET=1); tensors are on {device}, "
+                          "so LLaMA runs the eager PyTorch references", stacklevel=3)
+        impl = "eager"
+    return IMPLEMENTATIONS[impl]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -244,7 +262,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x, residual=None):
         """x ``[..., dim]`` → rms_norm(x); with residual: ``(rms_norm(x + residual), x + residual)``."""
-        return IMPLEMENTATIONS[self.impl][1](x, self.weight, self.eps, residual=residual)
+        return _implementation(self.impl, x.device)[1](x, self.weight, self.eps, residual=residual)
 
 
 class Attention(nn.Module):
@@ -270,8 +288,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D] views, no copies
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # views [B, Hkv, past_len + L, D] of the cache
-        out = IMPLEMENTATIONS[self.impl][0](q, k, v, causal=True, key_padding_mask=key_padding_mask,
-                                            past_len=past_len)
+        out = _implementation(self.impl, q.device)[0](q, k, v, causal=True, key_padding_mask=key_padding_mask,
+                                                      past_len=past_len)
         return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
 
 
