@@ -358,6 +358,8 @@ class _Stack(nn.Module):
 
 
 class BartEncoder(_Stack):
+    """Token + learned positions (offset 2) -> layernorm_embedding -> post-LN self-attention layers."""
+
     def __init__(self, config, shared, attn_implementation):
         super().__init__()
         self.embed_tokens = shared
@@ -378,6 +380,8 @@ class BartEncoder(_Stack):
 
 
 class BartDecoder(_Stack):
+    """Causal self-attention with a KV cache, cross-attention over cached encoder K/V, post-LN layers."""
+
     def __init__(self, config, shared, attn_implementation):
         super().__init__()
         self.embed_tokens = shared
@@ -411,6 +415,8 @@ class BartDecoder(_Stack):
 
 
 class BartModel(nn.Module):
+    """Encoder and decoder sharing one token embedding Parameter (``shared``)."""
+
     def __init__(self, config, attn_implementation):
         super().__init__()
         embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0

@@ -254,6 +254,8 @@ def _implementation(impl, device):
 
 
 class RMSNorm(nn.Module):
+    """LLaMA RMSNorm over the last dim (HF LlamaRMSNorm semantics), optionally fused with the residual add."""
+
     def __init__(self, dim, eps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -266,6 +268,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Self-attention of one layer: q/k/v projections, RoPE, a KV-cache write, masked causal GQA attention."""
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -294,6 +298,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(act(gate(x)) * up(x))``, ``[B, L, hidden] -> [B, L, hidden]``."""
+
     def __init__(self, config):
         super().__init__()
         bias = config.mlp_bias
@@ -307,6 +313,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer; the residual add is fused into the RMSNorm that follows it."""
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -336,6 +344,8 @@ class CausalLMOutput:
 # ---------------------------------------------------------------------------------------------------------- model
 
 class LlamaForCausalLM(nn.Module):
+    """HF-compatible LLaMA causal LM on the fused kernels (see the module docstring for the layout)."""
+
     def __init__(self, config, attn_implementation="fused"):
         super().__init__()
         self.config = config
