@@ -465,6 +465,8 @@ class LlamaForCausalLM(nn.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_len + q_len):
             raise ValueError(f"attention_mask must be [B, past + L] = [{batch}, {past_len + q_len}], "
                              f"got {tuple(attention_mask.shape)}")
+        if attention_mask is not None and attention_mask.dtype.is_floating_point:
+            attention_mask = attention_mask != 0  # HF also takes 1.0 / 0.0 masks; the kernels read bool or int
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past_len, q_len, batch, input_ids.device)
         key_padding_mask = attention_mask  # an all-ones mask is correct too; generate() drops it when unpadded

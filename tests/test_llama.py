@@ -97,6 +97,14 @@ def test_logits_match_hf_left_padded(base, impl):
     assert_logits_close(ours, hf_logits(hf, ids, mask), mask)
 
 
+def test_mask_dtypes_give_the_same_logits(fused):
+    ids, mask = left_padded_batch([9, 5], 9, seed=11)
+    with torch.no_grad():
+        ref = fused(ids, attention_mask=mask).logits
+        for other in (mask.bool(), mask.float(), mask.int()):
+            assert torch.equal(fused(ids, attention_mask=other).logits, ref)
+
+
 def test_logits_match_hf_without_mask(base, fused):
     ids, _ = left_padded_batch([10], 10, seed=1)
     with torch.no_grad():
