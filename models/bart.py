@@ -342,6 +342,14 @@ class _Stack(nn.Module):
     """Shared pieces of the encoder and the decoder: embeddings, layer loop with LayerDrop and checkpointing."""
     gradient_checkpointing = False
 
+    def __init__(self, config, shared, layers, layerdrop):
+        super().__init__()
+        self.embed_tokens = shared
+        self.embed_positions = BartLearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
+        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+        self.layers = nn.ModuleList(layers)
+        self.dropout, self.layerdrop = config.dropout, layerdrop
+
     def _embed(self, input_ids, past_len=0):
         hidden = self.embed_tokens(input_ids) + self.embed_positions(input_ids.shape[1], past_len)
         return F.dropout(self.layernorm_embedding(hidden), self.dropout, self.training)
@@ -361,13 +369,8 @@ class BartEncoder(_Stack):
     """Token + learned positions (offset 2) -> layernorm_embedding -> post-LN self-attention layers."""
 
     def __init__(self, config, shared, attn_implementation):
-        super().__init__()
-        self.embed_tokens = shared
-        self.embed_positions = BartLearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
-        self.layernorm_embedding = nn.LayerNorm(config.d_model)
-        self.layers = nn.ModuleList(BartEncoderLayer(config, attn_implementation)
-                                    for _ in range(config.encoder_layers))
-        self.dropout, self.layerdrop = config.dropout, config.encoder_layerdrop
+        super().__init__(config, shared, [BartEncoderLayer(config, attn_implementation)
+                                          for _ in range(config.encoder_layers)], config.encoder_layerdrop)
 
     def forward(self, input_ids, attention_mask=None):
         """input_ids ``[B, Ls]``, attention_mask ``[B, Ls]`` -> last hidden state ``[B, Ls, d]``."""
@@ -383,13 +386,8 @@ class BartDecoder(_Stack):
     """Causal self-attention with a KV cache, cross-attention over cached encoder K/V, post-LN layers."""
 
     def __init__(self, config, shared, attn_implementation):
-        super().__init__()
-        self.embed_tokens = shared
-        self.embed_positions = BartLearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
-        self.layernorm_embedding = nn.LayerNorm(config.d_model)
-        self.layers = nn.ModuleList(BartDecoderLayer(config, attn_implementation, i)
-                                    for i in range(config.decoder_layers))
-        self.dropout, self.layerdrop = config.dropout, config.decoder_layerdrop
+        super().__init__(config, shared, [BartDecoderLayer(config, attn_implementation, i)
+                                          for i in range(config.decoder_layers)], config.decoder_layerdrop)
 
     def forward(self, input_ids, encoder_hidden_states=None, encoder_attention_mask=None, attention_mask=None, *,
                 cache=None, cross_kv=None, kv_batch_index=None):
