@@ -30,13 +30,15 @@ def causal_padding_mask(batch, q_len, k_len, *, causal=True, key_padding_mask=No
 
 
 def attention_reference(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_scale=None,
-                        kv_batch_index=None, scale_before_matmul=False, dropout_p=0.0):
+                        kv_batch_index=None, scale_before_matmul=False, dropout_p=0.0, dropout_mask=None):
     """Eager masked attention in the dtype of its inputs.
 
     q ``[B, Hq, Lq, D]``; k, v ``[B, Hkv, Lk, D]`` (or ``[Bkv, Hkv, Lk, D]`` with ``kv_batch_index [B]``);
     returns ``[B, Hq, Lq, D]``. GQA by repeating K/V heads (as HF's ``repeat_kv``). A query row with no visible
     key outputs zeros. ``scale_before_matmul`` scales q first, as BART does; LLaMA scales the scores.
-    ``dropout_p > 0`` drops attention probabilities (training; the fused kernel has no dropout).
+    ``dropout_p > 0`` drops attention probabilities (training): with ``F.dropout``'s random mask, or with
+    ``dropout_mask`` (bool ``[B, Hq, Lq, Lk]``, True = kept; e.g. the fused kernel's, from
+    ``kernels.attention.dropout_keep_mask``), scaling the kept ones by ``1 / (1 - dropout_p)``.
     """
     batch, num_heads, q_len, head_dim = q.shape
     if kv_batch_index is not None:
@@ -54,7 +56,9 @@ def attention_reference(q, k, v, *, causal=True, key_padding_mask=None, past_len
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     probs = torch.where(visible.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and dropout_mask is not None:
+        probs = torch.where(dropout_mask, probs / (1.0 - dropout_p), torch.zeros_like(probs))
+    elif dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, v)
 

@@ -203,12 +203,8 @@ class BartAttention(nn.Module):
         """hidden_states ``[N, Lq, d]`` (queries), key/value ``[N or Bkv, H, Lk, D]`` -> ``[N, Lq, d]``."""
         q = self.split_heads(self.q_proj(hidden_states))
         kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, past_len=past_len, sm_scale=self.scaling,
-                      kv_batch_index=kv_batch_index)
-        if self.training and self.attention_dropout > 0:
-            _warn_once("dropout", "attention_dropout > 0 in training: BART attention runs the eager path "
-                                  "(the fused kernel has no dropout)")
-            out = _eager_attention(q, key, value, dropout_p=self.attention_dropout, **kwargs)
-        elif self.attn_implementation == "fused" and _fused_kernel_can_run(q.device):
+                      kv_batch_index=kv_batch_index, dropout_p=self.attention_dropout if self.training else 0.0)
+        if self.attn_implementation == "fused" and _fused_kernel_can_run(q.device):
             out = _fused_attention()(q, key, value, **kwargs)
         else:
             out = _eager_attention(q, key, value, **kwargs)

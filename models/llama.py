@@ -280,6 +280,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.attention_dropout = config.attention_dropout
         self.impl = "fused"
 
     def forward(self, x, cos, sin, key_padding_mask, cache, past_len):
@@ -292,8 +293,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D] views, no copies
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # views [B, Hkv, past_len + L, D] of the cache
+        dropout_p = self.attention_dropout if self.training else 0.0   # on the probabilities, like HF's
         out = _implementation(self.impl, q.device)[0](q, k, v, causal=True, key_padding_mask=key_padding_mask,
-                                                      past_len=past_len)
+                                                      past_len=past_len, dropout_p=dropout_p)
         return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
 
 
@@ -456,8 +458,6 @@ class LlamaForCausalLM(nn.Module):
         Returns CausalLMOutput(logits ``[B, L, vocab]``, loss, past_key_values)."""
         batch, q_len = input_ids.shape
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        if self.training and self.config.attention_dropout:
-            raise NotImplementedError("attention dropout is not supported; set config.attention_dropout = 0")
         cache = past_key_values
         if cache is None and use_cache and not checkpointing:
             cache = self.new_kv_cache(batch, max_cache_len or q_len)

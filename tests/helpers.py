@@ -2,6 +2,9 @@
 of the eager computation in the same dtype, plus a small absolute slack; NaN never passes."""
 import torch
 
+from kernels.attention import draw_dropout_seed, dropout_keep_mask
+from kernels.reference import attention_reference
+
 # absolute slack added to the eager-error budget, per dtype
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
 
@@ -26,3 +29,14 @@ def assert_within_eager_error(name, actual, expected64, eager, factor=2.0, atol=
 def poison_(t):
     """Fill a tensor with NaN so that an element the kernel fails to write is caught."""
     return t.fill_(float("nan"))
+
+
+def reference_with_kernel_dropout(q, k, v, *, dropout_p=0.0, **kwargs):
+    """``attention_reference`` that draws its dropout mask exactly as the fused kernel does (a seed from the
+    device's default generator, then the kernel's Philox mask): a model on the eager path then consumes the
+    RNG as the fused model does and applies the same masks, so the two can be compared in training."""
+    keep = None
+    if dropout_p > 0.0:
+        seed = draw_dropout_seed(q.device)
+        keep = dropout_keep_mask(seed, q.shape[0], q.shape[1], q.shape[2], k.shape[2], dropout_p)
+    return attention_reference(q, k, v, dropout_p=dropout_p, dropout_mask=keep, **kwargs)

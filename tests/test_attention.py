@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from kernels.attention import _attention_forward, _MaskArgs
+from kernels.attention import _attention_forward, _DropoutArgs, _MaskArgs
 from kernels.reference import attention_reference
 from tests.conftest import ON_GPU
 from tests.helpers import assert_within_eager_error, poison_
@@ -68,7 +68,8 @@ def check_forward(q, k, v, *, causal, key_padding_mask=None, past_len=None, kv_b
         masks = _MaskArgs(q, key_padding_mask, kv_batch_index)
         out = poison_(torch.empty_like(q, memory_format=torch.contiguous_format))
         resolved_past = k.shape[2] - q.shape[2] if past_len is None else past_len
-        _attention_forward(q, k, v, causal, resolved_past, 1.0 / math.sqrt(q.shape[-1]), masks, out=out)
+        _attention_forward(q, k, v, causal, resolved_past, 1.0 / math.sqrt(q.shape[-1]), masks, _DropoutArgs(q, 0.0),
+                           out=out)
     q64, k64, v64 = to64(q, k, v)
     expected = attention_reference(q64, k64, v64, **kwargs)
     eager = attention_reference(q, k, v, **kwargs)

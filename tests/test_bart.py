@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from models import bart as bart_module  # noqa: E402
 from models.bart import BartConfig, BartForConditionalGeneration, shift_tokens_right  # noqa: E402
+from tests.helpers import reference_with_kernel_dropout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
@@ -349,25 +349,36 @@ def test_gradient_checkpointing_same_gradients(hf_checkpoint, source_batch, targ
         assert_close(f"grad {name}", ckpt_grads[name], grad, atol=1e-6, rtol=1e-5)
 
 
-def test_attention_dropout_in_training_uses_eager_with_one_warning(tmp_path):
-    hf = make_hf_bart(seed=2, attention_dropout=0.1)
+def test_attention_dropout_runs_in_the_kernel(tmp_path, monkeypatch, source_batch, target_batch):
+    """attention_dropout 0.1 in training: the fused model gives the loss and gradients of the eager model whose
+    reference attention uses the kernel's own dropout masks (same RNG draws, same masks), with no warning;
+    masks follow torch.manual_seed, also through gradient checkpointing; eval mode has no dropout. The other
+    dropouts are off, so a different seed changes the loss only if attention dropout really runs."""
+    hf = make_hf_bart(seed=2, attention_dropout=0.1, dropout=0.0, activation_dropout=0.0)
     hf.save_pretrained(tmp_path)
-    model = BartForConditionalGeneration.from_pretrained(tmp_path, device=DEVICE).train()
-    ids = torch.randint(3, 100, (2, 6), device=DEVICE)
-    bart_module._warned.discard("dropout")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model(input_ids=ids).logits.sum().backward()
-        model(input_ids=ids).logits.sum()
-    dropout_warnings = [w for w in caught if "attention_dropout" in str(w.message)]
-    assert len(dropout_warnings) == 1
-    torch.manual_seed(0)
-    first = model(input_ids=ids).logits
-    torch.manual_seed(1)
-    assert not torch.equal(first, model(input_ids=ids).logits)  # dropout is active
-    model.eval()
+    fused = BartForConditionalGeneration.from_pretrained(tmp_path, device=DEVICE).train()
+    eager = BartForConditionalGeneration.from_pretrained(tmp_path, device=DEVICE, attn_implementation="eager")
+    monkeypatch.setattr("kernels.reference.attention_reference", reference_with_kernel_dropout)
+    ids, mask = source_batch
+    labels, _ = target_batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, grads = _loss_and_grads(fused, ids, mask, labels, seed=5)
+    expected_loss, expected_grads = _loss_and_grads(eager.train(), ids, mask, labels, seed=5)
+    assert_close("loss", loss, expected_loss)
+    for name, grad in grads.items():
+        scale = expected_grads[name].abs().max().item()
+        assert_close(f"grad {name}", grad, expected_grads[name], atol=1e-5 + 1e-4 * scale, rtol=1e-3)
+    other_seed, _ = _loss_and_grads(fused, ids, mask, labels, seed=6)
+    assert not torch.equal(loss, other_seed)    # attention dropout is active
+    fused.gradient_checkpointing_enable()
+    ckpt_loss, ckpt_grads = _loss_and_grads(fused, ids, mask, labels, seed=5)
+    assert torch.equal(ckpt_loss, loss)
+    for name, grad in grads.items():
+        assert_close(f"checkpointed grad {name}", ckpt_grads[name], grad, atol=1e-6, rtol=1e-5)
+    fused.eval()
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert torch.equal(fused(input_ids=ids).logits, fused(input_ids=ids).logits)
 
 
 # ----------------------------------------------------------------------------------------------------------------

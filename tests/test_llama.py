@@ -15,9 +15,11 @@ import transformers
 from models.checkpoint import assign_state_dict, load_safetensors_state_dict
 from models.generation import apply_logits_processing, pick_next_token
 from models.kv_cache import KVCache
+from models import llama as llama_module
 from models.llama import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import DEVICE
+from tests.helpers import reference_with_kernel_dropout
 
 transformers.logging.set_verbosity_error()
 
@@ -308,6 +310,40 @@ def test_gradient_checkpointing_same_gradients(base, trained):
     torch.testing.assert_close(checkpointed.detach(), loss)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, plain[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_attention_dropout_runs_in_the_kernel(tmp_path, monkeypatch):
+    """config.attention_dropout in training: the fused model gives the loss and gradients of the eager model
+    whose reference attention uses the kernel's own dropout masks; masks follow torch.manual_seed, also through
+    gradient checkpointing; a different seed gives a different loss; eval mode has no dropout."""
+    make_checkpoint(tmp_path, seed=3, attention_dropout=0.2)
+    fused = LlamaForCausalLM.from_pretrained(tmp_path, device=DEVICE).train()
+    eager = LlamaForCausalLM.from_pretrained(tmp_path, device=DEVICE, attn_implementation="eager").train()
+    monkeypatch.setitem(llama_module.IMPLEMENTATIONS, "eager",
+                        (reference_with_kernel_dropout, llama_module.IMPLEMENTATIONS["eager"][1]))
+    ids, mask, labels = loss_inputs()
+
+    def loss_and_grads(model, seed):
+        torch.manual_seed(seed)
+        model.zero_grad()
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    loss, grads = loss_and_grads(fused, 5)
+    expected_loss, expected_grads = loss_and_grads(eager, 5)
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+    assert not torch.equal(loss_and_grads(fused, 6)[0], loss)
+    fused.gradient_checkpointing_enable()
+    checkpointed_loss, checkpointed_grads = loss_and_grads(fused, 5)
+    assert torch.equal(checkpointed_loss, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-6, rtol=1e-5)
+    fused.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(ids, attention_mask=mask).logits, fused(ids, attention_mask=mask).logits)
 
 
 # ----------------------------------------------------------------------------------------------- config variants

@@ -35,7 +35,7 @@ rms_norm_mod = importlib.import_module("kernels.rms_norm")
 
 SM90_MAX_SHARED_BYTES = 232448  # 227 KB: the most dynamic shared memory one block may use on sm_90
 CUDA = torch.device("cuda")
-FLOAT_ARGS = ("qk_scale", "sm_scale", "eps")
+FLOAT_ARGS = ("qk_scale", "sm_scale", "eps", "dropout_p", "dropout_scale")
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -88,20 +88,21 @@ def assert_fits_sm90(name, compiled):
     assert spill_stores == 0, f"{name}: ptxas spills {spill_stores} bytes of registers ({registers} registers)"
 
 
-def check_attention_kernels(dtype, head_dim):
+def check_attention_kernels(dtype, head_dim, dropout=False):
     element = "*" + TRITON_DTYPE[dtype]
     pointers = dict(q_ptr=element, k_ptr=element, v_ptr=element, out_ptr=element, dout_ptr=element,
                     dk_ptr=element, dv_ptr=element, dq_ptr=element, lse_ptr="*fp32", delta_ptr="*fp32",
-                    mask_ptr="*u8", kv_start_ptr="*i32", kv_end_ptr="*i32", kv_batch_index_ptr="*i64")
+                    mask_ptr="*u8", kv_start_ptr="*i32", kv_end_ptr="*i32", kv_batch_index_ptr="*i64",
+                    seed_ptr="*i64")
     block_d = triton.next_power_of_2(head_dim)
     for name, kernel in (("fwd", attention_mod._attn_fwd_kernel), ("dkdv", attention_mod._attn_bwd_dkdv_kernel),
                          ("dq", attention_mod._attn_bwd_dq_kernel)):
-        block_m, block_n, num_warps, num_stages = attention_mod._block_config(name, head_dim, dtype, CUDA)
+        block_m, block_n, num_warps, num_stages = attention_mod._block_config(name, head_dim, dtype, CUDA, dropout)
         common = dict(GROUP_SIZE=4, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                      CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False,
+                      CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False, HAS_DROPOUT=dropout,
                       DOT_PRECISION=attention_mod._dot_precision(dtype))
         compiled = compile_sm90(kernel, pointers, common, num_warps, num_stages)
-        assert_fits_sm90(f"{kernel.__name__} {dtype} D={head_dim}", compiled)
+        assert_fits_sm90(f"{kernel.__name__} {dtype} D={head_dim}{' dropout' if dropout else ''}", compiled)
     compiled = compile_sm90(attention_mod._bwd_preprocess_kernel, pointers,
                             dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64), 4, 1)
     assert_fits_sm90("_bwd_preprocess_kernel", compiled)
@@ -141,7 +142,9 @@ CASES = {
     # every 16-bit head dim class (80 pads to 128); fp32 at each tile class
     "attention": (check_attention_kernels, [(dtype, head_dim) for dtype in (torch.bfloat16, torch.float16)
                                             for head_dim in (64, 80, 128, 256)]
-                  + [(torch.float32, head_dim) for head_dim in (64, 128, 256)]),
+                  + [(torch.float32, head_dim) for head_dim in (64, 128, 256)]
+                  # dropout (training): BART's D=64 and LLaMA's D=128
+                  + [(torch.bfloat16, head_dim, True) for head_dim in (64, 128, 256)]),
     "decode": (check_decode_kernels, [(torch.bfloat16, 128, 32, 8, 1), (torch.float16, 64, 16, 16, 1),
                                       (torch.bfloat16, 256, 8, 1, 4), (torch.float32, 80, 8, 2, 16),
                                       (torch.bfloat16, 128, 32, 2, 16)]),

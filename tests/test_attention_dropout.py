@@ -1,0 +1,142 @@
+"""Attention dropout inside the fused kernels: the same results as the eager reference given the kernel's own
+mask (forward and gradients), a mask with the right statistics that does not depend on tiling, and seeds that
+follow torch's generators."""
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels.attention import (_attention_forward, _DropoutArgs, _MaskArgs, draw_dropout_seed, dropout_keep_mask,
+                               forced_block_sizes)
+from kernels.reference import attention_reference
+from tests.helpers import assert_within_eager_error, poison_
+from tests.test_attention import DTYPES, make_padding_mask, make_qkv, to64
+
+
+def generator(device, seed):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def kernel_mask(device, seed, batch, num_heads, q_len, k_len, dropout_p):
+    """The keep mask the kernels use when given ``generator(device, seed)``."""
+    return dropout_keep_mask(draw_dropout_seed(device, generator(device, seed)), batch, num_heads, q_len, k_len,
+                             dropout_p)
+
+
+CASES = [
+    # (num_heads, num_kv_heads, q_len, k_len, past_len, causal, padding, kv_batch)
+    (4, 2, 37, 45, None, True, "left", None),
+    (4, 4, 40, 40, None, False, "right", None),
+    (4, 1, 29, 29, 0, True, "empty", None),      # GQA 4:1, a fully padded row
+    (2, 2, 21, 50, 10, True, "holes", 1),        # past offset, kv_batch_index
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_forward_and_gradients_match_reference_with_kernel_mask(dtype, case, device):
+    num_heads, num_kv_heads, q_len, k_len, past_len, causal, padding, kv_batch = CASES[case]
+    batch, head_dim, dropout_p, seed = 2, 32, 0.3, 1234
+    q, k, v = make_qkv(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, dtype, device, kv_batch=kv_batch)
+    kv_batch_index = None if kv_batch is None else torch.zeros(batch, dtype=torch.int32, device=device)
+    mask = make_padding_mask(batch, k_len, padding, device)
+    keep = kernel_mask(device, seed, batch, num_heads, q_len, k_len, dropout_p)
+    kwargs = dict(causal=causal, key_padding_mask=mask, past_len=past_len, kv_batch_index=kv_batch_index)
+    ref_kwargs = dict(kwargs, dropout_p=dropout_p, dropout_mask=keep)
+
+    # forward into a poisoned buffer
+    out = poison_(torch.empty_like(q))
+    resolved_past = k_len - q_len if past_len is None else past_len
+    _attention_forward(q, k, v, causal, resolved_past, 1.0 / math.sqrt(head_dim),
+                       _MaskArgs(q, mask, kv_batch_index), _DropoutArgs(q, dropout_p, generator(device, seed)),
+                       out=out)
+    q64, k64, v64 = to64(q, k, v)
+    assert_within_eager_error("out", out, attention_reference(q64, k64, v64, **ref_kwargs),
+                              attention_reference(q, k, v, **ref_kwargs))
+
+    # gradients through the autograd Function (the backward kernels regenerate the mask)
+    dout = torch.randn(q.shape, device=device, dtype=dtype)
+
+    def grads(fn, tensors, **extra):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        fn(*leaves, **kwargs, **extra).backward(dout.to(leaves[0].dtype))
+        return [leaf.grad for leaf in leaves]
+
+    fused = grads(kernels.attention, (q, k, v), dropout_p=dropout_p, generator=generator(device, seed))
+    expected = grads(attention_reference, (q64, k64, v64), dropout_p=dropout_p, dropout_mask=keep)
+    eager = grads(attention_reference, (q, k, v), dropout_p=dropout_p, dropout_mask=keep)
+    for name, got, want, budget in zip(("dq", "dk", "dv"), fused, expected, eager):
+        assert_within_eager_error(name, got, want, budget)
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
+def test_mask_statistics(dropout_p, device):
+    batch, num_heads, q_len, k_len = 2, 3, 48, 128
+    keep = kernel_mask(device, 7, batch, num_heads, q_len, k_len, dropout_p).float()
+    n = keep.numel()
+    # the kept fraction is Binomial(n, 1 - p) / n: within 5 standard deviations
+    assert abs(keep.mean().item() - (1 - dropout_p)) < 5 * math.sqrt(dropout_p * (1 - dropout_p) / n)
+    # no structure: every query row of every (batch, head) is a different draw (two independent rows of 128
+    # keys agree everywhere with probability (p^2 + (1-p)^2)^128 < 1e-10), and neighbouring keys are independent
+    rows = keep.reshape(-1, k_len)
+    assert torch.unique(rows, dim=0).shape[0] == rows.shape[0]
+    neighbours = (keep[..., 1:] == keep[..., :-1]).float().mean().item()
+    same_by_chance = dropout_p ** 2 + (1 - dropout_p) ** 2
+    assert abs(neighbours - same_by_chance) < 0.05
+    other_seed = kernel_mask(device, 8, batch, num_heads, q_len, k_len, dropout_p).float()
+    assert (keep != other_seed).float().mean().item() > 0.5 * (2 * dropout_p * (1 - dropout_p))
+
+
+def test_mask_does_not_depend_on_tiles(device):
+    """The counter is the element's position, not its tile: other block sizes give the same output."""
+    q, k, v = make_qkv(2, 2, 1, 45, 45, 32, torch.float32, device)
+    mask = make_padding_mask(2, 45, "left", device)
+
+    def run():
+        return kernels.attention(q, k, v, key_padding_mask=mask, dropout_p=0.4, generator=generator(device, 3))
+
+    reference = run()
+    for block_m, block_n in ((16, 32), (32, 16)):
+        with forced_block_sizes(block_m, block_n):
+            torch.testing.assert_close(run(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_seeds_follow_torch_generators(device):
+    q, k, v = make_qkv(1, 2, 2, 20, 20, 16, torch.float32, device)
+    torch.manual_seed(11)
+    first = kernels.attention(q, k, v, dropout_p=0.5)
+    second = kernels.attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(11)
+    assert torch.equal(kernels.attention(q, k, v, dropout_p=0.5), first)   # torch.manual_seed reproduces
+    assert not torch.equal(first, second)                                  # each call draws a new mask
+    assert torch.equal(kernels.attention(q, k, v, dropout_p=0.0), kernels.attention(q, k, v))
+
+
+def test_small_query_with_dropout_uses_the_fused_kernel(device):
+    """Lq <= 16 without autograd normally goes to the decode kernel, which has no dropout."""
+    q, k, v = make_qkv(2, 2, 2, 3, 40, 32, torch.float32, device)
+    with torch.no_grad():
+        out = kernels.attention(q, k, v, dropout_p=0.25, generator=generator(device, 5))
+    keep = kernel_mask(device, 5, 2, 2, 3, 40, 0.25)
+    expected = attention_reference(*to64(q, k, v), dropout_p=0.25, dropout_mask=keep)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mean_over_masks_is_unbiased(device):
+    """1 / (1 - p) scaling: the average output over many masks approaches the output without dropout."""
+    q, k, v = make_qkv(1, 1, 1, 4, 16, 16, torch.float32, device)
+    expected = attention_reference(*to64(q, k, v), causal=False)
+    trials = 400
+    keeps = torch.stack([kernel_mask(device, s, 1, 1, 4, 16, 0.5) for s in range(trials)])
+    probs = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / 4.0, -1)
+    outs = (torch.where(keeps, probs * 2.0, 0.0) @ v.double())             # the reference with each kernel mask
+    spread = outs.std(0) / math.sqrt(trials)
+    assert ((outs.mean(0) - expected).abs() <= 5 * spread + 1e-9).all()
+
+
+@pytest.mark.parametrize("dropout_p", [-0.1, 1.0, 1.5, "0.1"])
+def test_bad_dropout_p(dropout_p, device):
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="dropout_p"):
+        kernels.attention(q, k, v, dropout_p=dropout_p)
