@@ -32,11 +32,14 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__.split("\n\n")[0], epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few shapes per part (models: one timed call each)")
+    parser.add_argument("--quick", action="store_true", help="a few shapes per part")
     parser.add_argument("--only", nargs="+", choices=PARTS, metavar="PART",
                         help="run only these parts: attention, decode, rmsnorm, models (default: all)")
     parser.add_argument("--results-dir", default=None,
                         help="where results go (default: bench/results; a temporary directory with --dry-run)")
+    parser.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
+                        help="per part: start no new shape after this many seconds (a GPU command has a time "
+                             "limit; the shapes not started are listed at the end)")
     parser.add_argument("--dry-run", action="store_true",
                         help="run every part's code paths once at tiny shapes and print meaningless timings "
                              "(without a GPU: on CPU through Triton's interpreter); checks the sweep itself")
@@ -67,7 +70,7 @@ def sweep(args, device):
         from bench import smoke
         smoke.install_interpreter_fixes()
     common.raise_compile_limits()
-    runner = common.Runner(device, dry_run=args.dry_run, wall_reps=1 if args.quick else 3)
+    runner = common.Runner(device, dry_run=args.dry_run, wall_reps=3)
     meta = common.environment(device, args.quick, args.dry_run)
     results_dir = args.results_dir or (tempfile.mkdtemp(prefix="bench-dry-run-") if args.dry_run
                                        else os.path.join(ROOT, "bench", "results"))
@@ -83,20 +86,25 @@ def sweep(args, device):
         start = time.perf_counter()
         print(f"\n=== {part}: {len(shapes) * len(module.MODES)} cases", flush=True)
         try:
-            common.run_part(module, shapes, runner, writer)
-        except Exception:  # a part that cannot go on (e.g. a model that fails to load); the others still run
+            problems = common.run_part(module, shapes, runner, writer, budget_s=args.budget_s)
+        except Exception:  # a part that cannot go on; the others still run
             traceback.print_exc()
-            print(f"=== {part} stopped early: the cases above are recorded", flush=True)
-            failed.append(part)
+            problems = ["stopped early: the cases above are recorded"]
             if hasattr(module, "finish"):
                 module.finish()
-        written = writer.finish()
+        if problems:
+            failed.append(f"{part} ({'; '.join(problems)})")
+        try:
+            written = writer.finish()
+        except Exception:  # the JSON is already written after every case; only the plot is lost
+            traceback.print_exc()
+            written = [writer.json_path]
         tables.append(common.format_table(writer.records))
         print(f"=== {part} took {time.perf_counter() - start:.0f} s; wrote {', '.join(written)}", flush=True)
     print()
     print("\n\n".join(t for t in tables if t), flush=True)
     if failed:
-        print(f"\nparts stopped early: {', '.join(failed)}", flush=True)
+        print("\nparts not complete:\n  " + "\n  ".join(failed), flush=True)
     return 1 if failed else 0
 
 

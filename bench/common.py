@@ -131,6 +131,19 @@ class Runner:
         return do_bench(fn, warmup=max(25, case.rep_ms // 4), rep=case.rep_ms, grad_to_none=case.grad_to_none,
                         return_mode="median")
 
+    def back_to_back_ms(self, case, name, gpu_ms):
+        """Mean time of ``name`` called back to back for ~100 ms, synchronised once at the end: unlike do_bench
+        (which clears L2 between calls, so the host gets ahead), this includes the Python and launch work of each
+        call wherever that, not the GPU, is the bottleneck (small decode and RMSNorm shapes)."""
+        fn = case.impls[name]
+        calls = max(3, min(200, int(100.0 / max(gpu_ms, 1e-3))))
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        self.sync()
+        return (time.perf_counter() - start) * 1e3 / calls
+
     def free_memory(self):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -185,6 +198,11 @@ def run_case(case, runner):
             notes[name] = f"error: {describe_error(error)}"
             print_error(case, name, error)
             runner.free_memory()
+    if ms.get("ours") and not case.wall_clock and not runner.dry_run:
+        try:
+            checks["ours_back_to_back_ms"] = runner.back_to_back_ms(case, "ours", ms["ours"])
+        except Exception as error:
+            print_error(case, "ours (back to back)", error)
     return make_record(case, ms, notes, checks)
 
 
@@ -402,18 +420,32 @@ def plot_records(records, path, title):
     return True
 
 
-def run_part(module, shapes, runner, writer):
-    """Build and run every case of a part, printing a line per case; returns the records."""
+def run_part(module, shapes, runner, writer, budget_s=None):
+    """Build and run every case of a part, printing a line per case. A shape whose cases cannot be built (say,
+    a model that fails to load) is reported and the next one runs; with ``budget_s``, no new shape starts once
+    the part has run that long (one device command must end within its time limit). Returns the list of
+    problems (shapes that failed or were not started), empty when every case ran."""
     cases_total = len(shapes) * len(module.MODES)
     index = 0
+    problems = []
+    start = time.perf_counter()
     for shape in shapes:
-        for case in module.cases(shape, runner):
-            index += 1
-            record = run_case(case, runner)
-            writer.add(record)
-            print(progress_line(record, index, cases_total), flush=True)
-            del case  # its closures hold the shape's tensors
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            print(f"    budget of {budget_s:.0f} s spent: not starting {shape}", flush=True)
+            problems.append(f"not started (budget): {shape}")
+            continue
+        try:
+            for case in module.cases(shape, runner):
+                index += 1
+                record = run_case(case, runner)
+                writer.add(record)
+                print(progress_line(record, index, cases_total), flush=True)
+                del case  # its closures hold the shape's tensors
+        except Exception as error:  # building the cases failed: the other shapes still run
+            print(f"    ! {shape}: building the cases failed: {describe_error(error)}", flush=True)
+            traceback.print_exc()
+            problems.append(f"failed: {shape}: {describe_error(error)}")
         runner.free_memory()
     if hasattr(module, "finish"):
         module.finish()
-    return writer.records
+    return problems

@@ -20,7 +20,7 @@ import tempfile
 
 import torch
 
-from bench.common import Case
+from bench.common import Case, describe_error, print_error
 
 NAME = "models"
 MODES = ("model",)
@@ -174,15 +174,21 @@ def compare_tokens(ours, theirs, prompt_len):
 
 
 def _token_check(case, outputs_of, prompt_len):
-    """Run each implementation once (its warm-up), compare the tokens with ours and HF static with HF."""
+    """Run each implementation once (its warm-up), compare the tokens with ours and HF static with HF. One that
+    fails here is marked skipped, so the timing does not pay for (say) a failing compile a second time."""
     def check():
         outputs = {}
         for name in case.impls:
-            outputs[name] = outputs_of[name]()
+            try:
+                outputs[name] = outputs_of[name]()
+            except Exception as error:
+                print_error(case, name, error)
+                case.skipped[name] = f"failed in its warm-up call: {describe_error(error)}"
+                continue
             case.warm.add(name)
         result = {f"same_tokens_{name}": compare_tokens(outputs["ours"], out, prompt_len)
-                  for name, out in outputs.items() if name != "ours"}
-        if "hf_sdpa_static" in outputs:
+                  for name, out in outputs.items() if name != "ours" and "ours" in outputs}
+        if "hf_sdpa_static" in outputs and "hf_sdpa" in outputs:
             result["hf_static_vs_hf_sdpa"] = compare_tokens(outputs["hf_sdpa_static"], outputs["hf_sdpa"], prompt_len)
         return result
     return check

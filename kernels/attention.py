@@ -268,11 +268,12 @@ def _bwd_preprocess_kernel(out_ptr, dout_ptr, delta_ptr,
     pid_bh = b * num_heads + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m.to(tl.int64)[:, None]          # row * stride can pass 2^31 in a [B, L, H, D] layout
     tile_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=tile_mask, other=0.0)
+                + rows * stride_om + offs_d[None, :] * stride_od, mask=tile_mask, other=0.0)
     do = tl.load(dout_ptr + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=tile_mask, other=0.0)
+                 + rows * stride_dom + offs_d[None, :] * stride_dod, mask=tile_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(delta_ptr + pid_bh.to(tl.int64) * q_len + offs_m, delta, mask=offs_m < q_len)
 
@@ -290,8 +291,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < q_len
         tile_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(q_ptrs_base + offs_m[:, None] * stride_qm, mask=tile_mask, other=0.0)        # [M, D]
-        do = tl.load(do_ptrs_base + offs_m[:, None] * stride_dom, mask=tile_mask, other=0.0)     # [M, D]
+        # row * stride can pass 2^31 in a [B, L, H, D] layout: the block's first row in int64, the rest local
+        first_row = tl.cast(start_m, tl.int64)    # (the loop variable is a Python int in the interpreter)
+        local_rows = tl.arange(0, BLOCK_M)[:, None]
+        q = tl.load(q_ptrs_base + first_row * stride_qm + local_rows * stride_qm, mask=tile_mask, other=0.0)
+        do = tl.load(do_ptrs_base + first_row * stride_dom + local_rows * stride_dom, mask=tile_mask, other=0.0)
         # rows past Lq read lse = +inf, so their probabilities are exactly zero
         lse = tl.load(lse_row + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
@@ -342,13 +346,18 @@ def _attn_bwd_dkdv_kernel(
         seed = tl.load(seed_ptr)
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    # key * stride can pass 2^31 in a [B, L, H, D] layout: the block's first key in int64, the rest local
+    first_key = tl.cast(start_n, tl.int64)
+    local_keys = tl.arange(0, BLOCK_N)[:, None]
     offs_d = tl.arange(0, BLOCK_D)
     kv_tile_mask = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
 
     k = tl.load(k_ptr + kv_b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
-                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_tile_mask, other=0.0)
+                + first_key * stride_kn + local_keys * stride_kn + offs_d[None, :] * stride_kd, mask=kv_tile_mask,
+                other=0.0)
     v = tl.load(v_ptr + kv_b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
-                + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_tile_mask, other=0.0)
+                + first_key * stride_vn + local_keys * stride_vn + offs_d[None, :] * stride_vd, mask=kv_tile_mask,
+                other=0.0)
     key_visible = _key_visibility(offs_n, b, k_len, mask_ptr, stride_mask_b, stride_mask_n, HAS_PADDING)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -392,8 +401,8 @@ def _attn_bwd_dkdv_kernel(
                                  HEAD_DIM, BLOCK_M, False, HAS_DROPOUT, DOT_PRECISION)
 
     dk = dk * sm_scale
-    out_offsets = offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dkv_base = b.to(tl.int64) * stride_dkb + kv_h.to(tl.int64) * stride_dkh
+    out_offsets = local_keys * stride_dkn + offs_d[None, :] * stride_dkd
+    dkv_base = b.to(tl.int64) * stride_dkb + kv_h.to(tl.int64) * stride_dkh + first_key * stride_dkn
     tl.store(dk_ptr + dkv_base + out_offsets, dk.to(dk_ptr.dtype.element_ty), mask=kv_tile_mask)
     tl.store(dv_ptr + dkv_base + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_tile_mask)
 

@@ -1,9 +1,12 @@
 """Argument checks shared by the kernel wrappers: every error names the argument and what was expected."""
 import os
+import weakref
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# the attention kernels put the batch on a CUDA grid axis whose size is limited to 65535
+MAX_BATCH = 65535
 
 
 def check_tensor(name, t, ndim=None):
@@ -50,6 +53,9 @@ def check_attention_inputs(q, k, v, key_padding_mask, kv_batch_index, past_len):
         raise ValueError(f"q's head count ({num_heads}) must be a multiple of k/v's head count ({num_kv_heads})")
     if q_len == 0 or k_len == 0 or batch == 0:
         raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if batch > MAX_BATCH:
+        raise ValueError(f"q's batch size must be at most {MAX_BATCH} (a CUDA grid axis), got {batch}: "
+                         f"split the batch")
     if kv_batch_index is None:
         if kv_batch != batch:
             raise ValueError(f"k and v batch ({kv_batch}) must equal q's batch ({batch}) without kv_batch_index")
@@ -60,6 +66,7 @@ def check_attention_inputs(q, k, v, key_padding_mask, kv_batch_index, past_len):
         if kv_batch_index.shape[0] != batch:
             raise ValueError(f"kv_batch_index must have shape [{batch}] (q's batch), "
                              f"got {tuple(kv_batch_index.shape)}")
+        check_kv_batch_index_range(kv_batch_index, kv_batch)
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, 2)
         if tuple(key_padding_mask.shape) != (batch, k_len):
@@ -74,6 +81,28 @@ def check_attention_inputs(q, k, v, key_padding_mask, kv_batch_index, past_len):
         if past_len < 0:
             raise ValueError(f"past_len must be >= 0, got {past_len}")
     return batch, num_heads, q_len, head_dim, num_kv_heads, k_len
+
+
+_last_checked_index = None  # (weak reference, version counter, kv_batch) of the last index found in range
+
+
+def check_kv_batch_index_range(kv_batch_index, kv_batch):
+    """Every entry of kv_batch_index must be in [0, Bkv): an index outside would make the kernels read outside
+    K/V. On CPU a ValueError; on CUDA an asynchronous device assert (no host sync). Beam search passes the same
+    index tensor to every layer of a step, so it is checked once while it stays the same, unmodified object."""
+    global _last_checked_index
+    last = _last_checked_index
+    if (last is not None and last[0]() is kv_batch_index and last[1] == kv_batch_index._version
+            and last[2] == kv_batch):
+        return
+    in_range = ((kv_batch_index >= 0) & (kv_batch_index < kv_batch)).all()
+    if kv_batch_index.is_cuda:
+        torch._assert_async(in_range, f"kv_batch_index entries must be in [0, {kv_batch}) (k's batch)")
+    elif not in_range:
+        raise ValueError(f"kv_batch_index entries must be in [0, {kv_batch}) (k's batch), "
+                         f"got {kv_batch_index.tolist()}")
+    if not kv_batch_index.is_inference():  # inference tensors have no version counter
+        _last_checked_index = (weakref.ref(kv_batch_index), kv_batch_index._version, kv_batch)
 
 
 def triton_can_run(device):

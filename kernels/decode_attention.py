@@ -34,7 +34,7 @@ LOG2E = 1.4426950408889634
 
 # upper bound on the number of key splits (bounds the fp32 partial buffers and the combine's work per row)
 MAX_SPLITS = 128
-# the combine kernel reduces over splits in chunks of at most this many
+# the combine kernel reduces over splits in chunks of this many (one compiled variant for any split count)
 COMBINE_SPLIT_CHUNK = 16
 
 
@@ -172,7 +172,8 @@ def _decode_split_kernel(
                  mask=row_valid[:, None] & d_valid[None, :])
 
 
-@triton.jit
+# lengths and split counts change from one decode step to the next: one compiled combine kernel serves them all
+@triton.jit(do_not_specialize=["num_heads", "q_len", "num_rows", "num_splits"])
 def _decode_combine_kernel(
     Out, PartAcc, PartMax, PartSum,
     stride_ob, stride_oh, stride_om, stride_od,
@@ -395,7 +396,7 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
             out, part_acc, part_max, part_sum,
             *out.stride(),
             num_heads, q_len, num_rows, splits,
-            HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_S=min(COMBINE_SPLIT_CHUNK, triton.next_power_of_2(splits)),
+            HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_S=COMBINE_SPLIT_CHUNK,  # fixed: no variant per split count
             BLOCK_D=plan["block_d"],
             num_warps=4,
         )

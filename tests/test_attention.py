@@ -1,6 +1,9 @@
 """Fused masked attention against float64 and same-dtype eager references (forward and gradients)."""
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -305,6 +308,48 @@ def test_int64_offsets_gpu(device):
         assert (out[row:row + 1].float() - expected).abs().max().item() < 2e-2
 
 
+def check_rows_far_apart(seq_len, heads_in_storage, head_dim, real_keys, device):
+    """q, k, v, dout: head 0 of ``[1, L, heads_in_storage, D]`` tensors (the layout a model's projections give),
+    so row i starts at element i * heads_in_storage * D; only the last ``real_keys`` keys are real (left
+    padding, not causal), which keeps the float32 reference at [L, real_keys]. Forward and gradients of every
+    row are compared with it."""
+    dtype = torch.bfloat16
+
+    def head0():
+        return torch.randn(1, seq_len, heads_in_storage, head_dim, device=device, dtype=dtype)[:, :, :1].transpose(1, 2)
+
+    q, k, v, dout = head0(), head0(), head0(), head0()
+    mask = torch.zeros(1, seq_len, dtype=torch.bool, device=device)
+    mask[:, seq_len - real_keys:] = True
+    leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    out = kernels.attention(*leaves, causal=False, key_padding_mask=mask)
+    out.backward(dout)
+    # reference on the real keys only, in float32
+    q32 = q.detach()[0, 0].float().requires_grad_(True)
+    k32 = k.detach()[0, 0, -real_keys:].float().requires_grad_(True)
+    v32 = v.detach()[0, 0, -real_keys:].float().requires_grad_(True)
+    expected = torch.softmax(q32 @ k32.T / math.sqrt(head_dim), dim=-1) @ v32
+    expected.backward(dout[0, 0].float())
+    tolerance = 3e-2
+    assert (out[0, 0].float() - expected).abs().max().item() < tolerance
+    assert (q.grad[0, 0].float() - q32.grad).abs().max().item() < tolerance
+    for name, grad, want in (("dk", k.grad, k32.grad), ("dv", v.grad, v32.grad)):
+        scale = want.abs().max().item()
+        assert (grad[0, 0, -real_keys:].float() - want).abs().max().item() < tolerance * max(1.0, scale), name
+        assert grad[0, 0, :-real_keys].abs().max().item() == 0, f"{name} of padding keys"
+
+
+def test_rows_far_apart(device):
+    check_rows_far_apart(70, 3, 32, 20, device)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs > 2^31-element tensors: GPU only")
+def test_row_offsets_past_int32_gpu(device):
+    """Row 2^18 of a [1, L, 64, 128] layout starts at element 2^31: the backward kernels' row and key offsets
+    (hand-built pointers, unlike the forward's block pointers) must be int64. 4 GiB per tensor."""
+    check_rows_far_apart((1 << 18) + 300, 64, 128, 256, device)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,6 +382,30 @@ def test_bad_input(mutate, error, match, device):
     q, k, v, kwargs = mutate(*_good(device))
     with pytest.raises(error, match=match):
         kernels.attention(q, k, v, **kwargs)
+
+
+def test_batch_above_grid_limit(device):
+    q = torch.randn(65536, 1, 1, 16, device=device)
+    with pytest.raises(ValueError, match="batch size must be at most 65535"):
+        kernels.attention(q, q, q)
+
+
+@pytest.mark.parametrize("bad_index", [[0, 2], [-1, 0]])
+def test_kv_batch_index_out_of_range(bad_index, device):
+    """An index outside [0, Bkv) would read outside K/V. CPU: ValueError. CUDA: a device-side assert, which
+    ends the CUDA context, so it runs in a child process there."""
+    if device == "cpu":
+        q, k, v = _good(device)
+        index = torch.tensor(bad_index, device=device)
+        with pytest.raises(ValueError, match=r"kv_batch_index entries must be in \[0, 2\)"):
+            kernels.attention(q, k, v, kv_batch_index=index)
+        return
+    script = ("import torch, kernels; q = torch.randn(2, 2, 8, 16, device='cuda', dtype=torch.float16); "
+              f"kernels.attention(q, q, q, kv_batch_index=torch.tensor({bad_index}, device='cuda')); "
+              "torch.cuda.synchronize()")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode != 0 and "kv_batch_index entries must be in" in result.stderr, result.stderr[-2000:]
 
 
 def test_bad_input_devices(device):

@@ -308,6 +308,32 @@ def test_int64_offsets_gpu(device):
     assert math.isfinite(out.float().abs().max().item())
 
 
+@pytest.mark.skipif(not ON_GPU, reason="counts compiled CUDA kernels")
+def test_no_recompile_as_the_cache_grows_gpu(device):
+    """A generation calls decode with a new Lk (and split count) every step: after one launch with a single
+    split and one with several, no step may compile another kernel variant (a JIT compile costs ~1 s)."""
+    import kernels.decode_attention as decode_mod
+
+    def compiled_variants():
+        # triton 3.6: JITFunction.device_caches[device] = (kernel_cache, ...); kernel_cache: key -> kernel
+        return sum(len(entry[0]) for kernel in (decode_mod._decode_split_kernel, decode_mod._decode_combine_kernel)
+                   for entry in kernel.device_caches.values())
+
+    full_mask = torch.ones(1, 20000, dtype=torch.bool, device=device)  # a model slices one mask per step
+
+    def step(k_len):
+        q, k, v = _qkv(1, 32, 8, 1, k_len, 128, torch.bfloat16, device)
+        decode_attention(q, k, v, causal=True, key_padding_mask=full_mask[:, :k_len])
+
+    step(40)       # one split: the split kernel writes the output
+    step(5000)     # several splits and the combine kernel
+    before = compiled_variants()
+    assert before >= 3
+    for k_len in (65, 129, 257, 513, 961, 1024, 2047, 4096, 16385):
+        step(k_len)
+    assert compiled_variants() == before
+
+
 def test_key_padding_range_reuses_only_the_same_unmodified_mask(device):
     """The key range is cached for the last mask object; a new tensor or an in-place change recomputes it."""
     from kernels.decode_attention import key_padding_range

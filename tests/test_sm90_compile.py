@@ -120,7 +120,8 @@ def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len):
         INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32"), plan["num_warps"], plan["num_stages"])
     assert_fits_sm90("_decode_split_kernel", compiled)
     compiled = compile_sm90(decode_mod._decode_combine_kernel, pointers, dict(
-        HEAD_DIM=head_dim, BLOCK_R=plan["combine_rows"], BLOCK_S=8, BLOCK_D=plan["block_d"]), 4, 1)
+        HEAD_DIM=head_dim, BLOCK_R=plan["combine_rows"], BLOCK_S=decode_mod.COMBINE_SPLIT_CHUNK,
+        BLOCK_D=plan["block_d"]), 4, 1)
     assert_fits_sm90("_decode_combine_kernel", compiled)
 
 
