@@ -9,6 +9,10 @@ with HF's 2-D mask. Alternatives:
 - ``flex``: ``torch.compile(flex_attention)`` with a causal + padding BlockMask (built once, outside the timing);
 - ``hf_eager``: HF's eager attention, matmul + additive mask + fp32 softmax + matmul; skipped where its
   [B, H, L, L] intermediates would not fit in the free GPU memory.
+
+Shapes with ``dropout`` (training, as BART's attention_dropout): everyone drops attention probabilities with
+that p (ours in the kernel; SDPA's ``dropout_p``; ``F.dropout`` on HF eager's probabilities); FlexAttention has
+no dropout and is skipped.
 """
 import math
 
@@ -24,21 +28,23 @@ TOKENS = 16384  # B·L
 IMPLS = ("ours", "sdpa_mask", "sdpa_flash_nopad", "flex", "hf_eager")
 
 
-def _shape(dtype, length, head_dim):
-    return dict(dtype=dtype, B=max(1, TOKENS // length), H=HEADS, L=length, D=head_dim)
+def _shape(dtype, length, head_dim, dropout=0.0):
+    shape = dict(dtype=dtype, B=max(1, TOKENS // length), H=HEADS, L=length, D=head_dim)
+    return dict(shape, dropout=dropout) if dropout else shape
 
 
 def shapes(quick):
     if quick:
         return [_shape("bf16", 1024, 128), _shape("bf16", 16384, 128), _shape("bf16", 4096, 64),
-                _shape("fp16", 4096, 128)]
+                _shape("fp16", 4096, 128), _shape("bf16", 1024, 64, dropout=0.1)]
     lengths = [512, 1024, 2048, 4096, 8192, 16384]
     some = [1024, 4096, 16384]
     return ([_shape("bf16", n, 128) for n in lengths] + [_shape("bf16", n, 64) for n in some]
-            + [_shape("fp16", n, 128) for n in some] + [_shape("fp16", n, 64) for n in some])
+            + [_shape("fp16", n, 128) for n in some] + [_shape("fp16", n, 64) for n in some]
+            + [_shape("bf16", n, 64, dropout=0.1) for n in (1024, 4096)])
 
 
-DRY_RUN_SHAPES = [dict(dtype="bf16", B=2, H=2, L=48, D=32)]
+DRY_RUN_SHAPES = [dict(dtype="bf16", B=2, H=2, L=48, D=32), dict(dtype="bf16", B=2, H=2, L=48, D=32, dropout=0.1)]
 
 
 # ------------------------------------------------------------------------------------------ the alternatives
@@ -65,11 +71,13 @@ def additive_mask(bool_mask, dtype):
         ~bool_mask, torch.finfo(dtype).min)
 
 
-def hf_eager_attention(q, k, v, mask):
-    """HF's eager_attention_forward: scores = q k^T · scale + mask, softmax in fp32, then times v."""
+def hf_eager_attention(q, k, v, mask, dropout_p=0.0):
+    """HF's eager_attention_forward: scores = q k^T · scale + mask, softmax in fp32, dropout, then times v."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     scores = scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, v)
 
 
@@ -94,10 +102,10 @@ def flex_block_mask(key_padding_mask, heads=None):
     return create_block_mask(causal_and_padding, batch, heads, length, length, device=valid.device)
 
 
-def sdpa_flash_causal(q, k, v):
+def sdpa_flash_causal(q, k, v, dropout_p=0.0):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
 
 # ------------------------------------------------------------------------------------------------- the cases
@@ -120,23 +128,27 @@ def cases(shape, runner):
     flex = runner.compile(flex_attention)
     block_mask = flex_block_mask(key_padding_mask)
     free = runner.free_bytes()
-    label_base = f"{shape['dtype']} B={batch} H={heads} L={length} D={head_dim}"
+    dropout_p = shape.get("dropout", 0.0)
+    with_dropout = f" dropout {dropout_p}" if dropout_p else ""
+    label_base = f"{shape['dtype']} B={batch} H={heads} L={length} D={head_dim}{with_dropout}"
+    group = f"{shape['dtype']} D={head_dim}{with_dropout}"
     shape = dict(shape, padded_rows=1, padding=length // 4, x_name="L (B = 16k / L)")
 
     def impls_for(q, k, v):
         return {
-            "ours": lambda: attention(q, k, v, causal=True, key_padding_mask=key_padding_mask),
-            "sdpa_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask),
-            "sdpa_flash_nopad": lambda: sdpa_flash_causal(q, k, v),
+            "ours": lambda: attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, dropout_p=dropout_p),
+            "sdpa_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask, dropout_p=dropout_p),
+            "sdpa_flash_nopad": lambda: sdpa_flash_causal(q, k, v, dropout_p),
             "flex": lambda: flex(q, k, v, block_mask=block_mask),
-            "hf_eager": lambda: hf_eager_attention(q, k, v, extra_mask),
+            "hf_eager": lambda: hf_eager_attention(q, k, v, extra_mask, dropout_p),
         }
 
     def skips(backward):
+        skipped = {"flex": "FlexAttention has no dropout"} if dropout_p else {}
         need = hf_eager_bytes(batch, heads, length, length, q.element_size(), backward)
         if need > 0.8 * free:
-            return {"hf_eager": f"needs ~{need / 2**30:.0f} GiB of {free / 2**30:.0f} GiB free"}
-        return {}
+            skipped["hf_eager"] = f"needs ~{need / 2**30:.0f} GiB of {free / 2**30:.0f} GiB free"
+        return skipped
 
     def check_forward():
         ours = attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
@@ -146,9 +158,9 @@ def cases(shape, runner):
 
     flops = attention_flops(batch, heads, length, length, head_dim, causal=True)
     nbytes = attention_bytes(batch, heads, length, heads, length, head_dim, q.element_size())
-    yield Case(NAME, "fwd", f"fwd {label_base}", f"fwd {shape['dtype']} D={head_dim}", length, shape,
+    yield Case(NAME, "fwd", f"fwd {label_base}", f"fwd {group}", length, shape,
                impls_for(q, k, v), "TFLOP/s", flops, flops=flops, nbytes=nbytes, skipped=skips(False),
-               check=check_forward)
+               check=None if dropout_p else check_forward)  # random masks differ: nothing to compare
 
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     grad_out = torch.randn_like(q)
@@ -156,6 +168,6 @@ def cases(shape, runner):
     impls = {name: (lambda fn=fn: fn().backward(grad_out)) for name, fn in forward.items()}
     flops = attention_flops(batch, heads, length, length, head_dim, causal=True, backward=True)
     nbytes = attention_bytes(batch, heads, length, heads, length, head_dim, q.element_size(), backward=True)
-    yield Case(NAME, "fwd+bwd", f"fwd+bwd {label_base}", f"fwd+bwd {shape['dtype']} D={head_dim}", length,
+    yield Case(NAME, "fwd+bwd", f"fwd+bwd {label_base}", f"fwd+bwd {group}", length,
                shape, impls, "TFLOP/s", flops, flops=flops, nbytes=nbytes, skipped=skips(True),
                grad_to_none=leaves)

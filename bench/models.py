@@ -7,7 +7,9 @@ the same random checkpoint that transformers writes with ``save_pretrained`` to 
   and with ``cache_implementation="static"`` (HF then compiles its decode step itself).
 - BART-large-shaped (d_model 1024, 12+12 layers, 16 heads, ffn 4096, vocab 50265): greedy B=8, source 512
   (row 0 half padding) -> 64 new tokens; beam 4, B=4; a training step B=8, source 512, target 128 (forward +
-  backward of the loss, no optimizer; dropout as configured, 0.1, in both).
+  backward of the loss, no optimizer; dropout as configured, 0.1, in both), and the same step with
+  attention_dropout 0.1 as well, as a checkpoint or fine-tuning config that sets it trains (ours drops in the
+  kernel; HF's sdpa path passes dropout_p to SDPA).
 
 Figures are tok/s: new tokens x B per second for generate, prompt tokens per second for prefill,
 (source + target) tokens per second for the training step. Before timing, each generate runs once per
@@ -40,7 +42,7 @@ BART_TINY = dict(BART_LARGE, vocab_size=128, d_model=64, encoder_layers=2, decod
 
 
 def shapes(quick):
-    """One case per entry (the models are the same in --quick; it times each generate once instead of 3 times)."""
+    """One case per entry (the same in --quick: the models are the point of the part)."""
     return [
         dict(model="llama", task="prefill", B=8, prompt=512),
         dict(model="llama", task="greedy", B=1, prompt=128, new=128),
@@ -48,6 +50,7 @@ def shapes(quick):
         dict(model="bart", task="greedy", B=8, source=512, new=64),
         dict(model="bart", task="beam4", B=4, source=512, new=64),
         dict(model="bart", task="train", B=8, source=512, target=128),
+        dict(model="bart", task="train", B=8, source=512, target=128, attention_dropout=0.1),
     ]
 
 
@@ -58,6 +61,7 @@ DRY_RUN_SHAPES = [
     dict(model="bart", task="greedy", B=2, source=16, new=3),
     dict(model="bart", task="beam4", B=2, source=16, new=3),
     dict(model="bart", task="train", B=2, source=16, target=8),
+    dict(model="bart", task="train", B=2, source=16, target=8, attention_dropout=0.1),
 ]
 
 
@@ -231,8 +235,20 @@ def _llama_cases(spec, runner):
     return case
 
 
+def _set_attention_dropout(ours, hf, p):
+    """Each case sets its own attention dropout on both models (HF's BartAttention keeps it as ``dropout``)."""
+    from models.bart import BartAttention
+    for module in ours.modules():
+        if isinstance(module, BartAttention):
+            module.attention_dropout = p
+    for module in hf.modules():
+        if type(module).__name__ == "BartAttention":
+            module.dropout = p
+
+
 def _bart_cases(spec, runner):
     ours, hf = load("bart", runner)
+    _set_attention_dropout(ours, hf, spec.get("attention_dropout", 0.0))
     device, batch, source = runner.device, spec["B"], spec["source"]
     vocab, pad = hf.config.vocab_size, hf.config.pad_token_id
     ids = _random_ids(batch, source, vocab, device)
@@ -254,7 +270,8 @@ def _bart_cases(spec, runner):
                           for name, model in (("ours", ours), ("hf_sdpa", hf))}
             return {f"loss_{name}": value for name, value in losses.items()}
 
-        label = f"bart train step B={batch} src {source} tgt {spec['target']} (row 0 half padded)"
+        with_dropout = f", attention_dropout {spec['attention_dropout']}" if spec.get("attention_dropout") else ""
+        label = f"bart train step B={batch} src {source} tgt {spec['target']} (row 0 half padded{with_dropout})"
         return Case(NAME, "train", label, label, None, shape, impls, "tok/s", batch * (source + spec["target"]),
                     grad_to_none=params, check=check, rep_ms=1000)
     ours.eval()

@@ -79,3 +79,39 @@ def test_bench_dry_run_writes_results(tmp_path):
         for record in result["records"]:
             assert record["ms"]["ours"] is not None, record["notes"]
             assert list(record["ratio"]) == [n for n in record["ms"] if n != "ours"]
+
+
+def test_run_part_isolates_failing_shapes_and_keeps_to_its_budget(tmp_path):
+    """A shape whose cases cannot be built is reported and the next shape still runs; with a budget spent, no
+    new shape starts; a warm-up failure marks the implementation skipped instead of timing it again."""
+    from bench import common, models
+
+    calls = []
+
+    class FakePart:
+        MODES = ("fwd",)
+
+        @staticmethod
+        def cases(shape, runner):
+            if shape == "broken":
+                raise RuntimeError("cannot build")
+            case = common.Case("fake", "fwd", f"case {shape}", "g", None, {}, {}, "tok/s", 1.0, wall_clock=True)
+
+            def failing():
+                calls.append("failing")
+                raise RuntimeError("compile failed")
+
+            case.impls = {"ours": lambda: torch.zeros(1, 3, dtype=torch.long), "other": failing}
+            case.check = models._token_check(case, case.impls, 0)
+            yield case
+
+    runner = common.Runner("cpu", dry_run=False, wall_reps=1)
+    meta = dict(quick=False, dry_run=False)
+    writer = common.PartWriter(str(tmp_path), "fake", meta)
+    problems = common.run_part(FakePart, ["broken", "good"], runner, writer)
+    assert len(problems) == 1 and "broken" in problems[0]
+    assert [r["label"] for r in writer.records] == ["case good"]
+    assert writer.records[0]["ms"]["other"] is None and calls.count("failing") == 1
+    writer = common.PartWriter(str(tmp_path), "fake", meta)
+    problems = common.run_part(FakePart, ["good"], runner, writer, budget_s=-1)
+    assert problems == ["not started (budget): good"] and writer.records == []
