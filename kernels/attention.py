@@ -25,6 +25,7 @@ import triton.language as tl
 
 from kernels.checks import check_attention_inputs, check_kernel_device
 from kernels.decode_attention import decode_attention, key_padding_range
+from kernels.launch import cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
 DECODE_MAX_QUERY_LEN = 16  # Lq at or below this (and no autograd) goes to the split-KV decode kernel
@@ -547,12 +548,12 @@ def _attention_forward(q, k, v, causal, past_len, sm_scale, masks, dropout, out=
         out = torch.empty(batch, num_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, num_heads, q_len, device=q.device, dtype=torch.float32)
     block_m, block_n, num_warps, num_stages = _block_config("fwd", head_dim, q.dtype, q.device, dropout.active)
-    grid = (triton.cdiv(q_len, block_m), num_heads, batch)
+    grid = (cdiv(q_len, block_m), num_heads, batch)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index, dropout.seed,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), masks.stride_b, masks.stride_n,
         num_heads, q_len, k_len, past_len, sm_scale * LOG2E, dropout.p, dropout.scale,
-        GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_PADDING=masks.has_padding,
         HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
@@ -564,14 +565,14 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     """Launch the backward kernels. Returns (dq, dk, dv) with the shapes of q, k, v."""
     batch, num_heads, q_len, head_dim = q.shape
     kv_batch, num_kv_heads, k_len = k.shape[0], k.shape[1], k.shape[2]
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = next_power_of_2(head_dim)
     common = dict(GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,
                   HAS_PADDING=masks.has_padding, HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active,
                   DOT_PRECISION=_dot_precision(q.dtype))
 
     delta = torch.empty_like(lse)
     preprocess_rows = 16 if q.device.type != "cuda" else 64
-    _bwd_preprocess_kernel[(triton.cdiv(q_len, preprocess_rows), num_heads, batch)](
+    _bwd_preprocess_kernel[(cdiv(q_len, preprocess_rows), num_heads, batch)](
         out, dout, delta, *out.stride(), *dout.stride(), num_heads, q_len,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=preprocess_rows)
 
@@ -580,7 +581,7 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     dk = torch.empty(batch, num_kv_heads, k_len, head_dim, device=k.device, dtype=grad_dtype)
     dv = torch.empty_like(dk)
     block_m, block_n, num_warps, num_stages = _block_config("dkdv", head_dim, q.dtype, q.device, dropout.active)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(k_len, block_n), num_kv_heads, batch)](
+    _attn_bwd_dkdv_kernel[(cdiv(k_len, block_n), num_kv_heads, batch)](
         q, k, v, dout, lse, delta, dk, dv, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
         dropout.seed, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), masks.stride_b,
         masks.stride_n, num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, dropout.p, dropout.scale,
@@ -589,7 +590,7 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
 
     dq = torch.empty(batch, num_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
     block_m, block_n, num_warps, num_stages = _block_config("dq", head_dim, q.dtype, q.device, dropout.active)
-    _attn_bwd_dq_kernel[(triton.cdiv(q_len, block_m), num_heads, batch)](
+    _attn_bwd_dq_kernel[(cdiv(q_len, block_m), num_heads, batch)](
         q, k, v, dout, lse, delta, dq, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
         dropout.seed, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), masks.stride_b,
         masks.stride_n, num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, dropout.p, dropout.scale,
@@ -662,6 +663,9 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_
             return decode_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
                                     sm_scale=sm_scale, kv_batch_index=kv_batch_index)
         dropout = _DropoutArgs(q, dropout_p, generator)
+        if not needs_grad:  # inference: no autograd Function, no saved tensors
+            masks = _MaskArgs(q, key_padding_mask, kv_batch_index)
+            return _attention_forward(q, k, v, causal, past_len, float(sm_scale), masks, dropout)[0]
         return _FusedAttention.apply(q, k, v, causal, past_len, float(sm_scale), key_padding_mask, kv_batch_index,
                                      dropout)
 
@@ -684,7 +688,7 @@ def dropout_keep_mask(seed, batch, num_heads, q_len, k_len, dropout_p):
     one place the mask is ever materialised."""
     keep = torch.empty(batch, num_heads, q_len, k_len, device=seed.device, dtype=torch.uint8)
     block = 16 if seed.device.type != "cuda" else 64
-    grid = (triton.cdiv(q_len, block), triton.cdiv(k_len, block), batch * num_heads)
+    grid = (cdiv(q_len, block), cdiv(k_len, block), batch * num_heads)
     with torch.cuda.device(seed.device) if seed.is_cuda else contextlib.nullcontext():
         _dropout_mask_kernel[grid](seed, keep, q_len, k_len, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return keep.bool()

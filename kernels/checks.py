@@ -105,10 +105,14 @@ def check_kv_batch_index_range(kv_batch_index, kv_batch):
         _last_checked_index = (weakref.ref(kv_batch_index), kv_batch_index._version, kv_batch)
 
 
+# read once: triton reads it when it is imported (before this module), and it cannot change after that
+_INTERPRETER_ON = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_can_run(device):
     """Triton kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1,
     set before triton is imported)."""
-    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRETER_ON or torch.device(device).type == "cuda"
 
 
 def check_kernel_device(name, t):

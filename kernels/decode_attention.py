@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import cdiv, next_power_of_2
+
 # log2(e): softmax(x) = 2^(x * log2(e) - max) / sum(...), so the scale and log2(e) fold into one multiply
 LOG2E = 1.4426950408889634
 
@@ -252,14 +254,14 @@ def decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, *, causa
     on_gpu = device.type == "cuda"
     group = num_heads // num_kv_heads
     num_rows = group * q_len  # query rows that share one kv head
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     # rows padded to >= 16 for tl.dot; more than 64 rows (MQA with many speculative tokens) -> row blocks
-    block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
-    num_row_blocks = triton.cdiv(num_rows, block_m)
+    block_m = min(64, max(16, next_power_of_2(num_rows)))
+    num_row_blocks = cdiv(num_rows, block_m)
     if on_gpu and dtype == torch.float32:
         # exact (ieee) fp32 dots run on the CUDA cores: 16 x 16 tiles keep them in registers (no ptxas spills)
         block_m, block_n = 16, 16
-        num_row_blocks = triton.cdiv(num_rows, block_m)
+        num_row_blocks = cdiv(num_rows, block_m)
     elif on_gpu:
         block_n = 64 if block_d <= 128 else 32
     else:
@@ -268,7 +270,7 @@ def decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, *, causa
         past_len = k_len - q_len
     # keys past past_len + Lq - 1 are invisible to every causal query
     k_visible = max(1, min(k_len, past_len + q_len)) if causal else k_len
-    num_key_blocks = triton.cdiv(k_visible, block_n)
+    num_key_blocks = cdiv(k_visible, block_n)
 
     if num_splits is None:
         if on_gpu:
@@ -277,17 +279,17 @@ def decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, *, causa
             if base_programs >= 2 * sms:
                 num_splits = 1
             else:
-                num_splits = triton.cdiv(4 * sms, base_programs)
+                num_splits = cdiv(4 * sms, base_programs)
         else:
             num_splits = 2
     num_splits = max(1, min(num_splits, num_key_blocks, MAX_SPLITS))
     # equal splits of whole blocks; drop splits that would start past the visible range
-    blocks_per_split = triton.cdiv(num_key_blocks, num_splits)
-    num_splits = triton.cdiv(num_key_blocks, blocks_per_split)
+    blocks_per_split = cdiv(num_key_blocks, num_splits)
+    num_splits = cdiv(num_key_blocks, blocks_per_split)
 
     # the combine merges this many query rows per program: one on a GPU (B * Hq * Lq programs), many in the
     # interpreter (its cost is per program)
-    combine_rows = 1 if on_gpu else min(64, triton.next_power_of_2(batch * num_heads * q_len))
+    combine_rows = 1 if on_gpu else min(64, next_power_of_2(batch * num_heads * q_len))
 
     num_warps = 8 if block_m * block_d >= 64 * 128 else 4
     num_stages = 3 if block_d <= 128 else 2
@@ -392,7 +394,7 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
     if splits > 1:
         num_rows = batch * num_heads * q_len
         block_r = plan["combine_rows"]
-        _decode_combine_kernel[(triton.cdiv(num_rows, block_r),)](
+        _decode_combine_kernel[(cdiv(num_rows, block_r),)](
             out, part_acc, part_max, part_sum,
             *out.stride(),
             num_heads, q_len, num_rows, splits,

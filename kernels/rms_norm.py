@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
+from kernels.launch import cdiv, next_power_of_2
 
 # Largest hidden size handled: a whole row lives in registers (BLOCK_N = next_power_of_2(N)).
 MAX_HIDDEN_SIZE = 65536
@@ -126,7 +127,7 @@ def _rms_norm_forward(x, weight, eps, residual=None, out=None, h_out=None, rstd=
     each with unit column stride) or are allocated. Returns ``(out, h_out or None, rstd)``.
     """
     rows, n = x.shape
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     if out is None:
         out = torch.empty((rows, n), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if rstd is None:
@@ -157,7 +158,7 @@ def _rms_norm_backward(dy, h, weight, rstd, dh=None, dx=None, num_programs=None,
     ``dx`` (``[M, N]``, h's dtype) may be given. Returns ``(dx, dweight)`` with dweight in weight's dtype.
     """
     rows, n = h.shape
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     if dx is None:
         dx = torch.empty((rows, n), dtype=h.dtype, device=h.device)
     if rows == 0:
@@ -165,8 +166,8 @@ def _rms_norm_backward(dy, h, weight, rstd, dh=None, dx=None, num_programs=None,
     if num_programs is None:
         num_programs = _num_backward_programs(rows, h.device)
     # rows per program rounded up to a power of two (it is a constexpr: this bounds the compiled variants)
-    rows_per_program = triton.next_power_of_2(triton.cdiv(rows, num_programs))
-    num_programs = triton.cdiv(rows, rows_per_program)  # every program gets at least one row
+    rows_per_program = next_power_of_2(cdiv(rows, num_programs))
+    num_programs = cdiv(rows, rows_per_program)  # every program gets at least one row
     dw_partial = torch.empty((num_programs, n), dtype=torch.float32, device=h.device)
     _rms_norm_bwd_kernel[(num_programs,)](
         dy, h, weight, rstd, dh if dh is not None else dy, dx, dw_partial,
@@ -181,22 +182,29 @@ def _rms_norm_backward(dy, h, weight, rstd, dh=None, dx=None, num_programs=None,
     return dx, dweight
 
 
+def _forward_in_shape(x, weight, eps, residual):
+    """The forward on x of any shape: (out and h (None without residual) in x's shape, rstd, and the 2-D rows
+    that were normalised (x, or x + residual) for the backward)."""
+    shape, n = x.shape, x.shape[-1]
+    x2d = _as_rows(x, n)
+    residual2d = _as_rows(residual, n) if residual is not None else None
+    out, h, rstd = _rms_norm_forward(x2d, weight, eps, residual2d)
+    if residual is None:
+        return out.view(shape), None, rstd, x2d
+    return out.view(shape), h.view(shape), rstd, h
+
+
 class RMSNormFunction(torch.autograd.Function):
     """Autograd wrapper; ``forward(x, weight, eps, residual)`` returns ``out`` or ``(out, h)``."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, residual):
-        shape, n = x.shape, x.shape[-1]
-        x2d = _as_rows(x, n)
-        residual2d = _as_rows(residual, n) if residual is not None else None
-        out, h, rstd = _rms_norm_forward(x2d, weight, eps, residual2d)
+        out, h, rstd, normalised_rows = _forward_in_shape(x, weight, eps, residual)
         ctx.has_residual = residual is not None
-        ctx.shape = shape
-        ctx.save_for_backward(h if residual is not None else x2d, weight, rstd)
+        ctx.shape = x.shape
+        ctx.save_for_backward(normalised_rows, weight, rstd)
         ctx.set_materialize_grads(False)  # an unused output (out or h) gets None, not a tensor of zeros
-        if residual is not None:
-            return out.view(shape), h.view(shape)
-        return out.view(shape)
+        return (out, h) if residual is not None else out
 
     @staticmethod
     def backward(ctx, dout, *maybe_dh):
@@ -265,6 +273,11 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     Hidden sizes up to ``MAX_HIDDEN_SIZE``; larger N raises ``ValueError``.
     """
     _check_inputs(x, weight, eps, residual)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or (residual is not None and residual.requires_grad))
     # Triton launches on the current CUDA device: make it x's
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if not needs_grad:  # inference: no autograd Function (its bookkeeping costs more than the launch)
+            out, h, _, _ = _forward_in_shape(x, weight.contiguous(), float(eps), residual)
+            return (out, h) if residual is not None else out
         return RMSNormFunction.apply(x, weight.contiguous(), float(eps), residual)

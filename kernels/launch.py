@@ -1,0 +1,16 @@
+"""Host-side integer helpers for the launchers.
+
+triton 3.6 makes ``triton.cdiv`` and ``triton.next_power_of_2`` constexpr functions, whose Python call unwraps
+every argument (~1-2 µs each); a decode step calls a launcher per layer, and the launchers use them several times
+per call, so plain versions are used on the host instead.
+"""
+
+
+def cdiv(a, b):
+    """ceil(a / b) for non-negative ints."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
