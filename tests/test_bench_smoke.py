@@ -115,3 +115,11 @@ def test_run_part_isolates_failing_shapes_and_keeps_to_its_budget(tmp_path):
     writer = common.PartWriter(str(tmp_path), "fake", meta)
     problems = common.run_part(FakePart, ["good"], runner, writer, budget_s=-1)
     assert problems == ["not started (budget): good"] and writer.records == []
+
+
+def test_host_overhead_script_runs():
+    result = subprocess.run([sys.executable, "-m", "bench.host_overhead"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = [float(line.split()[-4]) for line in result.stdout.splitlines() if line.endswith(("per call", "per step"))]
+    assert len(figures) == 5 and all(f > 0 for f in figures), result.stdout
