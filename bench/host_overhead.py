@@ -6,7 +6,8 @@ worth watching; it runs anywhere (CPU tensors, the kernels never run) in a few s
     python -m bench.host_overhead
 
 It times, per call: ``kernels.attention`` on a decode step (Lq = 1, split-KV path) with and without a padding
-mask, ``kernels.rms_norm`` with and without the fused residual, and one decode step of a 16-layer LLaMA of
+mask, ``kernels.rms_norm`` with and without the fused residual, ``kernels.rope`` beside the eager RoPE it
+replaces (whose five PyTorch ops here run on CPU, without a GPU launch each), and one decode step of a 16-layer LLaMA of
 tiny width (so that its matmuls cost next to nothing on CPU and the figure is the model's host work). Figures
 are from this machine's CPU: on a GPU machine each torch op and Triton launch adds its own launch cost.
 """
@@ -28,7 +29,7 @@ class _NoLaunch:
 
 def stub_launches():
     import kernels  # noqa: F401  (loads the kernel modules)
-    for module_name in ("kernels.attention", "kernels.decode_attention", "kernels.rms_norm"):
+    for module_name in ("kernels.attention", "kernels.decode_attention", "kernels.rms_norm", "kernels.rope"):
         module = sys.modules[module_name]
         for name in dir(module):
             if name.startswith("_") and name.endswith("_kernel"):
@@ -64,12 +65,16 @@ def main():
     k, v = cache[0, :, :, :300], cache[1, :, :, :300]
     mask = torch.ones(1, 512, dtype=torch.long)[:, :300]
     x, residual, weight = torch.randn(1, 1, 2048), torch.randn(1, 1, 2048), torch.randn(2048)
+    cos, sin = torch.randn(1, 1, 64), torch.randn(1, 1, 64)
+    from kernels.reference import rope_reference
     with torch.no_grad():
         rows = [
             ("attention, decode step (Lq=1, Lk=300, 32/8 heads)", lambda: kernels.attention(q, k, v)),
             ("attention, decode step with a padding mask", lambda: kernels.attention(q, k, v, key_padding_mask=mask)),
             ("rms_norm (1 x 2048)", lambda: kernels.rms_norm(x, weight)),
             ("rms_norm with residual", lambda: kernels.rms_norm(x, weight, residual=residual)),
+            ("rope (1 x 1 x 32 x 64)", lambda: kernels.rope(q.view(1, 1, 32, 64), cos, sin)),
+            ("rope, eager PyTorch (HF's apply_rotary_pos_emb)", lambda: rope_reference(q.view(1, 1, 32, 64), cos, sin)),
         ]
         for label, fn in rows:
             print(f"{label:55s} {per_call_us(fn):8.1f} us per call", flush=True)

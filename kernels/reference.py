@@ -63,6 +63,16 @@ def attention_reference(q, k, v, *, causal=True, key_padding_mask=None, past_len
     return torch.matmul(probs, v)
 
 
+def rope_reference(x, cos, sin):
+    """HF's ``apply_rotary_pos_emb`` for one tensor: ``x * cos + rotate_half(x) * sin``, in x's dtype.
+
+    x ``[B, L, H, D]``; cos, sin ``[B, L, D]`` (broadcast over the heads); ``rotate_half(x) = cat(-x2, x1)``.
+    """
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 def rms_norm_reference(x, weight, eps=1e-6, residual=None):
     """HF ``LlamaRMSNorm``: statistics in float32, normalised value cast back to x's dtype, then times weight.
 

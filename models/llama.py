@@ -15,6 +15,7 @@ Module names follow HF's checkpoint names without the ``model.`` prefix (``layer
 """
 import math
 import warnings
+from collections import namedtuple
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import attention, attention_reference, rms_norm, rms_norm_reference
+from kernels import attention, attention_reference, rms_norm, rms_norm_reference, rope, rope_reference
 from kernels.checks import triton_can_run
 from models.checkpoint import (assign_state_dict, load_config_dict, load_generation_config,
                                load_safetensors_state_dict, save_safetensors)
@@ -32,7 +33,9 @@ from models.kv_cache import KVCache
 
 STOP_CHECK_INTERVAL = 8  # generate() asks the GPU whether every row has finished once per this many steps
 
-IMPLEMENTATIONS = {"fused": (attention, rms_norm), "eager": (attention_reference, rms_norm_reference)}
+Ops = namedtuple("Ops", "attention rms_norm rope")
+IMPLEMENTATIONS = {"fused": Ops(attention, rms_norm, rope),
+                   "eager": Ops(attention_reference, rms_norm_reference, rope_reference)}
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -214,16 +217,10 @@ def rope_inv_freq(config, device, seq_len=None):
 
 
 def rope_cos_sin(inv_freq, position_ids, dtype):
-    """cos, sin ``[B, L, 1, head_dim]`` in ``dtype`` for ``position_ids [B, L]`` (angles in float32)."""
+    """cos, sin ``[B, L, head_dim]`` in ``dtype`` for ``position_ids [B, L]`` (angles in float32)."""
     angles = position_ids[:, :, None].float() * inv_freq[None, None, :]
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype)[:, :, None, :], angles.sin().to(dtype)[:, :, None, :]
-
-
-def apply_rope(x, cos, sin):
-    """Rotate ``x [B, L, H, D]`` by position: ``x * cos + rotate_half(x) * sin`` (HF's half-split layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def positions_from_mask(attention_mask, past_len, q_len, batch, device):
@@ -241,7 +238,7 @@ _warned_cpu = False
 
 
 def _implementation(impl, device):
-    """The (attention, rms_norm) pair to run: "fused" falls back to "eager", with one warning, where Triton
+    """The Ops (attention, rms_norm, rope) to run: "fused" falls back to "eager", with one warning, where Triton
     cannot run (CPU tensors without TRITON_INTERPRET=1)."""
     global _warned_cpu
     if impl == "fused" and not triton_can_run(device):
@@ -264,7 +261,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x, residual=None):
         """x ``[..., dim]`` → rms_norm(x); with residual: ``(rms_norm(x + residual), x + residual)``."""
-        return _implementation(self.impl, x.device)[1](x, self.weight, self.eps, residual=residual)
+        return _implementation(self.impl, x.device).rms_norm(x, self.weight, self.eps, residual=residual)
 
 
 class Attention(nn.Module):
@@ -284,18 +281,19 @@ class Attention(nn.Module):
         self.impl = "fused"
 
     def forward(self, x, cos, sin, key_padding_mask, cache, past_len):
-        """x ``[B, L, hidden]``; cos/sin ``[B, L, 1, D]``; key_padding_mask ``[B, past_len + L]`` or None;
+        """x ``[B, L, hidden]``; cos/sin ``[B, L, D]``; key_padding_mask ``[B, past_len + L]`` or None;
         cache: KVCache or None. Returns ``[B, L, hidden]``."""
         batch, q_len, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim), cos, sin)
+        ops = _implementation(self.impl, x.device)
+        q = ops.rope(self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim), cos, sin)
+        k = ops.rope(self.k_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D] views, no copies
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # views [B, Hkv, past_len + L, D] of the cache
         dropout_p = self.attention_dropout if self.training else 0.0   # on the probabilities, like HF's
-        out = _implementation(self.impl, q.device)[0](q, k, v, causal=True, key_padding_mask=key_padding_mask,
-                                                      past_len=past_len, dropout_p=dropout_p)
+        out = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, past_len=past_len,
+                            dropout_p=dropout_p)
         return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
 
 
@@ -436,7 +434,7 @@ class LlamaForCausalLM(nn.Module):
                        dtype=self.dtype, device=self.device)
 
     def rope(self, position_ids, dtype):
-        """cos, sin ``[B, L, 1, D]`` for ``position_ids [B, L]``."""
+        """cos, sin ``[B, L, D]`` for ``position_ids [B, L]``."""
         device = position_ids.device
         if self.config.rope_parameters["rope_type"] == "dynamic":
             inv_freq = rope_inv_freq(self.config, device, seq_len=int(position_ids.max()) + 1)

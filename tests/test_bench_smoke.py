@@ -122,4 +122,4 @@ def test_host_overhead_script_runs():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = [float(line.split()[-4]) for line in result.stdout.splitlines() if line.endswith(("per call", "per step"))]
-    assert len(figures) == 5 and all(f > 0 for f in figures), result.stdout
+    assert len(figures) == 7 and all(f > 0 for f in figures), result.stdout

@@ -320,7 +320,7 @@ def test_attention_dropout_runs_in_the_kernel(tmp_path, monkeypatch):
     fused = LlamaForCausalLM.from_pretrained(tmp_path, device=DEVICE).train()
     eager = LlamaForCausalLM.from_pretrained(tmp_path, device=DEVICE, attn_implementation="eager").train()
     monkeypatch.setitem(llama_module.IMPLEMENTATIONS, "eager",
-                        (reference_with_kernel_dropout, llama_module.IMPLEMENTATIONS["eager"][1]))
+                        llama_module.IMPLEMENTATIONS["eager"]._replace(attention=reference_with_kernel_dropout))
     ids, mask, labels = loss_inputs()
 
     def loss_and_grads(model, seed):

@@ -32,10 +32,12 @@ except ImportError:  # pragma: no cover - triton moved these; fail loudly rather
 attention_mod = importlib.import_module("kernels.attention")
 decode_mod = importlib.import_module("kernels.decode_attention")
 rms_norm_mod = importlib.import_module("kernels.rms_norm")
+rope_mod = importlib.import_module("kernels.rope")
+launch = importlib.import_module("kernels.launch")
 
 SM90_MAX_SHARED_BYTES = 232448  # 227 KB: the most dynamic shared memory one block may use on sm_90
 CUDA = torch.device("cuda")
-FLOAT_ARGS = ("qk_scale", "sm_scale", "eps", "dropout_p", "dropout_scale")
+FLOAT_ARGS = ("qk_scale", "sm_scale", "eps", "dropout_p", "dropout_scale", "sin_sign")
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -139,6 +141,16 @@ def check_rms_norm_kernels(dtype, hidden):
     assert_fits_sm90("_rms_norm_bwd_kernel", compiled)
 
 
+def check_rope_kernel(dtype, num_heads, head_dim):
+    element = "*" + TRITON_DTYPE[dtype]
+    block_h = min(launch.next_power_of_2(num_heads), 64)
+    block_half = launch.next_power_of_2(head_dim // 2)
+    compiled = compile_sm90(rope_mod._rope_kernel, dict(X=element, COS=element, SIN=element, OUT=element),
+                            dict(HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h),
+                            4 if block_h * block_half >= 1024 else 1, 1)
+    assert_fits_sm90(f"_rope_kernel {dtype} H={num_heads} D={head_dim}", compiled)
+
+
 CASES = {
     # every 16-bit head dim class (80 pads to 128); fp32 at each tile class
     "attention": (check_attention_kernels, [(dtype, head_dim) for dtype in (torch.bfloat16, torch.float16)
@@ -149,6 +161,8 @@ CASES = {
     "decode": (check_decode_kernels, [(torch.bfloat16, 128, 32, 8, 1), (torch.float16, 64, 16, 16, 1),
                                       (torch.bfloat16, 256, 8, 1, 4), (torch.float32, 80, 8, 2, 16),
                                       (torch.bfloat16, 128, 32, 2, 16)]),
+    "rope": (check_rope_kernel, [(torch.bfloat16, 32, 64), (torch.bfloat16, 8, 128), (torch.float16, 64, 128),
+                                 (torch.float32, 32, 256), (torch.bfloat16, 16, 80)]),
     "rms_norm": (check_rms_norm_kernels, [(dtype, hidden) for dtype in (torch.bfloat16, torch.float32)
                                           for hidden in (1024, 5120, 8192)]),  # 16384: bwd spills 156 B (whole row in registers)
 }
