@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.checks import triton_can_run
 from models import beam_search
-from models.checkpoint import (assign_state_dict, load_config_dict, load_generation_config,
+from models.checkpoint import (assign_state_dict, load_config_dict, load_generation_config, resolve_dtype,
                                load_safetensors_state_dict, save_safetensors)
 from models.kv_cache import KVCache
 
@@ -437,6 +437,20 @@ class DecodingState:
     cross_mask: torch.Tensor | None
 
 
+SHARED_EMBEDDING_NAMES = ("model.shared.weight", "model.encoder.embed_tokens.weight",
+                          "model.decoder.embed_tokens.weight", "lm_head.weight")
+
+
+def _check_tied_aliases_agree(state_dict):
+    """The shared embedding may be stored under several names; they must hold the same values (HF would leave
+    a differing lm_head untied, which this model, with one shared Parameter, cannot represent)."""
+    present = [name for name in SHARED_EMBEDDING_NAMES if name in state_dict]
+    for name in present[1:]:
+        if not torch.equal(state_dict[name], state_dict[present[0]]):
+            raise ValueError(f"checkpoint stores {name} with values different from {present[0]}: this model ties "
+                             f"the token embedding, the encoder/decoder embeddings and the LM head (one tensor)")
+
+
 class BartForConditionalGeneration(nn.Module):
     """HF-compatible BART with an LM head tied to the shared token embedding."""
 
@@ -475,20 +489,24 @@ class BartForConditionalGeneration(nn.Module):
             self.final_logits_bias.zero_()
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype=torch.float32, device="cpu", attn_implementation="fused"):
+    def from_pretrained(cls, model_dir, dtype="auto", device="cpu", attn_implementation="fused"):
         """Load an HF BART checkpoint directory (config.json, [generation_config.json], safetensors weights).
 
-        The token embedding may be stored as ``model.shared.weight`` or only under one of its tied aliases
-        (``model.encoder.embed_tokens.weight``, ``model.decoder.embed_tokens.weight``, ``lm_head.weight``).
-        Missing or unexpected tensors raise KeyError listing them all.
+        ``dtype``: a torch dtype, its name, or "auto" (as HF 5: the checkpoint's dtype). The token embedding may
+        be stored as ``model.shared.weight`` or only under one of its tied aliases
+        (``model.encoder.embed_tokens.weight``, ``model.decoder.embed_tokens.weight``, ``lm_head.weight``);
+        aliases stored with different values raise ValueError (this model always ties them). Missing or
+        unexpected tensors raise KeyError listing them all.
         """
         config_dict = load_config_dict(model_dir)
         config = BartConfig.from_dict(config_dict)
         # HF: generation_config.json, else the generation keys of config.json
         generation_config = (load_generation_config(model_dir)
                              or beam_search.generation_defaults_from_model_config(config_dict))
-        state_dict = load_safetensors_state_dict(model_dir, device=device, dtype=dtype)
+        state_dict = load_safetensors_state_dict(model_dir, device=device, dtype=resolve_dtype(dtype, config_dict))
+        _check_tied_aliases_agree(state_dict)
         if "final_logits_bias" not in state_dict:  # optional in HF checkpoints: zeros
+            dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())
             state_dict["final_logits_bias"] = torch.zeros(1, config.vocab_size, device=device, dtype=dtype)
         with torch.device("meta"):
             model = cls(config, attn_implementation, generation_config)
@@ -588,21 +606,23 @@ class BartForConditionalGeneration(nn.Module):
                  min_new_tokens=UNSET, min_length=UNSET, length_penalty=UNSET, early_stopping=UNSET,
                  no_repeat_ngram_size=UNSET, forced_bos_token_id=UNSET, forced_eos_token_id=UNSET,
                  eos_token_id=UNSET, pad_token_id=UNSET, decoder_start_token_id=UNSET, num_return_sequences=UNSET,
-                 decoder_input_ids=None):
+                 decoder_input_ids=None, do_sample=UNSET, use_cache=True):
         """Greedy (num_beams=1) or beam search with HF ``generate`` semantics.
 
         Arguments left out come from generation_config.json (or config.json's generation fields), then HF's
         global defaults; as in HF, an argument passed explicitly, even as None, overrides the config (None:
         that feature off, e.g. ``forced_eos_token_id=None``).
         input_ids/attention_mask ``[B, Ls]``. Returns ``[B * num_return_sequences, P + generated]`` token ids,
-        P the decoder prompt length (1: decoder_start_token_id); finished rows are padded with pad_token_id."""
+        P the decoder prompt length (1: decoder_start_token_id); finished rows are padded with pad_token_id.
+        ``do_sample`` may only be False (sampling raises NotImplementedError); ``use_cache`` is accepted and
+        ignored (the result is the same; the cache is always used)."""
         given = {name: value for name, value in dict(
             num_beams=num_beams, max_new_tokens=max_new_tokens, max_length=max_length,
             min_new_tokens=min_new_tokens, min_length=min_length, length_penalty=length_penalty,
             early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
             forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id,
-            num_return_sequences=num_return_sequences).items() if value is not UNSET}
+            num_return_sequences=num_return_sequences, do_sample=do_sample).items() if value is not UNSET}
         settings = beam_search.resolve_generation_settings(
             self.generation_config, given, max_position_embeddings=self.config.max_position_embeddings,
             decoder_input_ids=decoder_input_ids)

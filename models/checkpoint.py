@@ -62,9 +62,28 @@ def safetensors_files(model_dir):
     raise FileNotFoundError(f"no weights in {model_dir}: looked for {WEIGHTS_NAME} and {WEIGHTS_INDEX_NAME}")
 
 
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "float": torch.float32, "half": torch.float16}
+
+
+def resolve_dtype(dtype, config_dict):
+    """``from_pretrained``'s dtype: a torch dtype, its name ("bfloat16", "torch.float16"), or "auto" / None
+    (as HF: the checkpoint's own dtype, from config.json's ``dtype`` / ``torch_dtype``; None when the config
+    does not say, meaning the stored tensors' dtype)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        stored = config_dict.get("dtype") or config_dict.get("torch_dtype")
+        return resolve_dtype(stored, {}) if stored not in (None, "auto") else None
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype must be a torch dtype, 'auto' or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+
+
 def load_safetensors_state_dict(model_dir, device="cpu", dtype=None):
     """Read every tensor of the checkpoint, each loaded directly on ``device``; floating tensors cast to ``dtype``
-    (when given), integer/bool tensors kept as stored. Returns ``{name: tensor}``."""
+    (when given; else to the dtype of the first floating tensor, so that the model has one dtype),
+    integer/bool tensors kept as stored. Returns ``{name: tensor}``."""
     device = str(torch.device(device))
     state_dict = {}
     for path in safetensors_files(model_dir):
@@ -73,6 +92,8 @@ def load_safetensors_state_dict(model_dir, device="cpu", dtype=None):
                 if name in state_dict:
                     raise ValueError(f"tensor {name!r} appears in more than one shard ({path})")
                 tensor = f.get_tensor(name)
+                if dtype is None and tensor.is_floating_point():
+                    dtype = tensor.dtype
                 if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                     tensor = tensor.to(dtype)
                 state_dict[name] = tensor

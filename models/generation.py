@@ -8,7 +8,20 @@ import torch
 
 # HF GenerationConfig defaults, used when neither the caller nor generation_config.json sets a value
 HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-               "min_new_tokens": 0}
+               "min_new_tokens": 0, "min_length": 0}
+
+# settings HF's generate honours that this module does not implement, with the value that means "off": a
+# checkpoint or a call that sets another value gets NotImplementedError instead of silently different tokens
+UNSUPPORTED_OFF = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+                   "forced_bos_token_id": None, "forced_eos_token_id": None, "bad_words_ids": None,
+                   "suppress_tokens": None, "begin_suppress_tokens": None, "min_p": None, "typical_p": 1.0,
+                   "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
+                   "encoder_no_repeat_ngram_size": 0, "num_beam_groups": 1, "diversity_penalty": 0.0,
+                   "exponential_decay_length_penalty": None, "sequence_bias": None, "renormalize_logits": False,
+                   "remove_invalid_values": False, "force_words_ids": None, "constraints": None,
+                   "penalty_alpha": None, "guidance_scale": None, "watermarking_config": None}
+# accepted and without effect on the tokens (HF's use_cache=False recomputes every step, same result)
+IGNORED_SETTINGS = ("use_cache",)
 
 
 def as_id_list(token_ids):
@@ -22,12 +35,28 @@ def as_id_list(token_ids):
     return [int(t) for t in token_ids]
 
 
-def resolve_generation_args(generation_config, model_config_eos, model_config_pad, prompt_len, **given):
+def check_supported(generation_config, given):
+    """NotImplementedError naming the first setting (call argument, else generation config) that is not off."""
+    for key, off in UNSUPPORTED_OFF.items():
+        value = given[key] if given.get(key) is not None else generation_config.get(key)
+        if value is not None and value != off and value not in ([], {}):
+            raise NotImplementedError(f"generation setting {key}={value!r} is not supported by this model's "
+                                      f"generate (greedy and sampling only); set it to {off!r}")
+
+
+def resolve_generation_args(generation_config, model_config_eos, model_config_pad, prompt_len,
+                            max_position_embeddings=None, **given):
     """Merge call arguments (None = not given) over generation_config.json over HF's defaults.
 
-    Returns a dict with max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, eos_token_ids
-    (list), pad_token_id (int: pad, else the first eos, else 0 as HF warns and does).
+    Lengths as HF's decoder-only generate: max_new_tokens, else max_length (prompt included), else 20 new
+    tokens capped at max_position_embeddings; eos is suppressed until both min_new_tokens and min_length (prompt
+    included) are reached. Settings HF would apply that are not implemented raise NotImplementedError.
+    Returns a dict with max_new_tokens, min_new_tokens (the effective one), do_sample, temperature, top_k,
+    top_p, eos_token_ids (list), pad_token_id (int: pad, else the first eos, else 0 as HF warns and does).
     """
+    given = {k: v for k, v in given.items() if k not in IGNORED_SETTINGS}
+    check_supported(generation_config, given)
+
     def pick(name):
         if given.get(name) is not None:
             return given[name]
@@ -35,14 +64,19 @@ def resolve_generation_args(generation_config, model_config_eos, model_config_pa
             return generation_config[name]
         return HF_DEFAULTS.get(name)
 
-    max_new_tokens = given.get("max_new_tokens")
-    if max_new_tokens is None:
-        max_new_tokens = generation_config.get("max_new_tokens")
-    if max_new_tokens is None:
+    if pick("max_new_tokens") is not None:
+        max_new_tokens = pick("max_new_tokens")
+    elif given.get("max_length") is not None or generation_config.get("max_length") is not None:
         max_new_tokens = pick("max_length") - prompt_len
+    else:
+        max_length = HF_DEFAULTS["max_length"] + prompt_len
+        if max_position_embeddings is not None:
+            max_length = min(max_length, max_position_embeddings)
+        max_new_tokens = max_length - prompt_len
     if max_new_tokens <= 0:
         raise ValueError(f"nothing to generate: max_new_tokens resolved to {max_new_tokens} (prompt length "
                          f"{prompt_len}); pass max_new_tokens")
+    min_new_tokens = max(int(pick("min_new_tokens") or 0), int(pick("min_length") or 0) - prompt_len)
     eos = given.get("eos_token_id")
     if eos is None:
         eos = generation_config.get("eos_token_id", model_config_eos)
@@ -52,7 +86,7 @@ def resolve_generation_args(generation_config, model_config_eos, model_config_pa
         pad = generation_config.get("pad_token_id", model_config_pad)
     if pad is None:
         pad = eos_token_ids[0] if eos_token_ids else 0
-    return {"max_new_tokens": int(max_new_tokens), "min_new_tokens": int(pick("min_new_tokens") or 0),
+    return {"max_new_tokens": int(max_new_tokens), "min_new_tokens": max(0, min_new_tokens),
             "do_sample": bool(pick("do_sample")), "temperature": float(pick("temperature")),
             "top_k": int(pick("top_k") or 0), "top_p": float(pick("top_p")),
             "eos_token_ids": eos_token_ids, "pad_token_id": int(pad)}

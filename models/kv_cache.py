@@ -49,6 +49,19 @@ class KVCache:
         v_cache[:, :, self.length:end].copy_(v_new)
         return k_cache[:, :, :end], v_cache[:, :, :end]
 
+    def reserve(self, length):
+        """Make room for ``length`` positions: when the cache is shorter, its buffers are reallocated (at least
+        doubled, so a cache grown step by step is copied O(log n) times) and the filled part copied over."""
+        if length <= self.max_len:
+            return
+        new_len = max(length, 2 * self.max_len)
+        for buffers in (self.k, self.v):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros(old.shape[:2] + (new_len,) + old.shape[3:])
+                new[:, :, :self.length] = old[:, :, :self.length]
+                buffers[i] = new
+        self.max_len = new_len
+
     def advance(self, n):
         """Mark ``n`` more positions as filled (after every layer wrote them)."""
         if self.length + n > self.max_len:

@@ -25,10 +25,11 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import attention, attention_reference, rms_norm, rms_norm_reference, rope, rope_reference
 from kernels.checks import triton_can_run
+from models.beam_search import generation_defaults_from_model_config
 from models.checkpoint import (assign_state_dict, load_config_dict, load_generation_config,
-                               load_safetensors_state_dict, save_safetensors)
-from models.generation import (apply_logits_processing, make_generator, pick_next_token,
-                               resolve_generation_args)
+                               load_safetensors_state_dict, resolve_dtype, save_safetensors)
+from models.generation import (IGNORED_SETTINGS, UNSUPPORTED_OFF, apply_logits_processing, make_generator,
+                               pick_next_token, resolve_generation_args)
 from models.kv_cache import KVCache
 
 STOP_CHECK_INTERVAL = 8  # generate() asks the GPU whether every row has finished once per this many steps
@@ -394,23 +395,30 @@ class LlamaForCausalLM(nn.Module):
         return self.embed_tokens.weight.dtype
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype=torch.float32, device="cpu", attn_implementation="fused"):
+    def from_pretrained(cls, model_dir, dtype="auto", device="cpu", attn_implementation="fused"):
         """Load an HF LLaMA directory (config.json + model.safetensors or sharded safetensors). Built on the meta
         device, then each checkpoint tensor is loaded straight to ``device`` in ``dtype`` and becomes the
-        parameter (one copy). ``lm_head`` is tied to ``embed_tokens`` (one Parameter) when the config says so or
-        the checkpoint has no ``lm_head.weight``."""
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        config = LlamaConfig.from_dict(load_config_dict(model_dir))
-        state_dict = load_safetensors_state_dict(model_dir, device=device, dtype=dtype)
+        parameter (one copy). ``dtype``: a torch dtype, its name, or "auto" (as HF 5: the checkpoint's dtype).
+        ``lm_head`` is tied to ``embed_tokens`` (one Parameter) when the config says so or the checkpoint has no
+        ``lm_head.weight``; a checkpoint whose stored lm_head differs from the embedding is loaded untied, with a
+        warning, as HF does. Generation defaults: generation_config.json, else config.json's generation keys."""
+        config_dict = load_config_dict(model_dir)
+        config = LlamaConfig.from_dict(config_dict)
+        state_dict = load_safetensors_state_dict(model_dir, device=device, dtype=resolve_dtype(dtype, config_dict))
         if "lm_head.weight" not in state_dict:
             config.tie_word_embeddings = True
+        elif config.tie_word_embeddings and not torch.equal(state_dict["lm_head.weight"],
+                                                            state_dict["model.embed_tokens.weight"]):
+            warnings.warn("the config ties lm_head to embed_tokens but the checkpoint stores a different "
+                          "lm_head.weight: loading them untied (as HF does)", stacklevel=2)
+            config.tie_word_embeddings = False
         with torch.device("meta"):
             model = cls(config, attn_implementation=attn_implementation)
         aliases = {name: name[len("model."):] for name in state_dict if name.startswith("model.")}
         aliases.update({name: None for name in state_dict if name.endswith("rotary_emb.inv_freq")})
         assign_state_dict(model, state_dict, aliases=aliases)
-        model.generation_config = load_generation_config(model_dir)
+        model.generation_config = (load_generation_config(model_dir)
+                                   or generation_defaults_from_model_config(config_dict))
         return model.eval()
 
     def save_pretrained(self, model_dir):
@@ -450,9 +458,10 @@ class LlamaForCausalLM(nn.Module):
                 use_cache=False, logits_to_keep=0, max_cache_len=None):
         """input_ids ``[B, L]``; attention_mask ``[B, past + L]`` (HF's 1 = token, 0 = padding; left padding);
         position_ids ``[B, L]`` (default: from the mask, see ``positions_from_mask``); past_key_values: a KVCache
-        that this call appends to (in place); use_cache without one allocates a KVCache of ``max_cache_len``
-        (default L) positions; labels ``[B, L]`` → mean cross-entropy of token t+1 given tokens ≤ t, -100
-        ignored; logits_to_keep > 0 computes logits of the last that many positions only.
+        that this call appends to (in place; it grows when continued past its size); use_cache without one
+        allocates a KVCache of ``max_cache_len`` (default L) positions; labels ``[B, L]`` → mean cross-entropy
+        of token t+1 given tokens ≤ t, -100 ignored; logits_to_keep > 0 computes logits of the last that many
+        positions only (a 1-D tensor: of those positions).
         Returns CausalLMOutput(logits ``[B, L, vocab]``, loss, past_key_values)."""
         batch, q_len = input_ids.shape
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -460,6 +469,8 @@ class LlamaForCausalLM(nn.Module):
         if cache is None and use_cache and not checkpointing:
             cache = self.new_kv_cache(batch, max_cache_len or q_len)
         past_len = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.reserve(past_len + q_len)  # a cache continued past its size grows, like HF's dynamic cache
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_len + q_len):
             raise ValueError(f"attention_mask must be [B, past + L] = [{batch}, {past_len + q_len}], "
                              f"got {tuple(attention_mask.shape)}")
@@ -478,7 +489,9 @@ class LlamaForCausalLM(nn.Module):
                 x, residual = layer(x, residual, cos, sin, key_padding_mask, cache, past_len)
         if cache is not None:
             cache.advance(q_len)
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # HF: a 1-D tensor of the positions to keep
+            x, residual = x[:, logits_to_keep], residual[:, logits_to_keep]
+        elif logits_to_keep:
             x, residual = x[:, -logits_to_keep:], residual[:, -logits_to_keep:]
         x, _ = self.norm(x, residual)
         logits = self.lm_head(x)
@@ -493,19 +506,27 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=None, min_new_tokens=None, do_sample=None,
                  temperature=None, top_k=None, top_p=None, generator=None, seed=None, eos_token_id=None,
-                 pad_token_id=None):
+                 pad_token_id=None, max_length=None, min_length=None, **other_settings):
         """Greedy or sampled continuation like HF's ``generate``: returns ``[B, P + N]`` (prompt, then new
         tokens; a row that produced eos continues with pad; stops early once every row has finished).
 
-        Arguments left None come from generation_config.json, else from HF's defaults (max_length 20,
-        do_sample False, temperature 1, top_k 50, top_p 1). top_k=0 disables top-k. ``generator`` (a
-        torch.Generator) or ``seed`` (an int) makes sampling reproducible; otherwise the global RNG is used.
+        Arguments left None come from generation_config.json (else config.json's generation keys), else from
+        HF's defaults (20 new tokens, do_sample False, temperature 1, top_k 50, top_p 1). ``max_length`` and
+        ``min_length`` count the prompt, as in HF. top_k=0 disables top-k. ``generator`` (a torch.Generator) or
+        ``seed`` (an int) makes sampling reproducible; otherwise the global RNG is used. Other HF settings are
+        accepted at their "off" value (num_beams=1, repetition_penalty=1.0, use_cache=True, ...); another value,
+        passed or in the generation config, raises NotImplementedError rather than giving different tokens.
         The prompt is prefilled into a KVCache of P + max_new_tokens positions, then one token per step."""
         batch, prompt_len = input_ids.shape
+        unknown = sorted(set(other_settings) - set(UNSUPPORTED_OFF) - set(IGNORED_SETTINGS))
+        if unknown:
+            raise TypeError(f"generate() got unexpected arguments {unknown}")
         args = resolve_generation_args(self.generation_config, self.config.eos_token_id, self.config.pad_token_id,
-                                       prompt_len, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                                       prompt_len, self.config.max_position_embeddings,
+                                       max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                       max_length=max_length, min_length=min_length, do_sample=do_sample,
+                                       temperature=temperature, top_k=top_k, top_p=top_p,
+                                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, **other_settings)
         new_tokens, eos_ids, pad = args["max_new_tokens"], args["eos_token_ids"], args["pad_token_id"]
         generator = make_generator(seed if generator is None else generator, input_ids.device)
         if attention_mask is None:  # HF: infer the mask from pad tokens unless pad is also an eos token

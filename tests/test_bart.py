@@ -457,6 +457,34 @@ def test_load_errors_are_clear(tmp_path, hf_checkpoint):
         BartForConditionalGeneration.from_pretrained(tmp_path / "nowhere")
 
 
+def test_aliases_of_the_shared_embedding_must_agree(tmp_path, hf_checkpoint):
+    """A stored lm_head that differs from the shared embedding cannot be one tied tensor: a clear error."""
+    path, _ = hf_checkpoint
+    shared = load_file(path / "model.safetensors")["model.shared.weight"]
+    with pytest.raises(ValueError, match="lm_head.weight with values different from model.shared.weight"):
+        BartForConditionalGeneration.from_pretrained(
+            _copy_checkpoint(path, tmp_path / "a", add={"lm_head.weight": shared + 1.0}))
+
+
+@pytest.mark.parametrize("dtype,expected", [("bfloat16", torch.bfloat16), ("auto", torch.float32),
+                                            (None, torch.float32)])
+def test_dtype_names_and_auto(dtype, expected, hf_checkpoint):
+    path, _ = hf_checkpoint
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = BartForConditionalGeneration.from_pretrained(path, attn_implementation="eager", **kwargs)
+    assert {p.dtype for p in model.parameters()} == {expected}
+
+
+def test_generate_accepts_the_off_values_of_sampling_and_cache(models, source_batch):
+    ids, mask = source_batch
+    model = models["eager"]
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=3)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                      use_cache=True), plain)
+    with pytest.raises(NotImplementedError, match="do_sample"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "mbart"}, "model_type"),
     ({"normalize_before": True}, "pre-LayerNorm"),

@@ -127,8 +127,20 @@ def test_kv_cache_decode_matches_full_forward(fused):
             assert out.past_key_values is cache and cache.length == t + 1
             steps.append(out.logits)
     assert_logits_close(torch.cat(steps, dim=1), full, mask)
-    with pytest.raises(ValueError, match="KVCache overflow"):
-        fused(ids[:, :1], attention_mask=torch.ones(2, 11, dtype=torch.long, device=DEVICE), past_key_values=cache)
+
+
+def test_kv_cache_grows_when_continued_past_its_size(fused):
+    """As with HF's dynamic cache: forward(use_cache=True) then more tokens through out.past_key_values."""
+    ids, mask = left_padded_batch([9, 5], 9, seed=3)
+    with torch.no_grad():
+        full = fused(ids, attention_mask=mask).logits
+        out = fused(ids[:, :4], attention_mask=mask[:, :4], use_cache=True)
+        assert out.past_key_values.max_len == 4
+        rest = fused(ids[:, 4:], attention_mask=mask, past_key_values=out.past_key_values)
+        assert out.past_key_values.max_len >= 9 and out.past_key_values.length == 9
+        last = fused(ids, attention_mask=mask, logits_to_keep=torch.tensor([2, 8], device=DEVICE)).logits
+    assert_logits_close(torch.cat([out.logits, rest.logits], dim=1), full, mask)
+    torch.testing.assert_close(last, full[:, [2, 8]], atol=ATOL, rtol=1e-4)
 
 
 def test_kv_cache_in_place_views_and_reorder():
@@ -201,6 +213,74 @@ def test_generation_defaults_from_generation_config(tmp_path, base):
     assert out.shape == (2, 7)
     assert torch.equal(out, base[1].generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
                                              pad_token_id=PAD))
+
+
+@pytest.fixture(scope="module")
+def eager(base):
+    return LlamaForCausalLM.from_pretrained(base[0], device=DEVICE, attn_implementation="eager")
+
+
+def hf_greedy(hf, ids, mask, **kwargs):
+    return hf.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, **kwargs)
+
+
+@pytest.mark.parametrize("prompt_len", [6, 24])
+def test_default_length_is_20_new_tokens_as_hf(base, eager, prompt_len):
+    """No max_new_tokens / max_length anywhere: HF generates 20 new tokens (capped by the position table),
+    whatever the prompt length."""
+    ids, mask = left_padded_batch([prompt_len, prompt_len - 2], prompt_len, seed=13)
+    ours = eager.generate(ids, attention_mask=mask, eos_token_id=[])
+    assert ours.shape == (2, prompt_len + 20)
+    assert torch.equal(ours, hf_greedy(base[1], ids, mask, eos_token_id=None))
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_length=11), dict(min_length=14, max_new_tokens=9),
+                                    dict(min_new_tokens=3, min_length=9, max_new_tokens=6)])
+def test_max_and_min_length_count_the_prompt(base, eager, kwargs):
+    """eos among the likely tokens, so that min_length / min_new_tokens really suppress it."""
+    ids, mask = left_padded_batch([8, 5], 8, seed=14)
+    with torch.no_grad():
+        eos = int(eager(ids, attention_mask=mask).logits[:, -1].argmax(-1)[0])  # row 0's next greedy token
+    ours = eager.generate(ids, attention_mask=mask, eos_token_id=eos, pad_token_id=PAD, **kwargs)
+    assert torch.equal(ours, hf_greedy(base[1], ids, mask, eos_token_id=eos, **kwargs))
+
+
+@pytest.mark.parametrize("setting", [dict(repetition_penalty=1.3), dict(num_beams=2), dict(no_repeat_ngram_size=2),
+                                     dict(forced_eos_token_id=5), dict(num_return_sequences=2)])
+def test_unsupported_generation_settings_are_errors(tmp_path, base, eager, setting):
+    """HF would apply them: an error, not silently different tokens; from the call or the generation config."""
+    ids, mask = left_padded_batch([5, 5], 5, seed=15)
+    with pytest.raises(NotImplementedError, match=list(setting)[0]):
+        eager.generate(ids, attention_mask=mask, max_new_tokens=2, **setting)
+    shutil.copytree(base[0], tmp_path, dirs_exist_ok=True)
+    with open(tmp_path / "generation_config.json", "w") as f:
+        json.dump({"eos_token_id": 2, "pad_token_id": 0, **setting}, f)
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE, attn_implementation="eager")
+    with pytest.raises(NotImplementedError, match=list(setting)[0]):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
+def test_off_values_of_other_settings_are_accepted(base, eager):
+    ids, mask = left_padded_batch([6, 4], 6, seed=16)
+    plain = eager.generate(ids, attention_mask=mask, max_new_tokens=4)
+    same = eager.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=1, repetition_penalty=1.0,
+                          num_return_sequences=1, use_cache=False)
+    assert torch.equal(plain, same)
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        eager.generate(ids, attention_mask=mask, max_new_tokens=4, no_such_setting=3)
+
+
+def test_generation_keys_of_a_legacy_config_json(tmp_path, base):
+    """Without generation_config.json HF reads the generation keys of config.json (here max_length)."""
+    shutil.copytree(base[0], tmp_path, dirs_exist_ok=True)
+    os.remove(tmp_path / "generation_config.json")
+    edit_config(str(tmp_path), lambda c: c.update(max_length=12))
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE, attn_implementation="eager")
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).to(DEVICE).eval()
+    ids, mask = left_padded_batch([7, 5], 7, seed=17)
+    ours = model.generate(ids, attention_mask=mask, eos_token_id=[])
+    assert ours.shape == (2, 12)
+    assert torch.equal(ours, hf_greedy(hf, ids, mask, eos_token_id=None))
 
 
 def test_sampling_seeded_and_top_k_top_p(fused):
@@ -428,6 +508,35 @@ def test_sharded_checkpoint_and_dtype(tmp_path, base):
     assert logits.dtype == torch.bfloat16
     assert_close = (logits.float() - hf_logits(hf, ids, mask)).abs()[mask.bool()].max()
     assert assert_close < 0.1
+
+
+@pytest.mark.parametrize("dtype,expected", [("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
+                                            ("auto", torch.bfloat16), (None, torch.bfloat16)])
+def test_dtype_names_and_auto(tmp_path, base, dtype, expected):
+    """dtype by name, or "auto" (the default, as in HF 5): the checkpoint's own dtype (here bf16)."""
+    hf16 = transformers.LlamaForCausalLM.from_pretrained(base[0], dtype=torch.bfloat16)
+    hf16.save_pretrained(tmp_path)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE, attn_implementation="eager", **kwargs)
+    assert model.dtype == expected
+    with pytest.raises(ValueError, match="dtype must be"):
+        LlamaForCausalLM.from_pretrained(str(tmp_path), dtype="bf16")
+
+
+def test_tied_config_with_a_different_stored_lm_head_loads_untied_as_hf(tmp_path, base):
+    def untie_values(sd):
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"] + 0.5
+
+    shutil.copytree(base[0], tmp_path, dirs_exist_ok=True)
+    edit_config(str(tmp_path), lambda c: c.update(tie_word_embeddings=True))
+    rewrite_weights(tmp_path, untie_values)
+    with pytest.warns(UserWarning, match="untied"):
+        model = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE, attn_implementation="eager")
+    assert model.lm_head.weight is not model.embed_tokens.weight
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).to(DEVICE).eval()
+    ids, mask = left_padded_batch([6, 6], 6, seed=18)
+    with torch.no_grad():
+        assert_logits_close(model(ids, attention_mask=mask).logits, hf_logits(hf, ids, mask), mask)
 
 
 # ----------------------------------------------------------------------------------------------- save / load
