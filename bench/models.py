@@ -4,7 +4,8 @@ the same random checkpoint that transformers writes with ``save_pretrained`` to 
 - Llama-3.2-1B-shaped (hidden 2048, 16 layers, 32 heads / 8 KV heads, ffn 8192, vocab 128256, tied embeddings,
   rope_theta 500000): prefill B=8 x 512 (logits of the last position, KV cache filled); greedy 128 new tokens
   for B=1 (prompt 128) and B=8 (prompt 512, row 0 left-padded by a quarter), HF with its default dynamic cache
-  and with ``cache_implementation="static"`` (HF then compiles its decode step itself).
+  and with ``cache_implementation="static"`` (HF then compiles its decode step itself); ours with its default
+  loop, and again with ``cache_implementation="static"`` (each decode step replayed as one CUDA graph).
 - BART-large-shaped (d_model 1024, 12+12 layers, 16 heads, ffn 4096, vocab 50265): greedy B=8, source 512
   (row 0 half padding) -> 64 new tokens; beam 4, B=4; a training step B=8, source 512, target 128 (forward +
   backward of the loss, no optimizer; dropout as configured, 0.1, in both), and the same step with
@@ -47,6 +48,8 @@ def shapes(quick):
         dict(model="llama", task="prefill", B=8, prompt=512),
         dict(model="llama", task="greedy", B=1, prompt=128, new=128),
         dict(model="llama", task="greedy", B=8, prompt=512, new=128),
+        dict(model="llama", task="greedy", B=1, prompt=128, new=128, ours_cache="static"),
+        dict(model="llama", task="greedy", B=8, prompt=512, new=128, ours_cache="static"),
         dict(model="bart", task="greedy", B=8, source=512, new=64),
         dict(model="bart", task="beam4", B=4, source=512, new=64),
         dict(model="bart", task="train", B=8, source=512, target=128),
@@ -58,6 +61,7 @@ DRY_RUN_SHAPES = [
     dict(model="llama", task="prefill", B=2, prompt=16),
     dict(model="llama", task="greedy", B=1, prompt=8, new=3),
     dict(model="llama", task="greedy", B=2, prompt=12, new=3),
+    dict(model="llama", task="greedy", B=2, prompt=12, new=3, ours_cache="static"),
     dict(model="bart", task="greedy", B=2, source=16, new=3),
     dict(model="bart", task="beam4", B=2, source=16, new=3),
     dict(model="bart", task="train", B=2, source=16, target=8),
@@ -99,9 +103,9 @@ def ours_llama_prefill(model, ids, mask, positions):
         return model(ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1).logits
 
 
-def ours_llama_greedy(model, ids, mask, new_tokens):
+def ours_llama_greedy(model, ids, mask, new_tokens, cache_implementation=None):
     return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          do_sample=False, pad_token_id=LLAMA_PAD)
+                          do_sample=False, pad_token_id=LLAMA_PAD, cache_implementation=cache_implementation)
 
 
 def ours_bart_generate(model, ids, mask, new_tokens, beams):
@@ -226,10 +230,13 @@ def _llama_cases(spec, runner):
         return Case(NAME, "prefill", label, label, None, shape, impls, "tok/s", batch * prompt, check=check,
                     rep_ms=1000)
     new = spec["new"]
-    impls = {"ours": lambda: ours_llama_greedy(ours, ids, mask, new),
+    ours_cache = spec.get("ours_cache")
+    impls = {"ours": lambda: ours_llama_greedy(ours, ids, mask, new, ours_cache),
              "hf_sdpa": lambda: hf_llama_greedy(hf, ids, mask, new),
              "hf_sdpa_static": lambda: hf_llama_greedy(hf, ids, mask, new, static_cache=True)}
     label = f"llama greedy B={batch} prompt {prompt} +{new}{padded}"
+    if ours_cache == "static":
+        label += " (ours: static cache, CUDA graph)"
     case = Case(NAME, "generate", label, label, None, shape, impls, "tok/s", batch * new, wall_clock=True)
     case.check = _token_check(case, impls, prompt)
     return case

@@ -49,6 +49,15 @@ class KVCache:
         v_cache[:, :, self.length:end].copy_(v_new)
         return k_cache[:, :, :end], v_cache[:, :, :end]
 
+    def write_slot(self, layer_idx, slot, k_new, v_new):
+        """Write one position ``k_new, v_new [B, Hkv, 1, D]`` at the position held in the device tensor
+        ``slot`` ``[1]`` (no host value: a CUDA graph can replay it); returns the whole buffers
+        ``[B, Hkv, max_len, D]``. ``length`` is not moved."""
+        k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]
+        k_cache.index_copy_(2, slot, k_new)
+        v_cache.index_copy_(2, slot, v_new)
+        return k_cache, v_cache
+
     def reserve(self, length):
         """Make room for ``length`` positions: when the cache is shorter, its buffers are reallocated (at least
         doubled, so a cache grown step by step is copied O(log n) times) and the filled part copied over."""

@@ -28,6 +28,7 @@ from kernels.checks import triton_can_run
 from models.beam_search import generation_defaults_from_model_config
 from models.checkpoint import (assign_state_dict, load_config_dict, load_generation_config,
                                load_safetensors_state_dict, resolve_dtype, save_safetensors)
+from models.cuda_graph import StepGraph
 from models.generation import (IGNORED_SETTINGS, UNSUPPORTED_OFF, apply_logits_processing, make_generator,
                                pick_next_token, resolve_generation_args)
 from models.kv_cache import KVCache
@@ -281,19 +282,26 @@ class Attention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.impl = "fused"
 
-    def forward(self, x, cos, sin, key_padding_mask, cache, past_len):
+    def forward(self, x, cos, sin, key_padding_mask, cache, past_len, slot=None):
         """x ``[B, L, hidden]``; cos/sin ``[B, L, D]``; key_padding_mask ``[B, past_len + L]`` or None;
-        cache: KVCache or None. Returns ``[B, L, hidden]``."""
+        cache: KVCache or None. With ``slot`` (a fixed-shape decode step, see ``decode_one``): one token
+        (L = 1) written at the cache position held in the device tensor ``slot`` [1], attending over the whole
+        cache, whose unwritten positions key_padding_mask ``[B, max_len]`` marks as padding.
+        Returns ``[B, L, hidden]``."""
         batch, q_len, _ = x.shape
         ops = _implementation(self.impl, x.device)
         q = ops.rope(self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim), cos, sin)
         k = ops.rope(self.k_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D] views, no copies
-        if cache is not None:
+        causal = True
+        if slot is not None:
+            k, v = cache.write_slot(self.layer_idx, slot, k, v)  # the whole cache [B, Hkv, max_len, D]
+            causal, past_len = False, None  # one query: the mask alone hides the positions after it
+        elif cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # views [B, Hkv, past_len + L, D] of the cache
         dropout_p = self.attention_dropout if self.training else 0.0   # on the probabilities, like HF's
-        out = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, past_len=past_len,
+        out = ops.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
                             dropout_p=dropout_p)
         return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
 
@@ -323,14 +331,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, residual, cos, sin, key_padding_mask, cache=None, past_len=0):
+    def forward(self, x, residual, cos, sin, key_padding_mask, cache=None, past_len=0, slot=None):
         """x: previous sublayer's output ``[B, L, hidden]``; residual: the residual stream before adding x (None
         in the first layer, where x is the embedding). Returns (this layer's MLP output, residual stream)."""
         if residual is None:
             residual, normed = x, self.input_layernorm(x)
         else:
             normed, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(normed, cos, sin, key_padding_mask, cache, past_len)
+        x = self.self_attn(normed, cos, sin, key_padding_mask, cache, past_len, slot)
         normed, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(normed), residual
 
@@ -479,14 +487,7 @@ class LlamaForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past_len, q_len, batch, input_ids.device)
         key_padding_mask = attention_mask  # an all-ones mask is correct too; generate() drops it when unpadded
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rope(position_ids, x.dtype)
-        residual = None
-        for layer in self.layers:
-            if checkpointing:
-                x, residual = checkpoint(layer, x, residual, cos, sin, key_padding_mask, use_reentrant=False)
-            else:
-                x, residual = layer(x, residual, cos, sin, key_padding_mask, cache, past_len)
+        x, residual = self._layers(input_ids, position_ids, key_padding_mask, cache, past_len, checkpointing)
         if cache is not None:
             cache.advance(q_len)
         if isinstance(logits_to_keep, torch.Tensor):  # HF: a 1-D tensor of the positions to keep
@@ -501,12 +502,57 @@ class LlamaForCausalLM(nn.Module):
                                    ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=cache)
 
+    def _layers(self, input_ids, position_ids, key_padding_mask, cache, past_len, checkpointing=False, slot=None):
+        """Embedding and decoder layers: (last layer's output, residual stream), before the final norm."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, x.dtype)
+        residual = None
+        for layer in self.layers:
+            if checkpointing:
+                x, residual = checkpoint(layer, x, residual, cos, sin, key_padding_mask, use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, cos, sin, key_padding_mask, cache, past_len, slot)
+        return x, residual
+
+    def _static_decoder(self, cache, mask, prompt_len):
+        """``decode(token [B], positions [B, 1], length) -> logits [B, vocab]`` through ``decode_one``: the
+        inputs are copied into fixed buffers, then the step runs, as a replayed CUDA graph on CUDA (unless the
+        RoPE is "dynamic", whose frequencies are recomputed from the host's view of the length)."""
+        batch, device = mask.shape[0], mask.device
+        key_mask = mask != 0
+        key_mask[:, prompt_len:] = False  # positions not generated yet
+        token_in = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        position_in = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        slot_in = torch.zeros(1, dtype=torch.long, device=device)
+        use_graph = device.type == "cuda" and self.config.rope_parameters["rope_type"] != "dynamic"
+        step = StepGraph(lambda: self.decode_one(token_in, position_in, slot_in, key_mask, cache), use_graph)
+
+        def decode(token, positions, length):
+            token_in.copy_(token[:, None])
+            position_in.copy_(positions)
+            slot_in.fill_(length - 1)  # the new token is the (length)-th of the sequence
+            logits = step()
+            cache.advance(1)
+            return logits
+
+        return decode
+
+    def decode_one(self, token, position, slot, key_mask, cache):
+        """A decode step whose every launch has the same arguments each time (what a CUDA graph records):
+        token, position ``[B, 1]`` and slot ``[1]`` (the cache position to write) are device tensors;
+        key_mask ``[B, max_len]`` bool marks the cache positions to attend to (the slot is set here). Writes the
+        token's K/V into the cache and returns the next-token logits ``[B, vocab]``; cache.length is not moved."""
+        key_mask.index_fill_(1, slot, True)
+        x, residual = self._layers(token, position, key_mask, cache, None, slot=slot)
+        x, _ = self.norm(x, residual)
+        return self.lm_head(x)[:, -1]
+
     # ------------------------------------------------------------------------------------------- generate
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=None, min_new_tokens=None, do_sample=None,
                  temperature=None, top_k=None, top_p=None, generator=None, seed=None, eos_token_id=None,
-                 pad_token_id=None, max_length=None, min_length=None, **other_settings):
+                 pad_token_id=None, max_length=None, min_length=None, cache_implementation=None, **other_settings):
         """Greedy or sampled continuation like HF's ``generate``: returns ``[B, P + N]`` (prompt, then new
         tokens; a row that produced eos continues with pad; stops early once every row has finished).
 
@@ -516,8 +562,13 @@ class LlamaForCausalLM(nn.Module):
         ``seed`` (an int) makes sampling reproducible; otherwise the global RNG is used. Other HF settings are
         accepted at their "off" value (num_beams=1, repetition_penalty=1.0, use_cache=True, ...); another value,
         passed or in the generation config, raises NotImplementedError rather than giving different tokens.
-        The prompt is prefilled into a KVCache of P + max_new_tokens positions, then one token per step."""
+        The prompt is prefilled into a KVCache of P + max_new_tokens positions, then one token per step.
+        ``cache_implementation="static"`` (HF's name for its compiled path): every decode step has the same
+        launch arguments (it attends over the whole cache, the mask hiding what is not written yet), so on CUDA
+        it is recorded once as a CUDA graph and replayed (``models/cuda_graph.py``); same tokens."""
         batch, prompt_len = input_ids.shape
+        if cache_implementation not in (None, "dynamic", "static"):
+            raise ValueError(f"cache_implementation must be None, 'dynamic' or 'static', got {cache_implementation!r}")
         unknown = sorted(set(other_settings) - set(UNSUPPORTED_OFF) - set(IGNORED_SETTINGS))
         if unknown:
             raise TypeError(f"generate() got unexpected arguments {unknown}")
@@ -551,12 +602,19 @@ class LlamaForCausalLM(nn.Module):
         step_mask = (lambda n: mask[:, :n]) if padded else (lambda n: None)
         out = self(input_ids, attention_mask=step_mask(prompt_len), position_ids=positions, past_key_values=cache,
                    logits_to_keep=1)
+        if cache_implementation == "static":
+            decode = self._static_decoder(cache, mask, prompt_len)
+        else:
+            def decode(token, positions, length):
+                return self(token[:, None], attention_mask=step_mask(length), position_ids=positions,
+                            past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        logits = out.logits[:, -1]
         # the stop test reads the GPU every STOP_CHECK_INTERVAL steps only (a host sync stalls the launch
         # queue); steps run past the moment every row finished only produce pad and are cut off again
         finished_at = torch.full((batch,), total, dtype=torch.long, device=input_ids.device)
         length = prompt_len
         for step in range(new_tokens):
-            logits = apply_logits_processing(out.logits[:, -1], num_generated=step,
+            logits = apply_logits_processing(logits, num_generated=step,
                                              min_new_tokens=args["min_new_tokens"], eos_token_ids=eos_ids,
                                              do_sample=args["do_sample"], temperature=args["temperature"],
                                              top_k=args["top_k"], top_p=args["top_p"])
@@ -573,8 +631,7 @@ class LlamaForCausalLM(nn.Module):
             if (step + 1) % STOP_CHECK_INTERVAL == 0 and not bool(unfinished.any()):
                 break
             positions = positions[:, -1:] + 1
-            out = self(next_token[:, None], attention_mask=step_mask(length), position_ids=positions,
-                       past_key_values=cache, logits_to_keep=1)
+            logits = decode(next_token, positions, length)
         if eos.numel() and not bool(unfinished.any()):
             length = int(finished_at.max())  # HF stops at the step where the last row finished
         return tokens[:, :length]

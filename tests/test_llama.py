@@ -6,6 +6,7 @@ Without a GPU the fused kernels run through Triton's interpreter (tests/conftest
 import json
 import os
 import shutil
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -166,6 +167,50 @@ def test_greedy_generation_matches_hf(base, fused):
     ours = fused.generate(ids, attention_mask=mask, max_new_tokens=6)
     assert ours.shape == (3, 16)
     assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+def test_static_cache_generation_matches_hf(base, fused, eager, impl):
+    """cache_implementation="static": fixed-shape steps over the whole cache (a CUDA graph on the GPU) give
+    HF's tokens on a left-padded batch, with rows finishing at different times."""
+    model = fused if impl == "fused" else eager
+    ids, mask = left_padded_batch([9, 4, 7], 9, seed=19)
+    with torch.no_grad():
+        eos = int(model(ids, attention_mask=mask).logits[1, -1].argmax())  # row 1 stops at once
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=PAD)
+    static = model.generate(ids, cache_implementation="static", **kwargs)
+    assert torch.equal(static, hf_greedy(base[1], ids, mask, max_new_tokens=6, eos_token_id=eos))
+    assert torch.equal(static, model.generate(ids, **kwargs))
+    with pytest.raises(ValueError, match="cache_implementation"):
+        model.generate(ids, cache_implementation="offloaded", **kwargs)
+
+
+def test_static_cache_sampling_matches_the_dynamic_path(fused):
+    ids, mask = left_padded_batch([6, 3], 6, seed=20)
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=0, temperature=1.3)
+    assert torch.equal(fused.generate(ids, seed=5, cache_implementation="static", **kwargs),
+                       fused.generate(ids, seed=5, **kwargs))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="records a CUDA graph")
+def test_static_cache_records_one_cuda_graph(fused, monkeypatch):
+    from models import cuda_graph
+    recorded = []
+    real_record = cuda_graph.StepGraph._record
+
+    def record(self):
+        real_record(self)
+        recorded.append(self.graph)
+
+    monkeypatch.setattr(cuda_graph.StepGraph, "_record", record)
+    ids, mask = left_padded_batch([8, 5], 8, seed=21)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        static = fused.generate(ids, attention_mask=mask, max_new_tokens=6, cache_implementation="static")
+    failed = [str(w.message) for w in caught if "CUDA graph failed" in str(w.message)]
+    assert not failed, failed  # a failed recording warns and falls back to eager steps
+    assert len(recorded) == 1 and recorded[0] is not None
+    assert torch.equal(static, fused.generate(ids, attention_mask=mask, max_new_tokens=6))
 
 
 def test_generation_finished_rows_pad_and_eos_list(base, fused):

@@ -1,0 +1,54 @@
+"""A decode step recorded once as a CUDA graph and replayed: one launch per step instead of hundreds.
+
+At batch 1 a decode step is bound by the host (each layer issues tens of kernel launches, each costing a few
+microseconds of Python and driver time) rather than by the GPU, which only needs to read the weights once.
+Replaying a CUDA graph issues the whole step at once. It needs a step whose every launch has the same
+arguments each time: the same tensors (fixed input buffers that the caller refills between replays) and the
+same shapes, and no host synchronisation inside.
+"""
+import warnings
+
+import torch
+
+
+class StepGraph:
+    """Runs ``body()`` eagerly, or (``use_graph``, on CUDA) records it as a CUDA graph the first time and replays it.
+
+    ``body`` must read its inputs only from fixed buffers, return a tensor of a fixed shape, and be idempotent
+    for the same inputs (it runs twice to warm up — compiling the Triton kernels and settling the allocator —
+    before it is recorded). The returned tensor is the same buffer after every replay: consume it before the
+    next call. If recording fails, a warning is given and the step runs eagerly from then on.
+    """
+
+    def __init__(self, body, use_graph):
+        self.body = body
+        self.use_graph = use_graph
+        self.graph = None
+        self.output = None
+
+    def __call__(self):
+        if self.use_graph and self.graph is None:
+            self._record()
+        if self.graph is None:
+            return self.body()
+        self.graph.replay()
+        return self.output
+
+    def _record(self):
+        warm_up = torch.cuda.Stream()
+        warm_up.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warm_up):
+            for _ in range(2):
+                self.body()
+        torch.cuda.current_stream().wait_stream(warm_up)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.output = self.body()
+        except Exception as error:  # keep generating, eagerly, rather than fail the whole call
+            warnings.warn(f"recording the decode step as a CUDA graph failed ({type(error).__name__}: {error}); "
+                          "running it eagerly", stacklevel=3)
+            self.use_graph = False
+            self.output = None
+            return
+        self.graph = graph
