@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_attention_inputs, check_kernel_device
+from kernels.checks import MAX_BATCH, check_attention_inputs, check_kernel_device
 from kernels.decode_attention import decode_attention, key_padding_range
 from kernels.launch import cdiv, next_power_of_2
 
@@ -662,6 +662,9 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_
         if q_len <= DECODE_MAX_QUERY_LEN and not needs_grad and dropout_p == 0.0:
             return decode_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
                                     sm_scale=sm_scale, kv_batch_index=kv_batch_index)
+        if batch > MAX_BATCH:
+            raise ValueError(f"q's batch size must be at most {MAX_BATCH} (a CUDA grid axis of the fused kernels; "
+                             f"decode steps without gradients have no limit), got {batch}: split the batch")
         dropout = _DropoutArgs(q, dropout_p, generator)
         if not needs_grad:  # inference: no autograd Function, no saved tensors
             masks = _MaskArgs(q, key_padding_mask, kv_batch_index)

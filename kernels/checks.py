@@ -5,7 +5,8 @@ import weakref
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# the attention kernels put the batch on a CUDA grid axis whose size is limited to 65535
+# the fused attention kernels put the batch on a CUDA grid axis whose size is limited to 65535 (the split-KV
+# decode kernel's grid is 1-D and has no such limit)
 MAX_BATCH = 65535
 
 
@@ -53,9 +54,6 @@ def check_attention_inputs(q, k, v, key_padding_mask, kv_batch_index, past_len):
         raise ValueError(f"q's head count ({num_heads}) must be a multiple of k/v's head count ({num_kv_heads})")
     if q_len == 0 or k_len == 0 or batch == 0:
         raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if batch > MAX_BATCH:
-        raise ValueError(f"q's batch size must be at most {MAX_BATCH} (a CUDA grid axis), got {batch}: "
-                         f"split the batch")
     if kv_batch_index is None:
         if kv_batch != batch:
             raise ValueError(f"k and v batch ({kv_batch}) must equal q's batch ({batch}) without kv_batch_index")

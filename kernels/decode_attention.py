@@ -305,7 +305,8 @@ def key_padding_range(key_padding_mask):
 
     A fully padded row gets ``(Lk, 0)``, an empty range. Pure torch ops on the mask's device (no host sync).
     A model passes the same mask tensor to every layer of a forward pass, so the last result is kept and
-    reused while the very same tensor object, unmodified (same version counter), comes back.
+    reused while the very same tensor object, unmodified (same version counter), comes back. A mask changed
+    behind autograd's back (``.data`` writes, NumPy or DLPack aliases) keeps its version: pass a new tensor then.
     """
     global _last_key_range
     # inference-mode tensors have no version counter: those are not cached

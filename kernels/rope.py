@@ -6,8 +6,10 @@ PyTorch this is five kernels per tensor (two products, a negation, a concatenati
 which matters at decode time, when a step is bound by the host's launches, not by the GPU.
 
 One program handles one token row (b, l): it loads that row's cos and sin once and rotates BLOCK_H heads.
-The backward is the same rotation with the angle negated (sin -> -sin): the gradient of x is
-``g * cos + rotate_half^T(g * sin)`` and ``rotate_half^T(y) = cat(y2, -y1)``.
+The backward is the same kernel with sin's halves swapped and negated: the gradient of x is
+``g * cos + rotate_half^T(g * sin)`` with ``rotate_half^T(y) = cat(y2, -y1)``, i.e.
+``dx1 = g1 * cos1 + g2 * sin2`` and ``dx2 = g2 * cos2 - g1 * sin1`` (for HF's RoPE the halves are equal, and this
+is the rotation by the opposite angle).
 """
 import contextlib
 
@@ -25,7 +27,8 @@ def _rope_kernel(
     stride_xb, stride_xl, stride_xh,   # x [B, L, H, D] (unit stride along D)
     stride_cb, stride_cl,              # cos, sin [B, L, D] (unit stride along D, same strides)
     stride_ob, stride_ol, stride_oh,   # out [B, L, H, D]
-    seq_len, num_heads, sin_sign,
+    seq_len, num_heads,
+    BACKWARD: tl.constexpr,            # rotate by -sin with its halves swapped (the gradient)
     HALF: tl.constexpr,                # D / 2
     BLOCK_HALF: tl.constexpr,          # HALF rounded up to a power of two
     BLOCK_H: tl.constexpr,
@@ -41,8 +44,10 @@ def _rope_kernel(
     cs = b * stride_cb + l * stride_cl
     cos1 = tl.load(COS + cs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     cos2 = tl.load(COS + cs + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    sin1 = tl.load(SIN + cs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :] * sin_sign
-    sin2 = tl.load(SIN + cs + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :] * sin_sign
+    sin1 = tl.load(SIN + cs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(SIN + cs + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if BACKWARD:
+        sin1, sin2 = -sin2, -sin1
 
     x_row = X + b * stride_xb + l * stride_xl + heads[:, None].to(tl.int64) * stride_xh
     x1 = tl.load(x_row + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)          # [BLOCK_H, BLOCK_HALF]
@@ -57,7 +62,7 @@ def _rope_kernel(
     tl.store(out_row + HALF + cols[None, :], out2.to(dtype), mask=tile_ok)
 
 
-def _rotate(x, cos, sin, sin_sign, out=None):
+def _rotate(x, cos, sin, backward=False, out=None):
     """Launch the kernel: x ``[B, L, H, D]`` (unit stride along D), cos/sin ``[B, L, D]``. Returns ``out`` (a new
     contiguous ``[B, L, H, D]`` tensor in x's dtype unless given)."""
     batch, seq_len, num_heads, head_dim = x.shape
@@ -75,8 +80,8 @@ def _rotate(x, cos, sin, sin_sign, out=None):
             x, cos, sin, out,
             x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
-            seq_len, num_heads, sin_sign,
-            HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h,
+            seq_len, num_heads,
+            BACKWARD=backward, HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h,
             num_warps=4 if block_h * block_half >= 1024 else 1,
         )
     return out
@@ -86,12 +91,12 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, 1.0)
+        return _rotate(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad_out):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad_out, cos, sin, -1.0), None, None
+        return _rotate(grad_out, cos, sin, backward=True), None, None
 
 
 def _check_inputs(x, cos, sin):
@@ -130,4 +135,4 @@ def rope(x, cos, sin):
     _check_inputs(x, cos, sin)
     if torch.is_grad_enabled() and x.requires_grad:
         return _Rope.apply(x, cos, sin)
-    return _rotate(x, cos, sin, 1.0)
+    return _rotate(x, cos, sin)

@@ -12,7 +12,8 @@ import torch
 
 
 class StepGraph:
-    """Runs ``body()`` eagerly, or (``use_graph``, on CUDA) records it as a CUDA graph the first time and replays it.
+    """Runs ``body()`` eagerly, or (``device`` a CUDA device) records it as a CUDA graph the first time and
+    replays it.
 
     ``body`` must read its inputs only from fixed buffers, return a tensor of a fixed shape, and be idempotent
     for the same inputs (it runs twice to warm up — compiling the Triton kernels and settling the allocator —
@@ -20,30 +21,37 @@ class StepGraph:
     next call. If recording fails, a warning is given and the step runs eagerly from then on.
     """
 
-    def __init__(self, body, use_graph):
+    def __init__(self, body, device=None):
         self.body = body
-        self.use_graph = use_graph
+        self.device = torch.device(device) if device is not None else None
+        self.use_graph = self.device is not None and self.device.type == "cuda"
         self.graph = None
         self.output = None
 
     def __call__(self):
-        if self.use_graph and self.graph is None:
-            self._record()
-        if self.graph is None:
+        if not self.use_graph:
             return self.body()
-        self.graph.replay()
+        # the streams, the recording and the replay all belong to the body's device, which need not be the
+        # current one (a graph recorded from another device's stream would capture nothing)
+        with torch.cuda.device(self.device):
+            if self.graph is None:
+                self._record()
+            if self.graph is None:
+                return self.body()
+            self.graph.replay()
         return self.output
 
     def _record(self):
-        warm_up = torch.cuda.Stream()
-        warm_up.wait_stream(torch.cuda.current_stream())
+        current = torch.cuda.current_stream(self.device)
+        warm_up = torch.cuda.Stream(device=self.device)
+        warm_up.wait_stream(current)
         with torch.cuda.stream(warm_up):
             for _ in range(2):
                 self.body()
-        torch.cuda.current_stream().wait_stream(warm_up)
+        current.wait_stream(warm_up)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=self.device)):
                 self.output = self.body()
         except Exception as error:  # keep generating, eagerly, rather than fail the whole call
             warnings.warn(f"recording the decode step as a CUDA graph failed ({type(error).__name__}: {error}); "

@@ -49,8 +49,8 @@ def resolve_generation_args(generation_config, model_config_eos, model_config_pa
     """Merge call arguments (None = not given) over generation_config.json over HF's defaults.
 
     Lengths as HF's decoder-only generate: max_new_tokens, else max_length (prompt included), else 20 new
-    tokens capped at max_position_embeddings; eos is suppressed until both min_new_tokens and min_length (prompt
-    included) are reached. Settings HF would apply that are not implemented raise NotImplementedError.
+    tokens capped at max_position_embeddings; eos is suppressed until min_new_tokens new tokens, else (when
+    min_new_tokens is not set) min_length tokens counting the prompt. Settings HF would apply that are not implemented raise NotImplementedError.
     Returns a dict with max_new_tokens, min_new_tokens (the effective one), do_sample, temperature, top_k,
     top_p, eos_token_ids (list), pad_token_id (int: pad, else the first eos, else 0 as HF warns and does).
     """
@@ -76,7 +76,10 @@ def resolve_generation_args(generation_config, model_config_eos, model_config_pa
     if max_new_tokens <= 0:
         raise ValueError(f"nothing to generate: max_new_tokens resolved to {max_new_tokens} (prompt length "
                          f"{prompt_len}); pass max_new_tokens")
-    min_new_tokens = max(int(pick("min_new_tokens") or 0), int(pick("min_length") or 0) - prompt_len)
+    if given.get("min_new_tokens") is not None or generation_config.get("min_new_tokens") is not None:
+        min_new_tokens = int(pick("min_new_tokens"))  # HF: min_new_tokens, when set, replaces min_length
+    else:
+        min_new_tokens = int(pick("min_length") or 0) - prompt_len
     eos = given.get("eos_token_id")
     if eos is None:
         eos = generation_config.get("eos_token_id", model_config_eos)

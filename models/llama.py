@@ -369,6 +369,7 @@ class LlamaForCausalLM(nn.Module):
         self.generation_config = {}
         self.gradient_checkpointing = False
         self._inv_freq = {}  # device -> float32 [head_dim // 2]; not a buffer, so .to(dtype) cannot round it
+        self._static_state = None  # generate(cache_implementation="static")'s cache and recorded step
         self.set_attn_implementation(attn_implementation)
 
     # ------------------------------------------------------------------------------------------- setup
@@ -514,24 +515,47 @@ class LlamaForCausalLM(nn.Module):
                 x, residual = layer(x, residual, cos, sin, key_padding_mask, cache, past_len, slot)
         return x, residual
 
-    def _static_decoder(self, cache, mask, prompt_len):
-        """``decode(token [B], positions [B, 1], length) -> logits [B, vocab]`` through ``decode_one``: the
-        inputs are copied into fixed buffers, then the step runs, as a replayed CUDA graph on CUDA (unless the
-        RoPE is "dynamic", whose frequencies are recomputed from the host's view of the length)."""
-        batch, device = mask.shape[0], mask.device
-        key_mask = mask != 0
-        key_mask[:, prompt_len:] = False  # positions not generated yet
-        token_in = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        position_in = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        slot_in = torch.zeros(1, dtype=torch.long, device=device)
-        use_graph = device.type == "cuda" and self.config.rope_parameters["rope_type"] != "dynamic"
-        step = StepGraph(lambda: self.decode_one(token_in, position_in, slot_in, key_mask, cache), use_graph)
+    def _static_decoding(self, batch, total):
+        """The KV cache, fixed input buffers and recorded step (``models/cuda_graph.py``) of
+        ``cache_implementation="static"``, kept on the model and reused by the next ``generate`` with the same
+        batch size, length, dtype, device, implementation and parameter storage (HF keeps its static cache too;
+        ``release_static_cache()`` frees it). On CUDA the step is a replayed CUDA graph, unless the RoPE is
+        "dynamic" (its frequencies depend on the host's view of the length)."""
+        device = self.device
+        key = (batch, total, self.dtype, device, self.attn_implementation,
+               tuple(p.data_ptr() for p in self.parameters()))
+        state = self._static_state
+        if state is None or state["key"] != key:
+            self._static_state = None  # the old cache and graph go before the new ones are allocated
+            cache = self.new_kv_cache(batch, total)
+            inputs = dict(token=torch.zeros(batch, 1, dtype=torch.long, device=device),
+                          position=torch.zeros(batch, 1, dtype=torch.long, device=device),
+                          slot=torch.zeros(1, dtype=torch.long, device=device),
+                          key_mask=torch.zeros(batch, total, dtype=torch.bool, device=device))
+            graph_device = device if self.config.rope_parameters["rope_type"] != "dynamic" else None
+            step = StepGraph(lambda: self.decode_one(**inputs, cache=cache), graph_device)
+            state = dict(key=key, cache=cache, step=step, **inputs)
+            self._static_state = state
+        state["cache"].reset()
+        return state
+
+    def release_static_cache(self):
+        """Free the KV cache and recorded decode step kept by ``generate(cache_implementation="static")``."""
+        self._static_state = None
+
+    @staticmethod
+    def _static_decoder(state, mask, prompt_len):
+        """``decode(token [B], positions [B, 1], length) -> logits [B, vocab]`` through the recorded step: the
+        inputs are copied into its fixed buffers, then it runs (``decode_one``)."""
+        state["key_mask"].copy_(mask != 0)
+        state["key_mask"][:, prompt_len:] = False  # positions not generated yet
+        cache = state["cache"]
 
         def decode(token, positions, length):
-            token_in.copy_(token[:, None])
-            position_in.copy_(positions)
-            slot_in.fill_(length - 1)  # the new token is the (length)-th of the sequence
-            logits = step()
+            state["token"].copy_(token[:, None])
+            state["position"].copy_(positions)
+            state["slot"].fill_(length - 1)  # the new token is the (length)-th of the sequence
+            logits = state["step"]()
             cache.advance(1)
             return logits
 
@@ -595,15 +619,16 @@ class LlamaForCausalLM(nn.Module):
         eos = torch.tensor(eos_ids, dtype=input_ids.dtype, device=input_ids.device)
         unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
 
-        cache = self.new_kv_cache(batch, total)
+        static = self._static_decoding(batch, total) if cache_implementation == "static" else None
+        cache = static["cache"] if static else self.new_kv_cache(batch, total)
         positions = positions_from_mask(attention_mask, 0, prompt_len, batch, input_ids.device)
         # one host sync here instead of one per step: without padding the kernels need no mask at all
         padded = bool((attention_mask == 0).any())
         step_mask = (lambda n: mask[:, :n]) if padded else (lambda n: None)
         out = self(input_ids, attention_mask=step_mask(prompt_len), position_ids=positions, past_key_values=cache,
                    logits_to_keep=1)
-        if cache_implementation == "static":
-            decode = self._static_decoder(cache, mask, prompt_len)
+        if static:
+            decode = self._static_decoder(static, mask, prompt_len)
         else:
             def decode(token, positions, length):
                 return self(token[:, None], attention_mask=step_mask(length), position_ids=positions,

@@ -385,7 +385,8 @@ def test_bad_input(mutate, error, match, device):
 
 
 def test_batch_above_grid_limit(device):
-    q = torch.randn(65536, 1, 1, 16, device=device)
+    """The fused kernels' limit (Lq > 16 here); the 1-D split-KV decode grid has none."""
+    q = torch.randn(65536, 1, 17, 16, device=device)
     with pytest.raises(ValueError, match="batch size must be at most 65535"):
         kernels.attention(q, q, q)
 

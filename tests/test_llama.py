@@ -185,6 +185,23 @@ def test_static_cache_generation_matches_hf(base, fused, eager, impl):
         model.generate(ids, cache_implementation="offloaded", **kwargs)
 
 
+def test_static_cache_is_reused_and_rebuilt_when_the_shape_changes(eager):
+    ids, mask = left_padded_batch([6, 4], 6, seed=22)
+    first = eager.generate(ids, attention_mask=mask, max_new_tokens=4, cache_implementation="static")
+    state = eager._static_state
+    again = eager.generate(ids, attention_mask=mask, max_new_tokens=4, cache_implementation="static")
+    assert eager._static_state is state and torch.equal(first, again)
+    other_ids, other_mask = left_padded_batch([5, 5], 6, seed=23)  # same shape, other prompt: same buffers
+    assert torch.equal(eager.generate(other_ids, attention_mask=other_mask, max_new_tokens=4,
+                                      cache_implementation="static"),
+                       eager.generate(other_ids, attention_mask=other_mask, max_new_tokens=4))
+    assert eager._static_state is state
+    eager.generate(ids, attention_mask=mask, max_new_tokens=5, cache_implementation="static")
+    assert eager._static_state is not state  # another length: a new cache and step
+    eager.release_static_cache()
+    assert eager._static_state is None
+
+
 def test_static_cache_sampling_matches_the_dynamic_path(fused):
     ids, mask = left_padded_batch([6, 3], 6, seed=20)
     kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=0, temperature=1.3)
@@ -203,14 +220,16 @@ def test_static_cache_records_one_cuda_graph(fused, monkeypatch):
         recorded.append(self.graph)
 
     monkeypatch.setattr(cuda_graph.StepGraph, "_record", record)
-    ids, mask = left_padded_batch([8, 5], 8, seed=21)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        static = fused.generate(ids, attention_mask=mask, max_new_tokens=6, cache_implementation="static")
-    failed = [str(w.message) for w in caught if "CUDA graph failed" in str(w.message)]
-    assert not failed, failed  # a failed recording warns and falls back to eager steps
+    fused.release_static_cache()
+    for seed in (21, 24):  # the second call replays the graph recorded by the first, on another prompt
+        ids, mask = left_padded_batch([8, 5], 8, seed=seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            static = fused.generate(ids, attention_mask=mask, max_new_tokens=6, cache_implementation="static")
+        failed = [str(w.message) for w in caught if "CUDA graph failed" in str(w.message)]
+        assert not failed, failed  # a failed recording warns and falls back to eager steps
+        assert torch.equal(static, fused.generate(ids, attention_mask=mask, max_new_tokens=6))
     assert len(recorded) == 1 and recorded[0] is not None
-    assert torch.equal(static, fused.generate(ids, attention_mask=mask, max_new_tokens=6))
 
 
 def test_generation_finished_rows_pad_and_eos_list(base, fused):
@@ -280,7 +299,8 @@ def test_default_length_is_20_new_tokens_as_hf(base, eager, prompt_len):
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_length=11), dict(min_length=14, max_new_tokens=9),
-                                    dict(min_new_tokens=3, min_length=9, max_new_tokens=6)])
+                                    dict(min_new_tokens=3, min_length=9, max_new_tokens=6),
+                                    dict(min_new_tokens=1, min_length=14, max_new_tokens=8)])
 def test_max_and_min_length_count_the_prompt(base, eager, kwargs):
     """eos among the likely tokens, so that min_length / min_new_tokens really suppress it."""
     ids, mask = left_padded_batch([8, 5], 8, seed=14)

@@ -45,7 +45,7 @@ def test_every_element_is_written(device):
     """Poison the output buffer: an element the kernel fails to write stays NaN."""
     x = projection_view(3, 5, 6, 48, torch.bfloat16, device)
     cos, sin = cos_sin(3, 5, 48, torch.bfloat16, device)
-    out = _rotate(x, cos, sin, 1.0, out=poison_(torch.empty(3, 5, 6, 48, device=device, dtype=torch.bfloat16)))
+    out = _rotate(x, cos, sin, out=poison_(torch.empty(3, 5, 6, 48, device=device, dtype=torch.bfloat16)))
     assert not torch.isnan(out).any()
     assert torch.equal(out, rope_reference(x, cos, sin))
 
@@ -67,6 +67,18 @@ def test_gradients_match_autograd_through_hf(dtype, device):
     assert_within_eager_error("dx", got, expected64, eager)
     if dtype != torch.float32:  # the backward is the same rotation with -sin: the same roundings as autograd
         assert torch.equal(got, eager)
+
+
+def test_gradients_with_unequal_halves(device):
+    """Any cos/sin, not only HF's (equal halves): the gradient is autograd's through the reference."""
+    x = projection_view(2, 5, 3, 32, torch.float32, device)
+    cos, sin = torch.randn(2, 5, 32, device=device), torch.randn(2, 5, 32, device=device)
+    grad_out = torch.randn(2, 5, 3, 32, device=device)
+    leaf = x.detach().clone().requires_grad_(True)
+    kernels.rope(leaf, cos, sin).backward(grad_out)
+    reference = x.detach().double().requires_grad_(True)
+    rope_reference(reference, cos.double(), sin.double()).backward(grad_out.double())
+    torch.testing.assert_close(leaf.grad.double(), reference.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_rotation_keeps_the_norm_of_each_pair(device):

@@ -37,7 +37,7 @@ launch = importlib.import_module("kernels.launch")
 
 SM90_MAX_SHARED_BYTES = 232448  # 227 KB: the most dynamic shared memory one block may use on sm_90
 CUDA = torch.device("cuda")
-FLOAT_ARGS = ("qk_scale", "sm_scale", "eps", "dropout_p", "dropout_scale", "sin_sign")
+FLOAT_ARGS = ("qk_scale", "sm_scale", "eps", "dropout_p", "dropout_scale")
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -146,7 +146,7 @@ def check_rope_kernel(dtype, num_heads, head_dim):
     block_h = min(launch.next_power_of_2(num_heads), 64)
     block_half = launch.next_power_of_2(head_dim // 2)
     compiled = compile_sm90(rope_mod._rope_kernel, dict(X=element, COS=element, SIN=element, OUT=element),
-                            dict(HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h),
+                            dict(BACKWARD=True, HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h),
                             4 if block_h * block_half >= 1024 else 1, 1)
     assert_fits_sm90(f"_rope_kernel {dtype} H={num_heads} D={head_dim}", compiled)
 
