@@ -40,6 +40,10 @@ def parse_args(argv):
     parser.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
                         help="per part: start no new shape after this many seconds (a GPU command has a time "
                              "limit; the shapes not started are listed at the end)")
+    parser.add_argument("--autotune", action="store_true",
+                        help="measure the spill-free tile candidates of the attention kernels on the first call of "
+                             "each shape class and keep the fastest (FUSEDFORMERS_AUTOTUNE=1); results are "
+                             "written as <part>[-quick]-autotune.json with the tiles chosen")
     parser.add_argument("--dry-run", action="store_true",
                         help="run every part's code paths once at tiny shapes and print meaningless timings "
                              "(without a GPU: on CPU through Triton's interpreter); checks the sweep itself")
@@ -48,6 +52,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.autotune:
+        os.environ["FUSEDFORMERS_AUTOTUNE"] = "1"  # read when kernels is imported, which happens later
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     import torch
@@ -71,11 +77,15 @@ def sweep(args, device):
         smoke.install_interpreter_fixes()
     common.raise_compile_limits()
     runner = common.Runner(device, dry_run=args.dry_run, wall_reps=3)
-    meta = common.environment(device, args.quick, args.dry_run)
+    meta = common.environment(device, args.quick, args.dry_run, args.autotune)
     results_dir = args.results_dir or (tempfile.mkdtemp(prefix="bench-dry-run-") if args.dry_run
                                        else os.path.join(ROOT, "bench", "results"))
     out_dir = os.path.join(results_dir, common.slug(meta["device"]))
     print(f"device: {meta['device']}  versions: {meta['versions']}", flush=True)
+    if args.autotune:
+        from kernels import autotune
+        print(f"autotune: {'on' if autotune.ENABLED else 'OFF (kernels was imported before the flag was set)'}",
+              flush=True)
     print(f"results: {out_dir}" + ("  (dry run: timings are single calls, not measurements)" if args.dry_run
                                     else ""), flush=True)
     failed, tables = [], []
@@ -94,6 +104,11 @@ def sweep(args, device):
                 module.finish()
         if problems:
             failed.append(f"{part} ({'; '.join(problems)})")
+        if args.autotune:
+            from kernels import autotune
+            writer.meta["autotune_choices"] = [dict(kernel=kernel, key=[str(x) for x in key], tile=list(tile))
+                                               for (kernel, key), tile in autotune.chosen().items()]
+            writer.add()
         try:
             written = writer.finish()
         except Exception:  # the JSON is already written after every case; only the plot is lost

@@ -300,7 +300,7 @@ def slug(text):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
-def environment(device, quick, dry_run):
+def environment(device, quick, dry_run, autotune=False):
     versions = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda}
     for module in ("triton", "transformers"):
         try:
@@ -308,7 +308,7 @@ def environment(device, quick, dry_run):
         except Exception:  # reported as missing, the sweep does not need it
             versions[module] = None
     return dict(device=device_name(device), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                versions=versions, quick=quick, dry_run=dry_run, argv=sys.argv[1:],
+                versions=versions, quick=quick, dry_run=dry_run, autotune=autotune, argv=sys.argv[1:],
                 peaks=dict(tflops_bf16_matmul=PEAK_TFLOPS, tbps_copy=PEAK_TBPS,
                            source="shared/anchors (H100 80GB HBM3, 2026-11-22)"),
                 conventions=dict(ratio="alternative ms / our ms (> 1: ours faster)",
@@ -317,12 +317,12 @@ def environment(device, quick, dry_run):
 
 
 class PartWriter:
-    """Writes ``<dir>/<part>[-quick].json`` after every case (a run cut short keeps what it measured) and the
-    plot at the end. When $OUT is set (the GPU device tool brings back only $OUT), both are also written to
-    ``$OUT/bench-results/<device-slug>/`` as they are made."""
+    """Writes ``<dir>/<part>[-quick][-autotune].json`` after every case (a run cut short keeps what it
+    measured) and the plot at the end. When $OUT is set (the GPU device tool brings back only $OUT), both are
+    also written to ``$OUT/bench-results/<device-slug>/`` as they are made."""
 
     def __init__(self, out_dir, part, meta):
-        self.stem = part + ("-quick" if meta["quick"] else "")
+        self.stem = part + ("-quick" if meta["quick"] else "") + ("-autotune" if meta.get("autotune") else "")
         self.meta = dict(meta, part=part)
         self.records = []
         self.dirs = [out_dir]
@@ -336,8 +336,10 @@ class PartWriter:
     def json_path(self):
         return os.path.join(self.dirs[0], self.stem + ".json")
 
-    def add(self, record):
-        self.records.append(record)
+    def add(self, record=None):
+        """Append a record (None: only rewrite the file, e.g. after a change to the metadata)."""
+        if record is not None:
+            self.records.append(record)
         for d in self.dirs:
             path = os.path.join(d, self.stem + ".json")
             with open(path + ".tmp", "w") as f:

@@ -5,6 +5,7 @@
 #   bash bench/gpu_check.sh bench --quick --only attention decode rmsnorm  # ~5-8 min
 #   bash bench/gpu_check.sh bench --quick --only models                    # ~5-8 min
 #   bash bench/gpu_check.sh bench --only attention                         # full sweeps: one part per command
+#   bash bench/gpu_check.sh bench --quick --only attention --autotune      # tiles measured per shape class
 # Each bench command gets --budget-s (default 480 s per part), so it stops starting new shapes in time.
 # Results are written to bench/results/<device>/ and copied to $OUT/bench-results/: commit them from there.
 set -uo pipefail

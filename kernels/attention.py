@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import autotune
 from kernels.checks import MAX_BATCH, check_attention_inputs, check_kernel_device
 from kernels.decode_attention import decode_attention, key_padding_range
 from kernels.launch import cdiv, next_power_of_2
@@ -119,6 +120,21 @@ _GPU_TILES = {
     "dkdv": {64: (32, 128, 8, 3), 128: (32, 64, 8, 3), 256: (32, 32, 8, 2)},
     "dq": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
 }
+# What autotuning (FUSEDFORMERS_AUTOTUNE=1, kernels/autotune.py) measures for 16-bit inputs: the default above
+# and other tiles that compile for sm_90 without spills (an offline ptxas sweep of BLOCK_M x BLOCK_N x warps x
+# stages per kernel and head dim class; tests/test_sm90_compile.py compiles every one of them).
+_GPU_TILE_CANDIDATES = {
+    "fwd": {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
+            128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3),
+                  (64, 64, 4, 3)],
+            256: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2)]},
+    "dkdv": {64: [(32, 128, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 2), (16, 128, 8, 2)],
+             128: [(32, 64, 8, 3), (32, 64, 8, 2), (32, 32, 8, 3), (16, 64, 8, 3), (16, 128, 8, 3)],
+             256: [(32, 32, 8, 2), (32, 32, 8, 3), (16, 32, 8, 3), (16, 64, 8, 2)]},
+    "dq": {64: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+           128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)],
+           256: [(64, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2)]},
+}
 _GPU_TILES_FP32 = {
     "fwd": {128: (16, 64, 4, 2), 256: (16, 16, 4, 2)},
     "dkdv": {128: (16, 32, 4, 2), 256: (16, 16, 4, 2)},
@@ -132,6 +148,27 @@ _GPU_TILES_DROPOUT = {
     "dkdv": {128: (32, 32, 8, 3)},
     "dq": {128: (128, 32, 8, 3), 256: (32, 32, 8, 2)},
 }
+
+
+def _tile(kernel, q, k, causal, masks, dropout, launch):
+    """The tile ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` to launch ``kernel`` with: the offline default, or,
+    with FUSEDFORMERS_AUTOTUNE=1 on CUDA for 16-bit inputs without dropout, the fastest of the spill-free
+    candidates measured on this call (``kernels/autotune.py``; ``launch(tile)`` runs the kernel)."""
+    head_dim = q.shape[-1]
+    default = _block_config(kernel, head_dim, q.dtype, q.device, dropout.active)
+    if not (autotune.ENABLED and q.is_cuda and _forced_blocks is None and q.dtype != torch.float32
+            and not dropout.active):
+        return default
+    candidates = [default] + [t for t in tile_candidates(kernel, head_dim) if t != default]
+    key = (head_dim, q.dtype, causal, masks.has_padding, masks.has_kv_index, q.shape[1] // k.shape[1],
+           next_power_of_2(q.shape[2]), next_power_of_2(k.shape[2]))
+    return autotune.choose(kernel, key, candidates, launch)
+
+
+def tile_candidates(kernel, head_dim):
+    """The 16-bit tiles autotuning may pick for ``kernel`` at this head dim (all spill-free on sm_90)."""
+    tiles = _GPU_TILE_CANDIDATES[kernel]
+    return tiles[min(d for d in tiles if d >= head_dim)]
 
 
 def _block_config(kernel, head_dim, dtype, device, dropout=False):
@@ -547,17 +584,20 @@ def _attention_forward(q, k, v, causal, past_len, sm_scale, masks, dropout, out=
     if out is None:
         out = torch.empty(batch, num_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, num_heads, q_len, device=q.device, dtype=torch.float32)
-    block_m, block_n, num_warps, num_stages = _block_config("fwd", head_dim, q.dtype, q.device, dropout.active)
-    grid = (cdiv(q_len, block_m), num_heads, batch)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index, dropout.seed,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), masks.stride_b, masks.stride_n,
-        num_heads, q_len, k_len, past_len, sm_scale * LOG2E, dropout.p, dropout.scale,
-        GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
-        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_PADDING=masks.has_padding,
-        HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
-    )
+
+    def launch(tile):
+        block_m, block_n, num_warps, num_stages = tile
+        _attn_fwd_kernel[(cdiv(q_len, block_m), num_heads, batch)](
+            q, k, v, out, lse, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index, dropout.seed,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), masks.stride_b, masks.stride_n,
+            num_heads, q_len, k_len, past_len, sm_scale * LOG2E, dropout.p, dropout.scale,
+            GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
+            BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_PADDING=masks.has_padding,
+            HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active, DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    launch(_tile("fwd", q, k, causal, masks, dropout, launch))
     return out, lse
 
 
@@ -580,22 +620,28 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     grad_dtype = torch.float32 if masks.has_kv_index else k.dtype
     dk = torch.empty(batch, num_kv_heads, k_len, head_dim, device=k.device, dtype=grad_dtype)
     dv = torch.empty_like(dk)
-    block_m, block_n, num_warps, num_stages = _block_config("dkdv", head_dim, q.dtype, q.device, dropout.active)
-    _attn_bwd_dkdv_kernel[(cdiv(k_len, block_n), num_kv_heads, batch)](
-        q, k, v, dout, lse, delta, dk, dv, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
-        dropout.seed, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), masks.stride_b,
-        masks.stride_n, num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, dropout.p, dropout.scale,
-        **common,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+    def launch_dkdv(tile):
+        block_m, block_n, num_warps, num_stages = tile
+        _attn_bwd_dkdv_kernel[(cdiv(k_len, block_n), num_kv_heads, batch)](
+            q, k, v, dout, lse, delta, dk, dv, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
+            dropout.seed, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), masks.stride_b,
+            masks.stride_n, num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, dropout.p,
+            dropout.scale, **common, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+    launch_dkdv(_tile("dkdv", q, k, causal, masks, dropout, launch_dkdv))
 
     dq = torch.empty(batch, num_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
-    block_m, block_n, num_warps, num_stages = _block_config("dq", head_dim, q.dtype, q.device, dropout.active)
-    _attn_bwd_dq_kernel[(cdiv(q_len, block_m), num_heads, batch)](
-        q, k, v, dout, lse, delta, dq, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
-        dropout.seed, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), masks.stride_b,
-        masks.stride_n, num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, dropout.p, dropout.scale,
-        **common,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+    def launch_dq(tile):
+        block_m, block_n, num_warps, num_stages = tile
+        _attn_bwd_dq_kernel[(cdiv(q_len, block_m), num_heads, batch)](
+            q, k, v, dout, lse, delta, dq, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
+            dropout.seed, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), masks.stride_b,
+            masks.stride_n, num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, dropout.p,
+            dropout.scale, **common, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+    launch_dq(_tile("dq", q, k, causal, masks, dropout, launch_dq))
 
     if masks.has_kv_index:
         index = masks.kv_batch_index.long()

@@ -121,5 +121,21 @@ def test_host_overhead_script_runs():
     result = subprocess.run([sys.executable, "-m", "bench.host_overhead"], cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    figures = [float(line.split()[-4]) for line in result.stdout.splitlines() if line.endswith(("per call", "per step"))]
+    figures = [float(line.split()[-4]) for line in result.stdout.splitlines()
+               if line.endswith(("per call", "per step"))]
     assert len(figures) == 7 and all(f > 0 for f in figures), result.stdout
+
+
+def test_autotune_flag_names_its_results(tmp_path):
+    """--autotune turns on kernels/autotune.py (in the process, before kernels is imported) and writes its own
+    files with the tiles chosen (none on CPU: the interpreter keeps its small tiles)."""
+    import json
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("FUSEDFORMERS_AUTOTUNE", None)
+    proc = subprocess.run([sys.executable, "-m", "bench", "--dry-run", "--autotune", "--only", "rmsnorm",
+                           "--results-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "autotune: on" in proc.stdout
+    result = json.loads((tmp_path / "cpu" / "rmsnorm-autotune.json").read_text())
+    assert result["autotune"] is True and result["autotune_choices"] == [] and len(result["records"]) == 2

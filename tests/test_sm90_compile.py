@@ -151,6 +151,25 @@ def check_rope_kernel(dtype, num_heads, head_dim):
     assert_fits_sm90(f"_rope_kernel {dtype} H={num_heads} D={head_dim}", compiled)
 
 
+def check_autotune_candidates(dtype, kernel_name):
+    """Every tile autotuning may pick (kernels/attention.py _GPU_TILE_CANDIDATES) for this kernel."""
+    element = "*" + TRITON_DTYPE[dtype]
+    pointers = dict(q_ptr=element, k_ptr=element, v_ptr=element, out_ptr=element, dout_ptr=element,
+                    dk_ptr=element, dv_ptr=element, dq_ptr=element, lse_ptr="*fp32", delta_ptr="*fp32",
+                    mask_ptr="*u8", kv_start_ptr="*i32", kv_end_ptr="*i32", kv_batch_index_ptr="*i64",
+                    seed_ptr="*i64")
+    kernel = {"fwd": attention_mod._attn_fwd_kernel, "dkdv": attention_mod._attn_bwd_dkdv_kernel,
+              "dq": attention_mod._attn_bwd_dq_kernel}[kernel_name]
+    for head_dim, tiles in attention_mod._GPU_TILE_CANDIDATES[kernel_name].items():
+        for block_m, block_n, num_warps, num_stages in tiles:
+            constexprs = dict(GROUP_SIZE=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+                              CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False, HAS_DROPOUT=False,
+                              DOT_PRECISION="tf32")
+            compiled = compile_sm90(kernel, pointers, constexprs, num_warps, num_stages)
+            assert_fits_sm90(f"{kernel.__name__} D={head_dim} {block_m}x{block_n} w{num_warps} s{num_stages}",
+                             compiled)
+
+
 CASES = {
     # every 16-bit head dim class (80 pads to 128); fp32 at each tile class
     "attention": (check_attention_kernels, [(dtype, head_dim) for dtype in (torch.bfloat16, torch.float16)
@@ -161,10 +180,12 @@ CASES = {
     "decode": (check_decode_kernels, [(torch.bfloat16, 128, 32, 8, 1), (torch.float16, 64, 16, 16, 1),
                                       (torch.bfloat16, 256, 8, 1, 4), (torch.float32, 80, 8, 2, 16),
                                       (torch.bfloat16, 128, 32, 2, 16)]),
+    "autotune": (check_autotune_candidates, [(torch.bfloat16, name) for name in ("fwd", "dkdv", "dq")]),
     "rope": (check_rope_kernel, [(torch.bfloat16, 32, 64), (torch.bfloat16, 8, 128), (torch.float16, 64, 128),
                                  (torch.float32, 32, 256), (torch.bfloat16, 16, 80)]),
+    # hidden 16384: the backward spills 156 B (a whole row in registers; bench/NOTES.md step 11)
     "rms_norm": (check_rms_norm_kernels, [(dtype, hidden) for dtype in (torch.bfloat16, torch.float32)
-                                          for hidden in (1024, 5120, 8192)]),  # 16384: bwd spills 156 B (whole row in registers)
+                                          for hidden in (1024, 5120, 8192)]),
 }
 
 
