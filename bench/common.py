@@ -256,16 +256,15 @@ def _check_value(v):
     return f"{v:.2e}" if isinstance(v, float) else str(v)
 
 
-def format_table(records):
-    """One table per part: ours (ms, figure, % of the floor) and each alternative's figure with the ratio."""
-    if not records:
-        return ""
+def table_rows(records):
+    """(header, rows) of a part's table: the case, ours (ms, figure, % of the floor) and each alternative's figure
+    with the ratio; shared by the printed table and ``python -m bench.summarize``'s markdown."""
     names = []
     for record in records:
         names += [n for n in record["ms"] if n != "ours" and n not in names]
     unit = records[0]["unit"] if len({r["unit"] for r in records}) == 1 else "see unit"
     header = ["case", "ours ms", f"ours {unit}", "% floor"] + names
-    rows = [header]
+    rows = []
     for record in records:
         ours = record["ms"].get("ours")
         row = [record["label"], f"{ours:.4g}" if ours else "failed", _figure(record["value"].get("ours")),
@@ -279,6 +278,16 @@ def format_table(records):
                 r = record["ratio"][name]
                 row.append(f"{_figure(record['value'][name])} ({r:.2f}x)" if r else _figure(record["value"][name]))
         rows.append(row)
+    return header, rows
+
+
+def format_table(records):
+    """One table per part: ours (ms, figure, % of the floor) and each alternative's figure with the ratio."""
+    if not records:
+        return ""
+    header, rows = table_rows(records)
+    unit = header[2].removeprefix("ours ")
+    rows = [header] + rows
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -139,3 +139,28 @@ def test_autotune_flag_names_its_results(tmp_path):
     assert "autotune: on" in proc.stdout
     result = json.loads((tmp_path / "cpu" / "rmsnorm-autotune.json").read_text())
     assert result["autotune"] is True and result["autotune_choices"] == [] and len(result["records"]) == 2
+
+
+def test_summarize_writes_the_readme_block(tmp_path):
+    """bench.summarize turns result files into markdown tables and replaces the README's block (dry runs, which
+    measure nothing, are left out)."""
+    import json
+    from bench import summarize
+    device_dir = tmp_path / "results" / "nvidia-h100"
+    device_dir.mkdir(parents=True)
+    record = dict(part="decode", mode="decode", label="GQA 32/8 B=1 S=4096", unit="TB/s", ms={"ours": 0.01,
+                  "sdpa": 0.03}, value={"ours": 1.6, "sdpa": 0.53}, ratio={"sdpa": 3.0}, notes={},
+                  ours_fraction_of_floor=0.55)
+    meta = dict(part="decode", device="NVIDIA H100 80GB HBM3", date="2026-12-01T10:00:00", quick=True,
+                dry_run=False, versions={"torch": "2.11", "triton": "3.6.0", "transformers": "5.17.0"})
+    (device_dir / "decode-quick.json").write_text(json.dumps(dict(meta, records=[record])))
+    (device_dir / "rmsnorm.json").write_text(json.dumps(dict(meta, part="rmsnorm", dry_run=True, records=[record])))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{summarize.START}\nold\n{summarize.END}\noutro\n")
+    assert summarize.main([str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "**decode** on NVIDIA H100 80GB HBM3, 2026-12-01" in text and "quick" in text
+    assert "| GQA 32/8 B=1 S=4096 | 0.01 | 1.6 | 55 | 0.53 (3.00x) |" in text
+    assert "rmsnorm" not in text  # the dry run
+    assert summarize.summarize(str(tmp_path / "nothing")) == "No GPU results recorded yet."
