@@ -35,13 +35,15 @@ def as_id_list(token_ids):
     return [int(t) for t in token_ids]
 
 
-def check_supported(generation_config, given):
-    """NotImplementedError naming the first setting (call argument, else generation config) that is not off."""
-    for key, off in UNSUPPORTED_OFF.items():
-        value = given[key] if given.get(key) is not None else generation_config.get(key)
+def check_supported(generation_config, given, unsupported, what):
+    """NotImplementedError naming the first setting of ``unsupported`` ({name: value that means off}) that is
+    not off: the call's value when ``given`` has the name (an explicit None: off), else the generation config's.
+    ``what`` names the search in the message."""
+    for key, off in unsupported.items():
+        value = given[key] if key in given else generation_config.get(key)
         if value is not None and value != off and value not in ([], {}):
-            raise NotImplementedError(f"generation setting {key}={value!r} is not supported by this model's "
-                                      f"generate (greedy and sampling only); set it to {off!r}")
+            raise NotImplementedError(f"generation setting {key}={value!r} is not supported by {what}; "
+                                      f"set it to {off!r}")
 
 
 def resolve_generation_args(generation_config, model_config_eos, model_config_pad, prompt_len,
@@ -55,7 +57,8 @@ def resolve_generation_args(generation_config, model_config_eos, model_config_pa
     top_p, eos_token_ids (list), pad_token_id (int: pad, else the first eos, else 0 as HF warns and does).
     """
     given = {k: v for k, v in given.items() if k not in IGNORED_SETTINGS}
-    check_supported(generation_config, given)
+    check_supported(generation_config, {k: v for k, v in given.items() if v is not None}, UNSUPPORTED_OFF,
+                    "this generate (greedy and sampling)")
 
     def pick(name):
         if given.get(name) is not None:
