@@ -1,4 +1,4 @@
-"""python -m bench: our Triton kernels and models beside the PyTorch / Hugging Face alternatives, on a GPU.
+"""python -m fusedformers.bench: our Triton kernels and models beside the PyTorch / Hugging Face alternatives, on a GPU.
 
 Without a GPU it runs the CPU smoke check instead (each kernel once at a tiny shape through Triton's interpreter,
 against its eager reference) and exits 0 when they match.
@@ -30,7 +30,7 @@ also copied to $OUT/bench-results/<device-slug>/ when $OUT is set (the GPU devic
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+        prog="python -m fusedformers.bench", description=__doc__.split("\n\n")[0], epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few shapes per part")
     parser.add_argument("--only", nargs="+", choices=PARTS, metavar="PART",
@@ -54,8 +54,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.autotune:
         os.environ["FUSEDFORMERS_AUTOTUNE"] = "1"  # read when kernels is imported, which happens later
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
     import torch
     has_gpu = torch.cuda.is_available()
     if not has_gpu:
@@ -65,16 +63,13 @@ def main(argv=None):
     if not has_gpu and not args.dry_run:
         print("No CUDA GPU: no timings. Running the CPU smoke check (Triton interpreter, tiny shapes); "
               "the sweep needs a GPU (or try --dry-run to exercise its code paths on CPU).", flush=True)
-        from bench import smoke
+        from fusedformers.bench import smoke
         return 0 if smoke.run() else 1
     return sweep(args, "cuda" if has_gpu else "cpu")
 
 
 def sweep(args, device):
-    from bench import common
-    if device == "cpu":
-        from bench import smoke
-        smoke.install_interpreter_fixes()
+    from fusedformers.bench import common
     common.raise_compile_limits()
     runner = common.Runner(device, dry_run=args.dry_run, wall_reps=3)
     meta = common.environment(device, args.quick, args.dry_run, args.autotune)
@@ -83,7 +78,7 @@ def sweep(args, device):
     out_dir = os.path.join(results_dir, common.slug(meta["device"]))
     print(f"device: {meta['device']}  versions: {meta['versions']}", flush=True)
     if args.autotune:
-        from kernels import autotune
+        from fusedformers.kernels import autotune
         print(f"autotune: {'on' if autotune.ENABLED else 'OFF (kernels was imported before the flag was set)'}",
               flush=True)
     print(f"results: {out_dir}" + ("  (dry run: timings are single calls, not measurements)" if args.dry_run
@@ -105,7 +100,7 @@ def sweep(args, device):
         if problems:
             failed.append(f"{part} ({'; '.join(problems)})")
         if args.autotune:
-            from kernels import autotune
+            from fusedformers.kernels import autotune
             writer.meta["autotune_choices"] = [dict(kernel=kernel, key=[str(x) for x in key], tile=list(tile))
                                                for (kernel, key), tile in autotune.chosen().items()]
             writer.add()

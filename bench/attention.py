@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bench.common import DTYPES, Case, attention_bytes, attention_flops
+from fusedformers.bench.common import DTYPES, Case, attention_bytes, attention_flops
 
 NAME = "attention"
 MODES = ("fwd", "fwd+bwd")
@@ -116,7 +116,7 @@ def _visible_rows(bool_mask):
 
 def cases(shape, runner):
     """The forward case, then the forward+backward case, of one shape (tensors shared)."""
-    from kernels import attention
+    from fusedformers.kernels import attention
     device = runner.device
     dtype = DTYPES[shape["dtype"]]
     batch, heads, length, head_dim = shape["B"], shape["H"], shape["L"], shape["D"]

@@ -258,7 +258,7 @@ def _check_value(v):
 
 def table_rows(records):
     """(header, rows) of a part's table: the case, ours (ms, figure, % of the floor) and each alternative's figure
-    with the ratio; shared by the printed table and ``python -m bench.summarize``'s markdown."""
+    with the ratio; shared by the printed table and ``python -m fusedformers.bench.summarize``'s markdown."""
     names = []
     for record in records:
         names += [n for n in record["ms"] if n != "ours" and n not in names]

@@ -16,8 +16,8 @@ The figure is the achieved TB/s of the K/V cache read: 2 · B · Hkv · S · D �
 import torch
 import torch.nn.functional as F
 
-from bench.attention import sdpa_bool_mask
-from bench.common import DTYPES, Case
+from fusedformers.bench.attention import sdpa_bool_mask
+from fusedformers.bench.common import DTYPES, Case
 
 NAME = "decode"
 MODES = ("decode",)
@@ -58,7 +58,7 @@ def kv_bytes(batch, kv_heads, cache, head_dim, element_size):
 
 
 def cases(shape, runner):
-    from kernels import attention
+    from fusedformers.kernels import attention
     device = runner.device
     dtype = DTYPES[shape["dtype"]]
     batch, q_heads, kv_heads, cache, head_dim = shape["B"], shape["Hq"], shape["Hkv"], shape["S"], shape["D"]

@@ -12,7 +12,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/fusedformers-gpu}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# the checkout's folders as the installed package fusedformers.{kernels,models,bench} (as setup.py maps them), with
+# no pip install: a namespace folder of links on PYTHONPATH
+pkg_root=/tmp/fusedformers-pkg
+mkdir -p "$pkg_root/fusedformers"
+for folder in kernels models bench; do ln -sfn "$PWD/$folder" "$pkg_root/fusedformers/$folder"; done
+export PYTHONPATH="$pkg_root:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 what=${1:-}
 shift || true
 
@@ -33,10 +38,10 @@ case "$what" in
     ;;
   bench)
     log="$OUT/bench-$(date +%H%M%S).log"
-    timeout "${BENCH_TIMEOUT:-570}" python -m bench --budget-s "${BENCH_BUDGET_S:-480}" "$@" 2>&1 | tee "$log"
+    timeout "${BENCH_TIMEOUT:-570}" python -m fusedformers.bench --budget-s "${BENCH_BUDGET_S:-480}" "$@" 2>&1 | tee "$log"
     ;;
   *)
-    echo "usage: bash bench/gpu_check.sh tests | bench [python -m bench arguments]" >&2
+    echo "usage: bash bench/gpu_check.sh tests | bench [python -m fusedformers.bench arguments]" >&2
     exit 2
     ;;
 esac

@@ -3,12 +3,13 @@
 At batch 1 a decode step is bound by the host (Python, argument checks, launches), not by the GPU, so this is
 worth watching; it runs anywhere (CPU tensors, the kernels never run) in a few seconds::
 
-    python -m bench.host_overhead
+    python -m fusedformers.bench.host_overhead
 
-It times, per call: ``kernels.attention`` on a decode step (Lq = 1, split-KV path) with and without a padding
-mask, ``kernels.rms_norm`` with and without the fused residual, ``kernels.rope`` beside the eager RoPE it
-replaces (whose five PyTorch ops here run on CPU, without a GPU launch each), and one decode step of a 16-layer LLaMA of
-tiny width (so that its matmuls cost next to nothing on CPU and the figure is the model's host work). Figures
+It times, per call: ``fusedformers.kernels.attention`` on a decode step (Lq = 1, split-KV path) with and
+without a padding mask, ``fusedformers.kernels.rms_norm`` with and without the fused residual,
+``fusedformers.kernels.rope`` beside the eager RoPE it replaces (whose five PyTorch ops here run on CPU,
+without a GPU launch each), and one decode step of a 16-layer LLaMA of tiny width
+(so that its matmuls cost next to nothing on CPU and the figure is the model's host work). Figures
 are from this machine's CPU: on a GPU machine each torch op and Triton launch adds its own launch cost.
 """
 import os
@@ -28,8 +29,9 @@ class _NoLaunch:
 
 
 def stub_launches():
-    import kernels  # noqa: F401  (loads the kernel modules)
-    for module_name in ("kernels.attention", "kernels.decode_attention", "kernels.rms_norm", "kernels.rope"):
+    from fusedformers import kernels  # noqa: F401  (loads the kernel modules)
+    for module_name in ("attention", "decode_attention", "rms_norm", "rope"):
+        module_name = "fusedformers.kernels." + module_name
         module = sys.modules[module_name]
         for name in dir(module):
             if name.startswith("_") and name.endswith("_kernel"):
@@ -46,7 +48,7 @@ def per_call_us(fn, calls=1000):
 
 
 def tiny_llama_decode_step(layers=16):
-    from models.llama import LlamaConfig, LlamaForCausalLM
+    from fusedformers.models.llama import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig.from_dict(dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
                                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                         max_position_embeddings=4096))
@@ -59,14 +61,14 @@ def tiny_llama_decode_step(layers=16):
 
 def main():
     stub_launches()
-    import kernels
+    from fusedformers import kernels
     q = torch.randn(1, 32, 1, 64)
     cache = torch.randn(2, 1, 8, 512, 64)
     k, v = cache[0, :, :, :300], cache[1, :, :, :300]
     mask = torch.ones(1, 512, dtype=torch.long)[:, :300]
     x, residual, weight = torch.randn(1, 1, 2048), torch.randn(1, 1, 2048), torch.randn(2048)
     cos, sin = torch.randn(1, 1, 64), torch.randn(1, 1, 64)
-    from kernels.reference import rope_reference
+    from fusedformers.kernels.reference import rope_reference
     with torch.no_grad():
         rows = [
             ("attention, decode step (Lq=1, Lk=300, 32/8 heads)", lambda: kernels.attention(q, k, v)),

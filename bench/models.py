@@ -23,7 +23,7 @@ import tempfile
 
 import torch
 
-from bench.common import Case, describe_error, print_error
+from fusedformers.bench.common import Case, describe_error, print_error
 
 NAME = "models"
 MODES = ("model",)
@@ -154,9 +154,9 @@ def load(kind, runner):
         LLAMA_TINY if kind == "llama" else BART_TINY)
     hf_cls, tmp = _save_random(kind, config, runner.device)
     if kind == "llama":
-        from models.llama import LlamaForCausalLM as Ours
+        from fusedformers.models.llama import LlamaForCausalLM as Ours
     else:
-        from models.bart import BartForConditionalGeneration as Ours
+        from fusedformers.models.bart import BartForConditionalGeneration as Ours
     _Loaded.hf = hf_load(hf_cls, tmp.name, runner.device)
     _Loaded.ours = Ours.from_pretrained(tmp.name, dtype=torch.bfloat16, device=runner.device)
     _Loaded.kind, _Loaded.tmp = kind, tmp
@@ -244,7 +244,7 @@ def _llama_cases(spec, runner):
 
 def _set_attention_dropout(ours, hf, p):
     """Each case sets its own attention dropout on both models (HF's BartAttention keeps it as ``dropout``)."""
-    from models.bart import BartAttention
+    from fusedformers.models.bart import BartAttention
     for module in ours.modules():
         if isinstance(module, BartAttention):
             module.attention_dropout = p

@@ -11,7 +11,7 @@ hidden · element size (also read dy and x again, write dx), as in the anchors.
 import torch
 import torch.nn.functional as F
 
-from bench.common import DTYPES, Case
+from fusedformers.bench.common import DTYPES, Case
 
 NAME = "rmsnorm"
 MODES = ("fwd", "fwd+bwd")
@@ -39,7 +39,7 @@ def hf_rms_norm(x, weight, eps=EPS):
 
 
 def cases(shape, runner):
-    from kernels import rms_norm
+    from fusedformers.kernels import rms_norm
     device = runner.device
     dtype = DTYPES[shape["dtype"]]
     rows, hidden = shape["rows"], shape["hidden"]

@@ -1,19 +1,13 @@
 """CPU smoke check (no GPU): each kernel once at a tiny shape through Triton's interpreter, against its eager
 reference. The error of ours against a float64 reference must stay within 2 x the error of the eager reference
 run in the same dtype, plus a small absolute slack (the tests' rule). TRITON_INTERPRET=1 must be set before
-triton is imported (``bench.__main__`` does it).
+triton is imported (``fusedformers.bench.__main__`` does it).
 """
 import time
 
 import torch
 
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def install_interpreter_fixes():
-    """The project's work-arounds for interpreter bugs (bf16 tl.dot, scalar __index__, bf16 rounding)."""
-    from tests import interpreter_fixes
-    interpreter_fixes.install()
 
 
 def _error(actual, expected):
@@ -33,7 +27,7 @@ def _padded(batch, length, pad):
 
 
 def attention_forward():
-    from kernels import attention, attention_reference
+    from fusedformers.kernels import attention, attention_reference
     q = torch.randn(2, 4, 40, 32, dtype=torch.bfloat16)
     k, v = (torch.randn(2, 2, 40, 32, dtype=torch.bfloat16) for _ in range(2))
     mask = _padded(2, 40, 10)
@@ -44,7 +38,7 @@ def attention_forward():
 
 
 def attention_backward():
-    from kernels import attention, attention_reference
+    from fusedformers.kernels import attention, attention_reference
     q = torch.randn(2, 4, 40, 32, dtype=torch.float16)
     k, v = (torch.randn(2, 2, 40, 32, dtype=torch.float16) for _ in range(2))
     grad_out = torch.randn_like(q)
@@ -57,11 +51,12 @@ def attention_backward():
 
     ours, ref, eager = grads(attention, torch.float16), grads(attention_reference, torch.float64), \
         grads(attention_reference, torch.float16)
-    return "attention bwd  fp16 B=2 Hq=4 Hkv=2 L=40 D=32 causal+left padding: dq, dk, dv", [_verdict(*g) for g in zip(ours, ref, eager)]
+    verdicts = [_verdict(*g) for g in zip(ours, ref, eager)]
+    return "attention bwd  fp16 B=2 Hq=4 Hkv=2 L=40 D=32 causal+left padding: dq, dk, dv", verdicts
 
 
 def decode():
-    from kernels import attention, attention_reference
+    from fusedformers.kernels import attention, attention_reference
     q = torch.randn(2, 4, 1, 32, dtype=torch.bfloat16)
     k, v = (torch.randn(2, 2, 80, 32, dtype=torch.bfloat16) for _ in range(2))
     mask = _padded(2, 80, 20)
@@ -72,7 +67,7 @@ def decode():
 
 
 def rms_norm_forward():
-    from kernels import rms_norm, rms_norm_reference
+    from fusedformers.kernels import rms_norm, rms_norm_reference
     x = torch.randn(32, 256, dtype=torch.bfloat16)
     weight = 1 + 0.1 * torch.randn(256, dtype=torch.bfloat16)
     ours = rms_norm(x, weight, 1e-6)
@@ -82,7 +77,7 @@ def rms_norm_forward():
 
 
 def rms_norm_backward():
-    from kernels import rms_norm, rms_norm_reference
+    from fusedformers.kernels import rms_norm, rms_norm_reference
     x = torch.randn(32, 256, dtype=torch.float16)
     weight = 1 + 0.1 * torch.randn(256, dtype=torch.float16)
     grad_out = torch.randn_like(x)
@@ -102,7 +97,6 @@ CHECKS = (attention_forward, attention_backward, decode, rms_norm_forward, rms_n
 
 def run():
     """Print one line per kernel; returns True when every kernel is within its error budget."""
-    install_interpreter_fixes()
     torch.manual_seed(0)
     passed = 0
     for check in CHECKS:

@@ -1,9 +1,10 @@
 """Markdown summary of recorded benchmark results, for the README::
 
-    python -m bench.summarize [RESULTS_DIR] [--readme README.md]
+    python -m fusedformers.bench.summarize [RESULTS_DIR] [--readme README.md]
 
 RESULTS_DIR (default ``bench/results``) holds one folder per device with the ``<part>[-quick][-autotune].json``
-files that ``python -m bench`` writes. For each file: the device, date and versions, then a table of every case
+files that ``python -m fusedformers.bench`` writes.
+For each file: the device, date and versions, then a table of every case
 (our time, our figure, the share of the roofline floor, each alternative's figure and its ratio to ours). With
 ``--readme``, the text between ``<!-- bench-summary:start -->`` and ``<!-- bench-summary:end -->`` in that file
 is replaced by the summary; otherwise it is printed.
@@ -15,7 +16,7 @@ import os
 import re
 import sys
 
-from bench.common import table_rows
+from fusedformers.bench.common import table_rows
 
 START, END = "<!-- bench-summary:start -->", "<!-- bench-summary:end -->"
 PART_ORDER = ("attention", "decode", "rmsnorm", "models")
@@ -61,7 +62,8 @@ def replace_block(text, summary):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.summarize", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fusedformers.bench.summarize",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("results_dir", nargs="?",
                         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--readme", default=None, help="replace the summary block of this file instead of printing")

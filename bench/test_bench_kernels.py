@@ -6,8 +6,8 @@ GPU only, and not part of the default test run (the README's test command runs `
     python -m pytest bench/test_bench_kernels.py --benchmark-only [--benchmark-json bench.json] [-k decode]
 
 pytest-benchmark times each call with the host clock around ``fn(); torch.cuda.synchronize()`` (launch overhead
-included); ``extra_info`` also holds the do_bench median and the figure (TFLOP/s or TB/s) that ``python -m bench``
-reports, for comparison with its tables.
+included); ``extra_info`` also holds the do_bench median and the figure (TFLOP/s or TB/s) that
+``python -m fusedformers.bench`` reports, for comparison with its tables.
 """
 import os
 
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    pytest.skip("GPU benchmarks: CUDA is not available (the CPU smoke check is `python -m bench`)",
+    pytest.skip("GPU benchmarks: CUDA is not available (the CPU smoke check is `python -m fusedformers.bench`)",
                 allow_module_level=True)
 
-from bench import attention, common, decode, rmsnorm  # noqa: E402
+from fusedformers.bench import attention, common, decode, rmsnorm  # noqa: E402
 
 PARTS = {"attention": attention, "decode": decode, "rmsnorm": rmsnorm}
 RUNNER = common.Runner("cuda")

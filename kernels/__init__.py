@@ -1,8 +1,17 @@
 """fusedformers Triton kernels: fused masked attention (forward and backward, with a split-KV decode path,
-attention dropout), RMSNorm (forward and backward, optionally fused with the residual add) and RoPE."""
-from kernels.attention import attention
-from kernels.rms_norm import rms_norm
-from kernels.rope import rope
-from kernels.reference import attention_reference, rms_norm_reference, rope_reference
+attention dropout), RMSNorm (forward and backward, optionally fused with the residual add) and RoPE.
+
+With ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU through Triton's interpreter;
+importing this package applies the interpreter fixes of ``fusedformers.kernels.interpreter`` by itself.
+"""
+from fusedformers.kernels import interpreter
+
+if interpreter.interpreter_on():
+    interpreter.install()
+
+from fusedformers.kernels.attention import attention  # noqa: E402
+from fusedformers.kernels.reference import attention_reference, rms_norm_reference, rope_reference  # noqa: E402
+from fusedformers.kernels.rms_norm import rms_norm  # noqa: E402
+from fusedformers.kernels.rope import rope  # noqa: E402
 
 __all__ = ["attention", "rms_norm", "rope", "attention_reference", "rms_norm_reference", "rope_reference"]

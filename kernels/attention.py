@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import autotune
-from kernels.checks import MAX_BATCH, check_attention_inputs, check_kernel_device
-from kernels.decode_attention import decode_attention, key_padding_range
-from kernels.launch import cdiv, next_power_of_2
+from fusedformers.kernels import autotune
+from fusedformers.kernels.checks import MAX_BATCH, check_attention_inputs, check_kernel_device
+from fusedformers.kernels.decode_attention import decode_attention, key_padding_range
+from fusedformers.kernels.launch import cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
 DECODE_MAX_QUERY_LEN = 16  # Lq at or below this (and no autograd) goes to the split-KV decode kernel

@@ -1,8 +1,9 @@
 """Argument checks shared by the kernel wrappers: every error names the argument and what was expected."""
-import os
 import weakref
 
 import torch
+
+from fusedformers.kernels.interpreter import interpreter_on
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # the fused attention kernels put the batch on a CUDA grid axis whose size is limited to 65535 (the split-KV
@@ -104,7 +105,7 @@ def check_kv_batch_index_range(kv_batch_index, kv_batch):
 
 
 # read once: triton reads it when it is imported (before this module), and it cannot change after that
-_INTERPRETER_ON = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRETER_ON = interpreter_on()
 
 
 def triton_can_run(device):
@@ -117,4 +118,4 @@ def check_kernel_device(name, t):
     if not triton_can_run(t.device):
         raise ValueError(f"{name} is on {t.device}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
                          f"before triton is imported, to run them slowly on CPU); on CPU use the eager "
-                         f"references in kernels.reference, or attn_implementation='eager' in the models")
+                         f"references in fusedformers.kernels.reference, or attn_implementation='eager' in the models")

@@ -19,7 +19,7 @@ and a split that sees no key contributes nothing (its max is -inf and its weight
 outside a row block's visible range ``[first valid key, min(last valid key + 1, causal limit))`` are skipped by
 the loop bounds, so whole splits of left padding, right padding or the causal future cost nothing.
 
-The arguments are assumed validated by ``kernels.checks.check_attention_inputs`` (the caller does it).
+The arguments are assumed validated by ``fusedformers.kernels.checks.check_attention_inputs`` (the caller does it).
 """
 import functools
 import math
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import cdiv, next_power_of_2
+from fusedformers.kernels.launch import cdiv, next_power_of_2
 
 # log2(e): softmax(x) = 2^(x * log2(e) - max) / sum(...), so the scale and log2(e) fold into one multiply
 LOG2E = 1.4426950408889634
@@ -214,9 +214,9 @@ def _decode_combine_kernel(
         stat_mask = row_valid[:, None] & (s0 + offs_s < num_splits)[None, :]
         stat_idx = stat_base[:, None] + s0 + offs_s[None, :]  # [BLOCK_R, BLOCK_S]
         m = tl.load(PartMax + stat_idx, mask=stat_mask, other=float("-inf"))
-        l = tl.load(PartSum + stat_idx, mask=stat_mask, other=0.0)
+        part_sum = tl.load(PartSum + stat_idx, mask=stat_mask, other=0.0)
         w = tl.math.exp2(m - m_max[:, None])
-        total += tl.sum(w * l, axis=1)
+        total += tl.sum(w * part_sum, axis=1)
         part = tl.load(PartAcc + stat_idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
                        mask=stat_mask[:, :, None] & d_valid[None, None, :], other=0.0)
         acc += tl.sum(w[:, :, None] * part, axis=1)

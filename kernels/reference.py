@@ -38,7 +38,7 @@ def attention_reference(q, k, v, *, causal=True, key_padding_mask=None, past_len
     key outputs zeros. ``scale_before_matmul`` scales q first, as BART does; LLaMA scales the scores.
     ``dropout_p > 0`` drops attention probabilities (training): with ``F.dropout``'s random mask, or with
     ``dropout_mask`` (bool ``[B, Hq, Lq, Lk]``, True = kept; e.g. the fused kernel's, from
-    ``kernels.attention.dropout_keep_mask``), scaling the kept ones by ``1 / (1 - dropout_p)``.
+    ``fusedformers.kernels.attention.dropout_keep_mask``), scaling the kept ones by ``1 / (1 - dropout_p)``.
     """
     batch, num_heads, q_len, head_dim = q.shape
     if kv_batch_index is not None:

@@ -4,7 +4,7 @@ One file holds the kernels, their launchers and the ``torch.autograd.Function``.
 row per program, like the layer-norm tutorial of Triton; the backward kernel loops over a block of rows per
 program so that it can keep a float32 partial sum of the weight gradient in registers.
 
-Semantics are those of Hugging Face (see ``kernels.reference.rms_norm_reference``)::
+Semantics are those of Hugging Face (see ``fusedformers.kernels.reference.rms_norm_reference``)::
 
     h   = x + residual                       # rounded to x's dtype (only with residual)
     hn  = h.float() * rsqrt(mean(h.float() ** 2, -1) + eps)
@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
-from kernels.launch import cdiv, next_power_of_2
+from fusedformers.kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
+from fusedformers.kernels.launch import cdiv, next_power_of_2
 
 # Largest hidden size handled: a whole row lives in registers (BLOCK_N = next_power_of_2(N)).
 MAX_HIDDEN_SIZE = 65536

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
-from kernels.launch import cdiv, next_power_of_2
+from fusedformers.kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
+from fusedformers.kernels.launch import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -33,15 +33,15 @@ def _rope_kernel(
     BLOCK_HALF: tl.constexpr,          # HALF rounded up to a power of two
     BLOCK_H: tl.constexpr,
 ):
-    row = tl.program_id(0)             # token row b * L + l
+    row = tl.program_id(0)             # token row b * L + pos
     b = (row // seq_len).to(tl.int64)
-    l = (row % seq_len).to(tl.int64)
+    pos = (row % seq_len).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_HALF)    # column j of the first half, and HALF + j of the second
     col_ok = cols < HALF
     tile_ok = (heads[:, None] < num_heads) & col_ok[None, :]
 
-    cs = b * stride_cb + l * stride_cl
+    cs = b * stride_cb + pos * stride_cl
     cos1 = tl.load(COS + cs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     cos2 = tl.load(COS + cs + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     sin1 = tl.load(SIN + cs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -49,7 +49,7 @@ def _rope_kernel(
     if BACKWARD:
         sin1, sin2 = -sin2, -sin1
 
-    x_row = X + b * stride_xb + l * stride_xl + heads[:, None].to(tl.int64) * stride_xh
+    x_row = X + b * stride_xb + pos * stride_xl + heads[:, None].to(tl.int64) * stride_xh
     x1 = tl.load(x_row + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)          # [BLOCK_H, BLOCK_HALF]
     x2 = tl.load(x_row + HALF + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     dtype = OUT.dtype.element_ty
@@ -57,7 +57,7 @@ def _rope_kernel(
     # x * cos and rotate_half(x) * sin; the sum is then rounded once more, as PyTorch's addition
     out1 = (x1 * cos1).to(dtype).to(tl.float32) + (-x2 * sin1).to(dtype).to(tl.float32)
     out2 = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
-    out_row = OUT + b * stride_ob + l * stride_ol + heads[:, None].to(tl.int64) * stride_oh
+    out_row = OUT + b * stride_ob + pos * stride_ol + heads[:, None].to(tl.int64) * stride_oh
     tl.store(out_row + cols[None, :], out1.to(dtype), mask=tile_ok)
     tl.store(out_row + HALF + cols[None, :], out2.to(dtype), mask=tile_ok)
 

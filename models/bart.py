@@ -22,11 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.checks import triton_can_run
-from models import beam_search
-from models.checkpoint import (assign_state_dict, load_config_dict, load_generation_config, resolve_dtype,
-                               load_safetensors_state_dict, save_safetensors)
-from models.kv_cache import KVCache
+from fusedformers.kernels.checks import triton_can_run
+from fusedformers.models import beam_search
+from fusedformers.models.checkpoint import (
+    assign_state_dict,
+    load_config_dict,
+    load_generation_config,
+    load_safetensors_state_dict,
+    resolve_dtype,
+    save_safetensors,
+)
+from fusedformers.models.kv_cache import KVCache
 
 UNSET = beam_search.UNSET
 
@@ -101,7 +107,7 @@ class BartConfig:
         """Build from an HF config.json dict; rejects other model types and the pre-LN / untied variants."""
         model_type = config_dict.get("model_type")
         if model_type != "bart":
-            raise ValueError(f"config.json has model_type {model_type!r}; models.bart loads only 'bart'")
+            raise ValueError(f"config.json has model_type {model_type!r}; fusedformers.models.bart loads only 'bart'")
         unsupported = {
             "normalize_before": (True, "pre-LayerNorm layers (normalize_before=true, mBART-style)"),
             "add_final_layer_norm": (True, "a final encoder/decoder LayerNorm (add_final_layer_norm=true)"),
@@ -163,13 +169,13 @@ def _warn_once(key, message):
 
 
 def _fused_attention():
-    import kernels
+    from fusedformers import kernels
     return kernels.attention
 
 
 def _eager_attention(q, k, v, *, causal, key_padding_mask, past_len, sm_scale, kv_batch_index, dropout_p=0.0):
     """The eager reference (q scaled before the matmul, as BART does), with dropout on the probabilities."""
-    from kernels.reference import attention_reference
+    from fusedformers.kernels.reference import attention_reference
     return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
                                sm_scale=sm_scale, kv_batch_index=kv_batch_index, scale_before_matmul=True,
                                dropout_p=dropout_p)

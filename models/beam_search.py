@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.generation import as_id_list, check_supported, pick_next_token, suppress_eos
+from fusedformers.models.generation import as_id_list, check_supported, pick_next_token, suppress_eos
 
 # HF GenerationConfig global defaults for the settings this module implements
 DEFAULTS = {"max_length": 20, "min_length": 0, "num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0,
@@ -81,7 +81,7 @@ UNSET = _Unset()  # default of generate()'s arguments: "not passed" (None passed
 def resolve_generation_settings(generation_config, given, *, max_position_embeddings=None, decoder_input_ids=None):
     """HF's precedence: ``given`` (the arguments passed to generate, None included) > ``generation_config``
     (a dict: generation_config.json) > HF's global defaults."""
-    check_supported(generation_config, given, UNSUPPORTED_OFF, "models.beam_search")
+    check_supported(generation_config, given, UNSUPPORTED_OFF, "fusedformers.models.beam_search")
 
     def pick(name):
         if name in given:  # passed explicitly; None falls back to HF's global default (if it has one)

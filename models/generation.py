@@ -52,7 +52,8 @@ def resolve_generation_args(generation_config, model_config_eos, model_config_pa
 
     Lengths as HF's decoder-only generate: max_new_tokens, else max_length (prompt included), else 20 new
     tokens capped at max_position_embeddings; eos is suppressed until min_new_tokens new tokens, else (when
-    min_new_tokens is not set) min_length tokens counting the prompt. Settings HF would apply that are not implemented raise NotImplementedError.
+    min_new_tokens is not set) min_length tokens counting the prompt. Settings HF would apply that are not
+    implemented raise NotImplementedError.
     Returns a dict with max_new_tokens, min_new_tokens (the effective one), do_sample, temperature, top_k,
     top_p, eos_token_ids (list), pad_token_id (int: pad, else the first eos, else 0 as HF warns and does).
     """

@@ -11,7 +11,7 @@ Layout (one decoder layer, the residual add fused into the following RMSNorm)::
 
 Module names follow HF's checkpoint names without the ``model.`` prefix (``layers.0.self_attn.q_proj``, ...).
 ``attn_implementation="fused"`` runs the Triton kernels, ``"eager"`` the PyTorch references of
-``kernels.reference``.
+``fusedformers.kernels.reference``.
 """
 import math
 import warnings
@@ -23,15 +23,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import attention, attention_reference, rms_norm, rms_norm_reference, rope, rope_reference
-from kernels.checks import triton_can_run
-from models.beam_search import generation_defaults_from_model_config
-from models.checkpoint import (assign_state_dict, load_config_dict, load_generation_config,
-                               load_safetensors_state_dict, resolve_dtype, save_safetensors)
-from models.cuda_graph import StepGraph
-from models.generation import (IGNORED_SETTINGS, UNSUPPORTED_OFF, apply_logits_processing, make_generator,
-                               pick_next_token, resolve_generation_args)
-from models.kv_cache import KVCache
+from fusedformers.kernels import attention, attention_reference, rms_norm, rms_norm_reference, rope, rope_reference
+from fusedformers.kernels.checks import triton_can_run
+from fusedformers.models.beam_search import generation_defaults_from_model_config
+from fusedformers.models.checkpoint import (
+    assign_state_dict,
+    load_config_dict,
+    load_generation_config,
+    load_safetensors_state_dict,
+    resolve_dtype,
+    save_safetensors,
+)
+from fusedformers.models.cuda_graph import StepGraph
+from fusedformers.models.generation import (
+    IGNORED_SETTINGS,
+    UNSUPPORTED_OFF,
+    apply_logits_processing,
+    make_generator,
+    pick_next_token,
+    resolve_generation_args,
+)
+from fusedformers.models.kv_cache import KVCache
 
 STOP_CHECK_INTERVAL = 8  # generate() asks the GPU whether every row has finished once per this many steps
 

@@ -1,6 +1,7 @@
 """Test harness: runs the real Triton kernels on CPU through Triton's interpreter when CUDA is absent.
 
-TRITON_INTERPRET must be set before triton is imported, so this file does it first thing.
+TRITON_INTERPRET must be set before triton is imported, so this file does it first thing; importing
+``fusedformers.kernels`` then applies the interpreter fixes by itself.
 """
 import os
 import zlib
@@ -12,11 +13,6 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-
-from tests import interpreter_fixes  # noqa: E402
-
-if not ON_GPU:
-    interpreter_fixes.install()
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 

@@ -2,8 +2,8 @@
 of the eager computation in the same dtype, plus a small absolute slack; NaN never passes."""
 import torch
 
-from kernels.attention import draw_dropout_seed, dropout_keep_mask
-from kernels.reference import attention_reference
+from fusedformers.kernels.attention import draw_dropout_seed, dropout_keep_mask
+from fusedformers.kernels.reference import attention_reference
 
 # absolute slack added to the eager-error budget, per dtype
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}

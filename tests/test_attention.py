@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels.attention import _attention_forward, _DropoutArgs, _MaskArgs
-from kernels.reference import attention_reference
+from fusedformers import kernels
+from fusedformers.kernels.attention import _attention_forward, _DropoutArgs, _MaskArgs
+from fusedformers.kernels.reference import attention_reference
 from tests.conftest import ON_GPU
 from tests.helpers import assert_within_eager_error, poison_
 
@@ -179,7 +179,8 @@ def test_fully_masked_rows_are_zero(device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("q_len", [1, 5, 16])
 def test_dispatch_small_q_matches(dtype, q_len, device):
-    """kernels.attention sends Lq <= 16 to the decode kernel by itself; the result must be just as accurate."""
+    """fusedformers.kernels.attention sends Lq <= 16 to the decode kernel by itself; the result must be just as
+    accurate."""
     q, k, v = make_qkv(2, 4, 2, q_len, 45, 64, dtype, device)
     check_forward(q, k, v, causal=True, key_padding_mask=make_padding_mask(2, 45, "left", device),
                   via_dispatch=True)
@@ -270,7 +271,7 @@ def test_randomized_backward(device):
 def test_unequal_tiles(block_m, block_n, q_len, k_len, past_len, padding, device):
     """The GPU runs BLOCK_M != BLOCK_N (e.g. 128 x 64): the diagonal and skipping bounds must hold for any
     tile shape, forward and backward."""
-    from kernels.attention import forced_block_sizes
+    from fusedformers.kernels.attention import forced_block_sizes
 
     q, k, v = make_qkv(2, 4, 2, q_len, k_len, 32, torch.float32, device)
     mask = make_padding_mask(2, k_len, padding, device)
@@ -402,7 +403,7 @@ def test_kv_batch_index_out_of_range(bad_index, device):
             kernels.attention(q, k, v, kv_batch_index=index)
         return
     script = ("import torch, kernels; q = torch.randn(2, 2, 8, 16, device='cuda', dtype=torch.float16); "
-              f"kernels.attention(q, q, q, kv_batch_index=torch.tensor({bad_index}, device='cuda')); "
+              f"fusedformers.kernels.attention(q, q, q, kv_batch_index=torch.tensor({bad_index}, device='cuda')); "
               "torch.cuda.synchronize()")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

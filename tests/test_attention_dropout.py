@@ -6,10 +6,16 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels.attention import (_attention_forward, _DropoutArgs, _MaskArgs, draw_dropout_seed, dropout_keep_mask,
-                               forced_block_sizes)
-from kernels.reference import attention_reference
+from fusedformers import kernels
+from fusedformers.kernels.attention import (
+    _attention_forward,
+    _DropoutArgs,
+    _MaskArgs,
+    draw_dropout_seed,
+    dropout_keep_mask,
+    forced_block_sizes,
+)
+from fusedformers.kernels.reference import attention_reference
 from tests.helpers import assert_within_eager_error, poison_
 from tests.test_attention import DTYPES, make_padding_mask, make_qkv, to64
 

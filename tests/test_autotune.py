@@ -2,8 +2,8 @@
 that fail, and every candidate tile is one the sm_90 compile check covers (tests/test_sm90_compile.py)."""
 import pytest
 
-from kernels import autotune
-from kernels.attention import _GPU_TILE_CANDIDATES, _GPU_TILES, tile_candidates
+from fusedformers.kernels import autotune
+from fusedformers.kernels.attention import _GPU_TILE_CANDIDATES, _GPU_TILES, tile_candidates
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""models.bart against HF transformers on tiny random checkpoints saved by HF itself.
+"""fusedformers.models.bart against HF transformers on tiny random checkpoints saved by HF itself.
 
 On CPU the fused kernels run through Triton's interpreter (slow: ~20 ms per program), so the fused path gets a
 forward/backward comparison and one greedy + one beam generation; the many generation settings run on the eager
@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from models.bart import BartConfig, BartForConditionalGeneration, shift_tokens_right  # noqa: E402
+from fusedformers.models.bart import BartConfig, BartForConditionalGeneration, shift_tokens_right  # noqa: E402
 from tests.helpers import reference_with_kernel_dropout  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -358,7 +358,7 @@ def test_attention_dropout_runs_in_the_kernel(tmp_path, monkeypatch, source_batc
     hf.save_pretrained(tmp_path)
     fused = BartForConditionalGeneration.from_pretrained(tmp_path, device=DEVICE).train()
     eager = BartForConditionalGeneration.from_pretrained(tmp_path, device=DEVICE, attn_implementation="eager")
-    monkeypatch.setattr("kernels.reference.attention_reference", reference_with_kernel_dropout)
+    monkeypatch.setattr("fusedformers.kernels.reference.attention_reference", reference_with_kernel_dropout)
     ids, mask = source_batch
     labels, _ = target_batch
     with warnings.catch_warnings():

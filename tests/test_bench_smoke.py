@@ -1,5 +1,5 @@
-"""The benchmark off the GPU: ``python -m bench`` runs its CPU smoke check and exits 0, and every case of the GPU
-sweep builds at its real shape (on the meta device: no memory, nothing run)."""
+"""The benchmark off the GPU: ``python -m fusedformers.bench`` runs its CPU smoke check and exits 0, and every case
+of the GPU sweep builds at its real shape (on the meta device: no memory, nothing run)."""
 import os
 import subprocess
 import sys
@@ -14,8 +14,8 @@ SMOKE_LINES = ("smoke attention fwd", "smoke attention bwd", "smoke decode", "sm
 
 def test_bench_without_gpu_runs_the_smoke_check():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # a GPU machine too takes the CPU path
-    proc = subprocess.run([sys.executable, "-m", "bench"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "fusedformers.bench"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "No CUDA GPU" in out
@@ -42,7 +42,7 @@ class _MetaRunner:
 def test_gpu_sweep_cases_build(part, quick, monkeypatch):
     import importlib
 
-    from bench import common
+    from fusedformers.bench import common
     module = importlib.import_module(f"bench.{part}")
     if part == "attention":  # create_block_mask evaluates the mask: not on meta tensors
         monkeypatch.setattr(module, "flex_block_mask", lambda mask, heads=None: None)
@@ -68,7 +68,7 @@ def test_bench_dry_run_writes_results(tmp_path):
     """--dry-run: the sweep's own code (cases, timing loop, table, JSON) end to end at tiny shapes on CPU."""
     import json
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "bench", "--dry-run", "--only", "decode", "rmsnorm",
+    proc = subprocess.run([sys.executable, "-m", "fusedformers.bench", "--dry-run", "--only", "decode", "rmsnorm",
                            "--results-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -84,7 +84,7 @@ def test_bench_dry_run_writes_results(tmp_path):
 def test_run_part_isolates_failing_shapes_and_keeps_to_its_budget(tmp_path):
     """A shape whose cases cannot be built is reported and the next shape still runs; with a budget spent, no
     new shape starts; a warm-up failure marks the implementation skipped instead of timing it again."""
-    from bench import common, models
+    from fusedformers.bench import common, models
 
     calls = []
 
@@ -118,8 +118,8 @@ def test_run_part_isolates_failing_shapes_and_keeps_to_its_budget(tmp_path):
 
 
 def test_host_overhead_script_runs():
-    result = subprocess.run([sys.executable, "-m", "bench.host_overhead"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-m", "fusedformers.bench.host_overhead"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = [float(line.split()[-4]) for line in result.stdout.splitlines()
                if line.endswith(("per call", "per step"))]
@@ -132,7 +132,7 @@ def test_autotune_flag_names_its_results(tmp_path):
     import json
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     env.pop("FUSEDFORMERS_AUTOTUNE", None)
-    proc = subprocess.run([sys.executable, "-m", "bench", "--dry-run", "--autotune", "--only", "rmsnorm",
+    proc = subprocess.run([sys.executable, "-m", "fusedformers.bench", "--dry-run", "--autotune", "--only", "rmsnorm",
                            "--results-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -142,10 +142,11 @@ def test_autotune_flag_names_its_results(tmp_path):
 
 
 def test_summarize_writes_the_readme_block(tmp_path):
-    """bench.summarize turns result files into markdown tables and replaces the README's block (dry runs, which
-    measure nothing, are left out)."""
+    """fusedformers.bench.summarize turns result files into markdown tables and replaces the README's block (dry
+    runs, which measure nothing, are left out)."""
     import json
-    from bench import summarize
+
+    from fusedformers.bench import summarize
     device_dir = tmp_path / "results" / "nvidia-h100"
     device_dir.mkdir(parents=True)
     record = dict(part="decode", mode="decode", label="GQA 32/8 B=1 S=4096", unit="TB/s", ms={"ours": 0.01,

@@ -11,8 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = textwrap.dedent("""
     import tempfile, warnings
     import torch, transformers
-    import kernels
-    from models.llama import LlamaForCausalLM
+    from fusedformers import kernels
+    from fusedformers.models.llama import LlamaForCausalLM
 
     x = torch.randn(2, 8)
     for call in (lambda: kernels.rms_norm(x, torch.ones(8)),
@@ -44,7 +44,6 @@ SCRIPT = textwrap.dedent("""
 
 def test_kernels_refuse_cpu_and_models_fall_back():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
                             cwd=ROOT)
     assert result.returncode == 0 and "cpu fallback ok" in result.stdout, result.stdout + result.stderr

@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-from kernels.decode_attention import decode_attention, decode_plan, key_padding_range
-from kernels.reference import attention_reference
+from fusedformers.kernels.decode_attention import decode_attention, decode_plan, key_padding_range
+from fusedformers.kernels.reference import attention_reference
 from tests.conftest import ON_GPU
 from tests.helpers import assert_within_eager_error, poison_
 
-decode_module = importlib.import_module("kernels.decode_attention")
+decode_module = importlib.import_module("fusedformers.kernels.decode_attention")
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -312,7 +312,7 @@ def test_int64_offsets_gpu(device):
 def test_no_recompile_as_the_cache_grows_gpu(device):
     """A generation calls decode with a new Lk (and split count) every step: after one launch with a single
     split and one with several, no step may compile another kernel variant (a JIT compile costs ~1 s)."""
-    import kernels.decode_attention as decode_mod
+    import fusedformers.kernels.decode_attention as decode_mod
 
     def compiled_variants():
         # triton 3.6: JITFunction.device_caches[device] = (kernel_cache, ...); kernel_cache: key -> kernel
@@ -336,7 +336,7 @@ def test_no_recompile_as_the_cache_grows_gpu(device):
 
 def test_key_padding_range_reuses_only_the_same_unmodified_mask(device):
     """The key range is cached for the last mask object; a new tensor or an in-place change recomputes it."""
-    from kernels.decode_attention import key_padding_range
+    from fusedformers.kernels.decode_attention import key_padding_range
 
     mask = torch.ones(2, 10, dtype=torch.long, device=device)
     mask[1, :4] = 0

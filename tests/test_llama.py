@@ -1,4 +1,5 @@
-"""models.llama against Hugging Face transformers (a test-only reference) on tiny random checkpoints that HF writes.
+"""fusedformers.models.llama against Hugging Face transformers (a test-only reference) on tiny random checkpoints
+that HF writes.
 
 Without a GPU the fused kernels run through Triton's interpreter (tests/conftest.py), so sequences stay short
 (<= 24) and few tokens are generated; checkpoints are shared per module.
@@ -13,12 +14,11 @@ import pytest
 import torch
 import transformers
 
-from models.checkpoint import assign_state_dict, load_safetensors_state_dict
-from models.generation import apply_logits_processing, pick_next_token
-from models.kv_cache import KVCache
-from models import llama as llama_module
-from models.llama import LlamaConfig, LlamaForCausalLM
-
+from fusedformers.models import llama as llama_module
+from fusedformers.models.checkpoint import assign_state_dict, load_safetensors_state_dict
+from fusedformers.models.generation import apply_logits_processing, pick_next_token
+from fusedformers.models.kv_cache import KVCache
+from fusedformers.models.llama import LlamaConfig, LlamaForCausalLM
 from tests.conftest import DEVICE
 from tests.helpers import reference_with_kernel_dropout
 
@@ -211,7 +211,7 @@ def test_static_cache_sampling_matches_the_dynamic_path(fused):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="records a CUDA graph")
 def test_static_cache_records_one_cuda_graph(fused, monkeypatch):
-    from models import cuda_graph
+    from fusedformers.models import cuda_graph
     recorded = []
     real_record = cuda_graph.StepGraph._record
 
@@ -253,7 +253,7 @@ def test_generation_finished_rows_pad_and_eos_list(base, fused):
 
 def test_generation_stops_when_every_row_finished(base, fused):
     """All rows finish long before max_new_tokens (past the stop-check interval): output ends where HF's does."""
-    from models.llama import STOP_CHECK_INTERVAL
+    from fusedformers.models.llama import STOP_CHECK_INTERVAL
 
     ids, mask = left_padded_batch([6, 4], 6, seed=7)
     free = fused.generate(ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[127])
@@ -373,9 +373,12 @@ def test_sampling_matches_hf_under_global_seed(base, fused):
 
 
 def test_logits_processing_matches_hf_processors():
-    from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        MinNewTokensLengthLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
     logits = torch.randn(4, 50) * 3
     logits[0, :3] = 5.0  # ties at the top-k boundary
     prompt = torch.zeros(4, 7, dtype=torch.long)

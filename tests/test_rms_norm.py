@@ -1,13 +1,13 @@
-"""Tests of kernels.rms_norm: forward and backward against float64 references, within twice the error of the
-eager computation in the same dtype; layouts, the fused residual add, full writes, and argument errors.
+"""Tests of fusedformers.kernels.rms_norm: forward and backward against float64 references, within twice the
+error of the eager computation in the same dtype; layouts, the fused residual add, full writes, and argument errors.
 
 On CPU the kernels run through Triton's interpreter, whose cost is per program: row counts stay small.
 """
 import pytest
 import torch
 
-from kernels.reference import rms_norm_reference
-from kernels.rms_norm import MAX_HIDDEN_SIZE, _as_rows, _rms_norm_backward, _rms_norm_forward, rms_norm
+from fusedformers.kernels.reference import rms_norm_reference
+from fusedformers.kernels.rms_norm import MAX_HIDDEN_SIZE, _as_rows, _rms_norm_backward, _rms_norm_forward, rms_norm
 from tests.conftest import DEVICE, ON_GPU
 from tests.helpers import assert_within_eager_error, poison_
 

@@ -1,12 +1,13 @@
-"""The RoPE kernel against HF's apply_rotary_pos_emb (kernels.reference.rope_reference): the same roundings, so
-16-bit results are bit-identical; float32 within an ulp or two; gradients as autograd through the reference."""
+"""The RoPE kernel against HF's apply_rotary_pos_emb (fusedformers.kernels.reference.rope_reference): the same
+roundings, so 16-bit results are bit-identical; float32 within an ulp or two; gradients as autograd through the
+reference."""
 import pytest
 import torch
 
-import kernels
-from kernels.reference import rope_reference
+from fusedformers import kernels
+from fusedformers.kernels.reference import rope_reference
+from fusedformers.kernels.rope import _rotate
 from tests.helpers import assert_within_eager_error, poison_
-from kernels.rope import _rotate
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 

@@ -16,9 +16,6 @@ import subprocess
 import sys
 import tempfile
 
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import pytest
 import torch
 import triton
@@ -29,11 +26,11 @@ try:
 except ImportError:  # pragma: no cover - triton moved these; fail loudly rather than skip
     GPUTarget = ASTSource = None
 
-attention_mod = importlib.import_module("kernels.attention")
-decode_mod = importlib.import_module("kernels.decode_attention")
-rms_norm_mod = importlib.import_module("kernels.rms_norm")
-rope_mod = importlib.import_module("kernels.rope")
-launch = importlib.import_module("kernels.launch")
+attention_mod = importlib.import_module("fusedformers.kernels.attention")
+decode_mod = importlib.import_module("fusedformers.kernels.decode_attention")
+rms_norm_mod = importlib.import_module("fusedformers.kernels.rms_norm")
+rope_mod = importlib.import_module("fusedformers.kernels.rope")
+launch = importlib.import_module("fusedformers.kernels.launch")
 
 SM90_MAX_SHARED_BYTES = 232448  # 227 KB: the most dynamic shared memory one block may use on sm_90
 CUDA = torch.device("cuda")
