@@ -43,7 +43,7 @@ def test_gpu_sweep_cases_build(part, quick, monkeypatch):
     import importlib
 
     from fusedformers.bench import common
-    module = importlib.import_module(f"bench.{part}")
+    module = importlib.import_module(f"fusedformers.bench.{part}")
     if part == "attention":  # create_block_mask evaluates the mask: not on meta tensors
         monkeypatch.setattr(module, "flex_block_mask", lambda mask, heads=None: None)
     runner = _MetaRunner()
