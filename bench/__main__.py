@@ -85,7 +85,7 @@ def sweep(args, device):
                                     else ""), flush=True)
     failed, tables = [], []
     for part in args.only or PARTS:
-        module = importlib.import_module(f"bench.{part}")
+        module = importlib.import_module(f"fusedformers.bench.{part}")
         shapes = module.DRY_RUN_SHAPES if args.dry_run else module.shapes(args.quick)
         writer = common.PartWriter(out_dir, part, meta)
         start = time.perf_counter()

@@ -11,21 +11,24 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BARE_IMPORT = re.compile(r"^\s*(from|import)\s+(kernels|models|bench)\b", re.M)
+BARE_IMPORT = re.compile(r"^\s*(from|import)\s+(kernels|models|bench)\b"
+                         r"|import_module\(f?[\"'](kernels|models|bench)\.|-m\s+(bench|kernels|models)\b", re.M)
 IMPORT_ALL = ("import sys, fusedformers.kernels, fusedformers.models.llama, fusedformers.models.bart; "
               "assert not {'kernels', 'models', 'bench'} & set(sys.modules), sorted(sys.modules); "
               "print(fusedformers.kernels.__file__)")
 
 
-def _python_files():
+def _source_files():
+    """Every Python file of the package and the tests, and the docs and scripts that show commands."""
     for folder in ("kernels", "models", "bench", "tests"):
         for dirpath, _, names in os.walk(os.path.join(ROOT, folder)):
-            yield from (os.path.join(dirpath, name) for name in names if name.endswith(".py"))
+            yield from (os.path.join(dirpath, name) for name in names if name.endswith((".py", ".md", ".sh")))
+    yield from (os.path.join(ROOT, name) for name in ("README.md", "dev", "setup.py"))
 
 
 def test_no_bare_kernels_or_models_imports():
     offenders = []
-    for path in _python_files():
+    for path in _source_files():
         with open(path) as f:
             text = f.read()
         offenders += [f"{os.path.relpath(path, ROOT)}: {m.group(0).strip()}" for m in BARE_IMPORT.finditer(text)]
