@@ -14,49 +14,30 @@ preallocated :class:`KVCache`; cross-attention K/V are projected once per source
 through ``kv_batch_index`` (never expanded, never reordered: beam search reorders the self-attention cache only).
 """
 import math
-import warnings
 from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from fusedformers.kernels.checks import triton_can_run
 from fusedformers.models import beam_search
+from fusedformers.models.base import ModelBase
 from fusedformers.models.checkpoint import (
     assign_state_dict,
-    load_config_dict,
-    load_generation_config,
-    load_safetensors_state_dict,
-    resolve_dtype,
     save_safetensors,
 )
+from fusedformers.models.generation import (
+    BEAM_SEARCH,
+    decoder_prompt,
+    generation_defaults_from_model_config,
+    resolve_settings,
+    sample_loop,
+)
 from fusedformers.models.kv_cache import KVCache
-
-UNSET = beam_search.UNSET
+from fusedformers.models.layers import ACTIVATIONS, CheckpointedLayer
+from fusedformers.models.ops import check_implementation, ops_for
 
 POSITION_OFFSET = 2  # BART's learned positions are stored shifted by 2 (a fairseq legacy)
-
-
-def _gelu_tanh(x):
-    return F.gelu(x, approximate="tanh")
-
-
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "relu": F.relu,
-    "relu6": F.relu6,
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "mish": F.mish,
-}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,6 +73,8 @@ class BartConfig:
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | list | None = 2
     extra: dict = field(default_factory=dict)
+    # the registered ops the model runs (fusedformers.models.ops.OPS), read at call time; not written to config.json
+    attn_implementation: str = "fused"
 
     def __post_init__(self):
         if self.activation_function not in ACTIVATIONS:
@@ -120,7 +103,7 @@ class BartConfig:
             if config_dict.get(key, not bad_value) == bad_value:
                 raise ValueError(f"this BART variant is not supported: {what}; only the post-LN BART of "
                                  f"HF's BartForConditionalGeneration with tied embeddings is implemented")
-        names = {f.name for f in fields(cls)} - {"extra"}
+        names = {f.name for f in fields(cls)} - {"extra", "attn_implementation"}
         known = {k: v for k, v in config_dict.items() if k in names}
         extra = {k: v for k, v in config_dict.items() if k not in names}
         return cls(**known, extra=extra)
@@ -128,7 +111,8 @@ class BartConfig:
     def to_dict(self):
         """config.json contents (HF-loadable)."""
         out = dict(self.extra)
-        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        out.update({f.name: getattr(self, f.name) for f in fields(self)
+                    if f.name not in ("extra", "attn_implementation")})
         out["model_type"] = "bart"
         out.setdefault("architectures", ["BartForConditionalGeneration"])
         out.setdefault("is_encoder_decoder", True)
@@ -159,38 +143,16 @@ def shift_tokens_right(input_ids, pad_token_id, decoder_start_token_id):
 # ----------------------------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------------------------
-_warned = set()
-
-
-def _warn_once(key, message):
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)
-
-
-def _fused_attention():
-    from fusedformers import kernels
-    return kernels.attention
-
-
-def _eager_attention(q, k, v, *, causal, key_padding_mask, past_len, sm_scale, kv_batch_index, dropout_p=0.0):
-    """The eager reference (q scaled before the matmul, as BART does), with dropout on the probabilities."""
-    from fusedformers.kernels.reference import attention_reference
-    return attention_reference(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
-                               sm_scale=sm_scale, kv_batch_index=kv_batch_index, scale_before_matmul=True,
-                               dropout_p=dropout_p)
-
-
 class BartAttention(nn.Module):
     """Multi-head attention: q/k/v/out projections around the fused (or eager) attention kernel."""
 
-    def __init__(self, d_model, num_heads, attention_dropout, attn_implementation):
+    def __init__(self, config, num_heads):
         super().__init__()
+        self.config = config
+        d_model = config.d_model
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.scaling = self.head_dim ** -0.5
-        self.attention_dropout = attention_dropout
-        self.attn_implementation = attn_implementation
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
@@ -208,27 +170,19 @@ class BartAttention(nn.Module):
                 kv_batch_index=None):
         """hidden_states ``[N, Lq, d]`` (queries), key/value ``[N or Bkv, H, Lk, D]`` -> ``[N, Lq, d]``."""
         q = self.split_heads(self.q_proj(hidden_states))
-        kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, past_len=past_len, sm_scale=self.scaling,
-                      kv_batch_index=kv_batch_index, dropout_p=self.attention_dropout if self.training else 0.0)
-        if self.attn_implementation == "fused" and _fused_kernel_can_run(q.device):
-            out = _fused_attention()(q, key, value, **kwargs)
-        else:
-            out = _eager_attention(q, key, value, **kwargs)
+        attention = ops_for(self.config.attn_implementation, q.device).attention
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+        # the eager path scales q before the matmul, as HF's BART rounds it
+        out = attention(q, key, value, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
+                        sm_scale=self.scaling, kv_batch_index=kv_batch_index, dropout_p=dropout_p,
+                        scale_before_matmul=True)
         return self.out_proj(out.transpose(1, 2).flatten(2))
-
-
-def _fused_kernel_can_run(device):
-    if triton_can_run(device):
-        return True
-    _warn_once("cpu", f"the fused Triton attention needs CUDA (or TRITON_INTERPRET=1); tensors are on {device}, "
-                      "so BART runs the eager attention")
-    return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------------------------------------------
-class _BartLayer(nn.Module):
+class _BartLayer(CheckpointedLayer):
     """Shared by the encoder and decoder layers: the post-LN feed-forward block."""
 
     def _init_ffn(self, config, ffn_dim):
@@ -248,10 +202,9 @@ class _BartLayer(nn.Module):
 class BartEncoderLayer(_BartLayer):
     """Post-LN: x = LN(x + SelfAttn(x)); x = LN(x + FFN(x))."""
 
-    def __init__(self, config, attn_implementation):
+    def __init__(self, config):
         super().__init__()
-        self.self_attn = BartAttention(config.d_model, config.encoder_attention_heads, config.attention_dropout,
-                                       attn_implementation)
+        self.self_attn = BartAttention(config, config.encoder_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
         self._init_ffn(config, config.encoder_ffn_dim)
 
@@ -270,30 +223,29 @@ class BartEncoderLayer(_BartLayer):
 class BartDecoderLayer(_BartLayer):
     """Post-LN: causal self-attention, cross-attention over the encoder output, FFN."""
 
-    def __init__(self, config, attn_implementation, layer_idx):
+    def __init__(self, config, layer_idx):
         super().__init__()
         d, heads = config.d_model, config.decoder_attention_heads
         self.layer_idx = layer_idx
-        self.self_attn = BartAttention(d, heads, config.attention_dropout, attn_implementation)
+        self.self_attn = BartAttention(config, heads)
         self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.encoder_attn = BartAttention(d, heads, config.attention_dropout, attn_implementation)
+        self.encoder_attn = BartAttention(config, heads)
         self.encoder_attn_layer_norm = nn.LayerNorm(d)
         self._init_ffn(config, config.decoder_ffn_dim)
 
     def forward(self, hidden_states, encoder_hidden_states=None, encoder_attention_mask=None, attention_mask=None,
-                *, cache=None, cross_kv=None, kv_batch_index=None):
+                *, cache=None, cache_position=None, past_len=0, cross_kv=None, kv_batch_index=None):
         """hidden_states ``[N, Lt, d]`` -> ``[N, Lt, d]``.
 
         encoder_hidden_states ``[B, Ls, d]`` (cross K/V projected here) or cross_kv = (k, v) ``[B, H, Ls, D]``
         precomputed once per source; kv_batch_index ``[N]`` maps decoder rows to source rows (None: N == B).
         encoder_attention_mask ``[N, Ls]``; attention_mask ``[N, Lt]`` decoder padding (training only).
-        cache: the self-attention KVCache (generation): new K/V are written at ``cache.length``.
+        cache: the self-attention KVCache (generation): the new K/V are written at the device positions
+        ``cache_position [Lt]``, after the ``past_len`` positions already there.
         """
         k, v = self.self_attn.project_kv(hidden_states)
-        past_len = 0
         if cache is not None:
-            past_len = cache.length
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = cache.update(self.layer_idx, k, v, cache_position, past_len + hidden_states.shape[1])
         attn = self.self_attn(hidden_states, k, v, causal=True, key_padding_mask=attention_mask, past_len=past_len)
         hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attn, self.dropout, self.training))
 
@@ -341,8 +293,7 @@ def _expand_mask_check(mask, ids, what):
 
 
 class _Stack(nn.Module):
-    """Shared pieces of the encoder and the decoder: embeddings, layer loop with LayerDrop and checkpointing."""
-    gradient_checkpointing = False
+    """Shared pieces of the encoder and the decoder: embeddings and LayerDrop (checkpointing is in the layers)."""
 
     def __init__(self, config, shared, layers, layerdrop):
         super().__init__()
@@ -356,11 +307,6 @@ class _Stack(nn.Module):
         hidden = self.embed_tokens(input_ids) + self.embed_positions(input_ids.shape[1], past_len)
         return F.dropout(self.layernorm_embedding(hidden), self.dropout, self.training)
 
-    def _run_layer(self, layer, *args, **kwargs):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(layer, *args, use_reentrant=False, **kwargs)
-        return layer(*args, **kwargs)
-
     def _skip_layer(self):
         """LayerDrop. As HF, one draw per layer in training even when layerdrop is 0, so that a seeded run
         consumes the RNG like HF's and gets the same dropout masks."""
@@ -370,9 +316,9 @@ class _Stack(nn.Module):
 class BartEncoder(_Stack):
     """Token + learned positions (offset 2) -> layernorm_embedding -> post-LN self-attention layers."""
 
-    def __init__(self, config, shared, attn_implementation):
-        super().__init__(config, shared, [BartEncoderLayer(config, attn_implementation)
-                                          for _ in range(config.encoder_layers)], config.encoder_layerdrop)
+    def __init__(self, config, shared):
+        super().__init__(config, shared, [BartEncoderLayer(config) for _ in range(config.encoder_layers)],
+                         config.encoder_layerdrop)
 
     def forward(self, input_ids, attention_mask=None):
         """input_ids ``[B, Ls]``, attention_mask ``[B, Ls]`` -> last hidden state ``[B, Ls, d]``."""
@@ -380,16 +326,16 @@ class BartEncoder(_Stack):
         hidden = self._embed(input_ids)
         for layer in self.layers:
             if not self._skip_layer():
-                hidden = self._run_layer(layer, hidden, attention_mask)
+                hidden = layer(hidden, attention_mask)
         return hidden
 
 
 class BartDecoder(_Stack):
     """Causal self-attention with a KV cache, cross-attention over cached encoder K/V, post-LN layers."""
 
-    def __init__(self, config, shared, attn_implementation):
-        super().__init__(config, shared, [BartDecoderLayer(config, attn_implementation, i)
-                                          for i in range(config.decoder_layers)], config.decoder_layerdrop)
+    def __init__(self, config, shared):
+        super().__init__(config, shared, [BartDecoderLayer(config, i) for i in range(config.decoder_layers)],
+                         config.decoder_layerdrop)
 
     def forward(self, input_ids, encoder_hidden_states=None, encoder_attention_mask=None, attention_mask=None, *,
                 cache=None, cross_kv=None, kv_batch_index=None):
@@ -398,17 +344,16 @@ class BartDecoder(_Stack):
         attention_mask = _expand_mask_check(attention_mask, input_ids, "decoder_attention_mask")
         if encoder_attention_mask is not None and encoder_attention_mask.dtype != torch.bool:
             encoder_attention_mask = encoder_attention_mask != 0
-        hidden = self._embed(input_ids, cache.length if cache is not None else 0)
+        past_len = cache.length if cache is not None else 0
+        cache_position = cache.next_positions(input_ids.shape[1]) if cache is not None else None
+        hidden = self._embed(input_ids, past_len)
         for layer in self.layers:
             if self._skip_layer():
                 continue
             layer_kv = cross_kv[layer.layer_idx] if cross_kv is not None else None
-            if cache is not None or layer_kv is not None:
-                hidden = layer(hidden, encoder_hidden_states, encoder_attention_mask, attention_mask, cache=cache,
-                               cross_kv=layer_kv, kv_batch_index=kv_batch_index)
-            else:
-                hidden = self._run_layer(layer, hidden, encoder_hidden_states, encoder_attention_mask,
-                                         attention_mask)
+            hidden = layer(hidden, encoder_hidden_states, encoder_attention_mask, attention_mask, cache=cache,
+                           cache_position=cache_position, past_len=past_len, cross_kv=layer_kv,
+                           kv_batch_index=kv_batch_index)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         return hidden
@@ -417,12 +362,12 @@ class BartDecoder(_Stack):
 class BartModel(nn.Module):
     """Encoder and decoder sharing one token embedding Parameter (``shared``)."""
 
-    def __init__(self, config, attn_implementation):
+    def __init__(self, config):
         super().__init__()
         embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
         self.shared = BartScaledEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale)
-        self.encoder = BartEncoder(config, self.shared, attn_implementation)
-        self.decoder = BartDecoder(config, self.shared, attn_implementation)
+        self.encoder = BartEncoder(config, self.shared)
+        self.decoder = BartDecoder(config, self.shared)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -457,18 +402,16 @@ def _check_tied_aliases_agree(state_dict):
                              f"the token embedding, the encoder/decoder embeddings and the LM head (one tensor)")
 
 
-class BartForConditionalGeneration(nn.Module):
+class BartForConditionalGeneration(ModelBase):
     """HF-compatible BART with an LM head tied to the shared token embedding."""
 
-    def __init__(self, config, attn_implementation="fused", generation_config=None):
+    def __init__(self, config, generation_config=None):
         super().__init__()
-        if attn_implementation not in ("fused", "eager"):
-            raise ValueError(f"attn_implementation must be 'fused' or 'eager', got {attn_implementation!r}")
+        check_implementation(config.attn_implementation)
         self.config = config
-        self.attn_implementation = attn_implementation
         self.generation_config = dict(generation_config) if generation_config is not None \
-            else beam_search.generation_defaults_from_model_config(config.to_dict())
-        self.model = BartModel(config, attn_implementation)
+            else generation_defaults_from_model_config(config.to_dict())
+        self.model = BartModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.model.shared.weight  # one Parameter: encoder, decoder and LM head
         self.register_buffer("final_logits_bias", torch.zeros(1, config.vocab_size))
@@ -504,18 +447,14 @@ class BartForConditionalGeneration(nn.Module):
         aliases stored with different values raise ValueError (this model always ties them). Missing or
         unexpected tensors raise KeyError listing them all.
         """
-        config_dict = load_config_dict(model_dir)
-        config = BartConfig.from_dict(config_dict)
-        # HF: generation_config.json, else the generation keys of config.json
-        generation_config = (load_generation_config(model_dir)
-                             or beam_search.generation_defaults_from_model_config(config_dict))
-        state_dict = load_safetensors_state_dict(model_dir, device=device, dtype=resolve_dtype(dtype, config_dict))
+        config, _, state_dict, generation_config = cls.load_pretrained_parts(
+            BartConfig, model_dir, dtype, device, attn_implementation)
         _check_tied_aliases_agree(state_dict)
         if "final_logits_bias" not in state_dict:  # optional in HF checkpoints: zeros
             dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())
             state_dict["final_logits_bias"] = torch.zeros(1, config.vocab_size, device=device, dtype=dtype)
         with torch.device("meta"):
-            model = cls(config, attn_implementation, generation_config)
+            model = cls(config, generation_config)
         aliases = {"model.encoder.version": None, "model.decoder.version": None}
         assign_state_dict(model, state_dict, aliases=aliases)
         return model.eval()
@@ -528,13 +467,6 @@ class BartForConditionalGeneration(nn.Module):
         tied = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
         save_safetensors(self.state_dict(), model_dir, config_dict, generation_config=self.generation_config or None,
                          skip=tied)
-
-    def gradient_checkpointing_enable(self):
-        """Recompute each encoder/decoder layer in backward (training only)."""
-        self.model.encoder.gradient_checkpointing = self.model.decoder.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self):
-        self.model.encoder.gradient_checkpointing = self.model.decoder.gradient_checkpointing = False
 
     @property
     def device(self):
@@ -595,10 +527,13 @@ class BartForConditionalGeneration(nn.Module):
             kv_batch_index = kv_batch_index.repeat_interleave(num_beams)
         if attention_mask is not None:
             cross_mask = (attention_mask != 0).repeat_interleave(num_beams, dim=0)
-        attn = decoder.layers[0].self_attn if decoder.layers else None
-        cache = KVCache(len(decoder.layers), batch * num_beams, attn.num_heads if attn else 1, max_len,
-                        attn.head_dim if attn else 1, dtype=encoder_hidden.dtype, device=encoder_hidden.device)
-        return DecodingState(cache, cross_kv, kv_batch_index, cross_mask)
+        return DecodingState(self.new_kv_cache(batch * num_beams, max_len), cross_kv, kv_batch_index, cross_mask)
+
+    def new_kv_cache(self, batch_size, max_len):
+        """An empty decoder self-attention KVCache for ``max_len`` positions in the model's dtype and device."""
+        c = self.config
+        return KVCache(c.decoder_layers, batch_size, c.decoder_attention_heads, max_len,
+                       c.d_model // c.decoder_attention_heads, dtype=self.dtype, device=self.device)
 
     def decode_step(self, decoder_input_ids, state):
         """Feed the new decoder tokens ``[N, n]`` (written into the cache) -> next-token logits ``[N, V]``."""
@@ -608,38 +543,32 @@ class BartForConditionalGeneration(nn.Module):
         return self.logits(hidden[:, -1])
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, *, num_beams=UNSET, max_new_tokens=UNSET, max_length=UNSET,
-                 min_new_tokens=UNSET, min_length=UNSET, length_penalty=UNSET, early_stopping=UNSET,
-                 no_repeat_ngram_size=UNSET, forced_bos_token_id=UNSET, forced_eos_token_id=UNSET,
-                 eos_token_id=UNSET, pad_token_id=UNSET, decoder_start_token_id=UNSET, num_return_sequences=UNSET,
-                 decoder_input_ids=None, do_sample=UNSET, use_cache=True):
+    def generate(self, input_ids, attention_mask=None, *, decoder_input_ids=None, **settings):
         """Greedy (num_beams=1) or beam search with HF ``generate`` semantics.
 
-        Arguments left out come from generation_config.json (or config.json's generation fields), then HF's
-        global defaults; as in HF, an argument passed explicitly, even as None, overrides the config (None:
-        that feature off, e.g. ``forced_eos_token_id=None``).
+        ``settings`` are HF's generation arguments (num_beams, max_new_tokens, max_length, min_new_tokens,
+        min_length, length_penalty, early_stopping, no_repeat_ngram_size, forced_bos_token_id,
+        forced_eos_token_id, eos_token_id, pad_token_id, decoder_start_token_id, num_return_sequences, ...),
+        resolved by ``fusedformers.models.generation.resolve_settings``: those passed over generation_config.json
+        (or config.json's generation fields) over HF's global defaults; as in HF, an argument passed explicitly,
+        even as None, overrides the config (None: that feature off, e.g. ``forced_eos_token_id=None``). A
+        setting HF would apply that is not implemented (do_sample=True, repetition_penalty=1.2, ...) raises
+        NotImplementedError; ``use_cache`` is accepted and ignored (the cache is always used, same result).
+
         input_ids/attention_mask ``[B, Ls]``. Returns ``[B * num_return_sequences, P + generated]`` token ids,
-        P the decoder prompt length (1: decoder_start_token_id); finished rows are padded with pad_token_id.
-        ``do_sample`` may only be False (sampling raises NotImplementedError); ``use_cache`` is accepted and
-        ignored (the result is the same; the cache is always used)."""
-        given = {name: value for name, value in dict(
-            num_beams=num_beams, max_new_tokens=max_new_tokens, max_length=max_length,
-            min_new_tokens=min_new_tokens, min_length=min_length, length_penalty=length_penalty,
-            early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
-            forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id,
-            num_return_sequences=num_return_sequences, do_sample=do_sample).items() if value is not UNSET}
-        settings = beam_search.resolve_generation_settings(
-            self.generation_config, given, max_position_embeddings=self.config.max_position_embeddings,
-            decoder_input_ids=decoder_input_ids)
-        prompt = beam_search.decoder_prompt(settings, input_ids.shape[0], decoder_input_ids, input_ids.device)
-        expand = max(settings.num_beams, settings.num_return_sequences)
-        state = self.prepare_decoding(input_ids, attention_mask, expand, settings.max_length)
+        P the decoder prompt length (1: decoder_start_token_id); finished rows are padded with pad_token_id."""
+        resolved = resolve_settings(self.generation_config, settings, implemented=BEAM_SEARCH,
+                                    what="BART generate (greedy and beam search)",
+                                    max_position_embeddings=self.config.max_position_embeddings,
+                                    decoder_input_ids=decoder_input_ids)
+        prompt = decoder_prompt(resolved, input_ids.shape[0], decoder_input_ids, input_ids.device)
+        expand = max(resolved.num_beams, resolved.num_return_sequences)
+        state = self.prepare_decoding(input_ids, attention_mask, expand, resolved.max_length)
 
         def step(tokens):
             return self.decode_step(tokens, state)
 
-        if settings.num_beams > 1:
-            return beam_search.beam_search(step, prompt.repeat_interleave(expand, dim=0), settings,
+        if resolved.num_beams > 1:
+            return beam_search.beam_search(step, prompt.repeat_interleave(expand, dim=0), resolved,
                                            reorder_cache=state.self_cache.reorder)
-        return beam_search.greedy_search(step, prompt, settings)
+        return sample_loop(step, prompt, resolved)

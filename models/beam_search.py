@@ -1,220 +1,26 @@
-"""Greedy and beam search for encoder-decoder models with the semantics of HF transformers' ``generate``.
+"""Beam search with the semantics of HF transformers' ``generate`` (HF >= 4.50's vectorised algorithm).
 
-The search loops are model-agnostic: they call ``step(tokens [N, n]) -> logits [N, V]`` (which appends the new
-tokens to the model's self-attention cache and returns the next-token logits) and, for beams,
-``reorder_cache(beam_idx [N])`` (row r of the cache becomes old row ``beam_idx[r]``; only the decoder
-self-attention cache moves, cross-attention K/V stay per source).
+The loop is model-agnostic: it calls ``step(tokens [N, n]) -> logits [N, V]`` (which appends the new tokens to
+the model's self-attention cache and returns the next-token logits) and ``reorder_cache(beam_idx [N])`` (row r
+of the cache becomes old row ``beam_idx[r]``; for BART only the decoder self-attention cache moves,
+cross-attention K/V stay per source). Settings and logits processors are ``fusedformers.models.generation``'s.
 
-HF semantics reproduced here:
-- settings: call arguments > generation_config.json (or config.json's generation keys) > HF's global defaults;
-  ``max_new_tokens`` over ``max_length`` (lengths count the decoder prompt, i.e. decoder_start_token_id);
-- logits processors in HF's order: no_repeat_ngram_size, min_length, min_new_tokens, forced_bos_token_id,
-  forced_eos_token_id (greedy: on the float32 logits; beams: on their log-softmax);
-- greedy: rows that finished get pad_token_id until every row is done or max_length is reached;
-- beam search (HF >= 4.50 vectorised algorithm): top ``max(2, 1 + n_eos) * num_beams`` candidates per source,
-  finished hypotheses scored ``sum_logprobs / generated_len ** length_penalty``, early_stopping True / False
-  (heuristic at the current length) / "never" (at max_length when length_penalty > 0), outputs padded with
-  pad_token_id (eos when pad is 0 or unset) and cut to the longest returned hypothesis.
+Per step: top ``max(2, 1 + n_eos) * num_beams`` candidates per source (processors applied to the log-softmax),
+finished hypotheses scored ``sum_logprobs / generated_len ** length_penalty``, early_stopping True / False
+(heuristic at the current length) / "never" (at max_length when length_penalty > 0), outputs padded with
+pad_token_id (eos when pad is 0 or unset) and cut to the longest returned hypothesis.
 """
-from dataclasses import dataclass
-
 import torch
 
-from fusedformers.models.generation import as_id_list, check_supported, pick_next_token, suppress_eos
-
-# HF GenerationConfig global defaults for the settings this module implements
-DEFAULTS = {"max_length": 20, "min_length": 0, "num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0,
-            "early_stopping": False, "no_repeat_ngram_size": 0, "forced_bos_token_id": None,
-            "forced_eos_token_id": None}
-
-# generation keys read from config.json when a checkpoint has no generation_config.json (HF's legacy fallback)
-GENERATION_KEYS = ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams", "early_stopping",
-                   "length_penalty", "no_repeat_ngram_size", "num_return_sequences", "forced_bos_token_id",
-                   "forced_eos_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
-                   "do_sample", "repetition_penalty", "encoder_no_repeat_ngram_size", "bad_words_ids",
-                   "num_beam_groups", "diversity_penalty", "encoder_repetition_penalty", "suppress_tokens",
-                   "begin_suppress_tokens", "exponential_decay_length_penalty", "sequence_bias",
-                   "renormalize_logits", "remove_invalid_values", "force_words_ids", "constraints", "penalty_alpha")
-
-# settings HF would honour that this module does not implement: value that means "off"
-UNSUPPORTED_OFF = {"do_sample": False, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
-                   "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "num_beam_groups": 1,
-                   "diversity_penalty": 0.0, "suppress_tokens": None, "begin_suppress_tokens": None,
-                   "exponential_decay_length_penalty": None, "sequence_bias": None, "renormalize_logits": False,
-                   "remove_invalid_values": False, "force_words_ids": None, "constraints": None,
-                   "penalty_alpha": 0.0}
+from fusedformers.models.generation import process_scores
 
 NEG_LARGE = -1.0e9  # HF's "impossible" score for beams
-
-
-def generation_defaults_from_model_config(config_dict):
-    """HF's fallback generation config: the generation keys of config.json (non-None values)."""
-    return {k: config_dict[k] for k in GENERATION_KEYS if config_dict.get(k) is not None}
-
-
-@dataclass
-class GenerationSettings:
-    """Resolved settings. Lengths are decoder lengths including the prompt (``prompt_len`` tokens)."""
-    max_length: int
-    min_length: int
-    prompt_len: int
-    num_beams: int
-    num_return_sequences: int
-    length_penalty: float
-    early_stopping: bool | str
-    no_repeat_ngram_size: int
-    forced_bos_token_id: int | None
-    forced_eos_token_ids: list | None
-    eos_token_ids: list
-    pad_token_id: int | None
-    decoder_start_token_id: int
-
-
-class _Unset:
-    def __repr__(self):
-        return "UNSET"
-
-
-UNSET = _Unset()  # default of generate()'s arguments: "not passed" (None passed explicitly means "off")
-
-
-def resolve_generation_settings(generation_config, given, *, max_position_embeddings=None, decoder_input_ids=None):
-    """HF's precedence: ``given`` (the arguments passed to generate, None included) > ``generation_config``
-    (a dict: generation_config.json) > HF's global defaults."""
-    check_supported(generation_config, given, UNSUPPORTED_OFF, "fusedformers.models.beam_search")
-
-    def pick(name):
-        if name in given:  # passed explicitly; None falls back to HF's global default (if it has one)
-            return given[name] if given[name] is not None else DEFAULTS.get(name)
-        if generation_config.get(name) is not None:
-            return generation_config[name]
-        return DEFAULTS.get(name)
-
-    start = pick("decoder_start_token_id")
-    if start is None:
-        start = pick("bos_token_id")
-    if start is None and decoder_input_ids is None:
-        raise ValueError("decoder_start_token_id (or bos_token_id) must be set for encoder-decoder generation")
-    prompt_len = 1 if decoder_input_ids is None else _prompt_with_start(decoder_input_ids, start).shape[1]
-
-    max_new_tokens = pick("max_new_tokens")
-    if max_new_tokens is not None:
-        max_length = max_new_tokens + prompt_len
-    elif given.get("max_length") is not None or generation_config.get("max_length") is not None:
-        max_length = pick("max_length")
-    else:  # HF: 20 new tokens by default, capped at the position table
-        max_length = DEFAULTS["max_length"] + prompt_len
-        if max_position_embeddings is not None:
-            max_length = min(max_length, max_position_embeddings)
-    if prompt_len >= max_length:
-        raise ValueError(f"decoder prompt length {prompt_len} leaves nothing to generate with max_length "
-                         f"{max_length}; set max_new_tokens")
-    min_new_tokens = pick("min_new_tokens")
-    min_length = min_new_tokens + prompt_len if min_new_tokens is not None else pick("min_length")
-
-    eos = as_id_list(pick("eos_token_id"))
-    pad = pick("pad_token_id")
-    if pad is None and eos:
-        pad = eos[0]
-    forced_eos = pick("forced_eos_token_id")
-    early_stopping = pick("early_stopping")
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    num_beams = int(pick("num_beams"))
-    num_return_sequences = int(pick("num_return_sequences"))
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if num_return_sequences > num_beams:
-        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}); "
-                         f"greedy decoding returns one sequence per input")
-    return GenerationSettings(
-        max_length=int(max_length), min_length=int(min_length or 0), prompt_len=prompt_len, num_beams=num_beams,
-        num_return_sequences=num_return_sequences, length_penalty=float(pick("length_penalty")),
-        early_stopping=early_stopping, no_repeat_ngram_size=int(pick("no_repeat_ngram_size") or 0),
-        forced_bos_token_id=pick("forced_bos_token_id"),
-        forced_eos_token_ids=as_id_list(forced_eos) if forced_eos is not None else None,
-        eos_token_ids=eos, pad_token_id=pad, decoder_start_token_id=start)
-
-
-def _prompt_with_start(decoder_input_ids, start):
-    """HF prepends decoder_start_token_id to user decoder_input_ids that do not all start with it."""
-    if start is not None and (decoder_input_ids[:, 0] != start).all():
-        column = torch.full_like(decoder_input_ids[:, :1], start)
-        return torch.cat([column, decoder_input_ids], dim=1)
-    return decoder_input_ids
-
-
-def decoder_prompt(settings, batch_size, decoder_input_ids, device):
-    """The decoder's first input ``[B, P]``: decoder_start_token_id, or the user's prefix (start prepended)."""
-    if decoder_input_ids is None:
-        return torch.full((batch_size, 1), settings.decoder_start_token_id, dtype=torch.long, device=device)
-    return _prompt_with_start(decoder_input_ids.to(device=device, dtype=torch.long),
-                              settings.decoder_start_token_id)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Logits processors (HF order)
-# ----------------------------------------------------------------------------------------------------------------
-def ban_repeated_ngrams(sequences, scores, ngram_size):
-    """-inf for every token that would complete an n-gram already present in its row.
-
-    sequences ``[N, L]`` (the whole decoder sequence so far), scores ``[N, V]``."""
-    length = sequences.shape[1]
-    if ngram_size <= 0 or length < ngram_size:
-        return scores
-    suffix = sequences[:, length - ngram_size + 1:]                       # [N, n-1] the last n-1 tokens
-    windows = sequences.unfold(1, ngram_size, 1)                          # [N, W, n] every n-gram
-    same_prefix = (windows[:, :, :-1] == suffix[:, None, :]).all(dim=-1)  # [N, W]
-    vocab = scores.shape[-1]
-    banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
-    banned.scatter_(1, torch.where(same_prefix, windows[:, :, -1], vocab), True)  # non-matches -> spare column
-    return scores.masked_fill(banned[:, :vocab], float("-inf"))
-
-
-def force_token(scores, token_ids):
-    """Every score -inf except ``token_ids`` at 0."""
-    forced = torch.full_like(scores, float("-inf"))
-    forced[:, token_ids] = 0
-    return forced
-
-
-def process_scores(sequences, scores, settings):
-    """Apply the logits processors to next-token scores ``[N, V]`` given the sequences ``[N, L]`` so far."""
-    length = sequences.shape[1]
-    scores = ban_repeated_ngrams(sequences, scores, settings.no_repeat_ngram_size)
-    if settings.eos_token_ids and length < settings.min_length:  # min_length / min_new_tokens
-        scores = suppress_eos(scores, settings.eos_token_ids)
-    if settings.forced_bos_token_id is not None and length == 1:
-        scores = force_token(scores, settings.forced_bos_token_id)
-    if settings.forced_eos_token_ids is not None and length == settings.max_length - 1:
-        scores = force_token(scores, settings.forced_eos_token_ids)
-    return scores
 
 
 def _hits_eos(tokens, eos_token_ids):
     if not eos_token_ids:
         return torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
     return torch.isin(tokens, torch.tensor(eos_token_ids, device=tokens.device))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Greedy
-# ----------------------------------------------------------------------------------------------------------------
-def greedy_search(step, prompt, settings):
-    """prompt ``[B, P]`` -> ``[B, P + generated]``; rows that hit eos continue with pad_token_id."""
-    sequences = prompt
-    unfinished = torch.ones(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    tokens = prompt
-    while True:
-        scores = process_scores(sequences, step(tokens).float(), settings)
-        next_tokens = pick_next_token(scores)
-        if settings.eos_token_ids:
-            next_tokens = torch.where(unfinished, next_tokens, settings.pad_token_id)
-        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-        unfinished &= ~_hits_eos(next_tokens, settings.eos_token_ids)
-        if sequences.shape[1] >= settings.max_length or not unfinished.any():
-            return sequences
-        tokens = next_tokens[:, None]
 
 
 # ----------------------------------------------------------------------------------------------------------------

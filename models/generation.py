@@ -1,31 +1,76 @@
-"""Token picking shared by the models' ``generate``, with Hugging Face's semantics and order.
+"""Generation shared by both models, with the semantics of Hugging Face transformers' ``generate``: one settings
+resolver, the logits processors in HF's order, token picking, and the greedy / sampling loop.
 
-HF applies, to float32 logits of the last position: min_new_tokens (eos set to -inf while fewer than
-``min_new_tokens`` tokens were generated), then, only when sampling, temperature, top-k and top-p; then greedy
-argmax or one multinomial draw from the softmax.
+A model's ``generate`` resolves its settings here, builds a ``step(tokens [N, n]) -> logits [N, V]`` (feed the
+new tokens, which the model writes into its KV cache, and return the next-token logits of the last position),
+and runs :func:`sample_loop` (greedy or sampling) or ``beam_search.beam_search`` over it.
+
+HF semantics reproduced here:
+- settings: call arguments > generation_config.json (or config.json's generation keys) > the model config's
+  token ids > HF's global defaults; an argument passed explicitly, even as None, overrides the config (None
+  then means HF's global default: e.g. ``forced_eos_token_id=None`` turns it off);
+- lengths count the prompt (the decoder prompt for encoder-decoder models): ``max_new_tokens``, else
+  ``max_length``, else 20 new tokens capped at max_position_embeddings; ``min_new_tokens``, when set, replaces
+  ``min_length``; pad falls back to the first eos token;
+- logits processors in HF's order, on float32 scores: no_repeat_ngram_size, min_length / min_new_tokens,
+  forced_bos_token_id, forced_eos_token_id, then, when sampling, temperature, top-k and top-p;
+- a setting HF would apply that the chosen search does not implement raises NotImplementedError rather than
+  giving other tokens.
 """
+import operator
+from dataclasses import dataclass
+
 import torch
 
-# HF GenerationConfig defaults, used when neither the caller nor generation_config.json sets a value
-HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-               "min_new_tokens": 0, "min_length": 0}
+STOP_CHECK_INTERVAL = 8  # the loop asks the GPU whether every row has finished once per this many steps
 
-# settings HF's generate honours that this module does not implement, with the value that means "off": a
-# checkpoint or a call that sets another value gets NotImplementedError instead of silently different tokens
-UNSUPPORTED_OFF = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-                   "forced_bos_token_id": None, "forced_eos_token_id": None, "bad_words_ids": None,
-                   "suppress_tokens": None, "begin_suppress_tokens": None, "min_p": None, "typical_p": 1.0,
-                   "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0,
-                   "encoder_no_repeat_ngram_size": 0, "num_beam_groups": 1, "diversity_penalty": 0.0,
-                   "exponential_decay_length_penalty": None, "sequence_bias": None, "renormalize_logits": False,
-                   "remove_invalid_values": False, "force_words_ids": None, "constraints": None,
-                   "penalty_alpha": None, "guidance_scale": None, "watermarking_config": None}
-# accepted and without effect on the tokens (HF's use_cache=False recomputes every step, same result)
+# HF GenerationConfig's global defaults for the settings implemented here
+HF_DEFAULTS = {"max_length": 20, "min_length": 0, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+               "num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0, "early_stopping": False,
+               "no_repeat_ngram_size": 0}
+
+# every setting of HF's generate that changes the tokens, with the value that means "off". A search lists the
+# ones it implements; a call or a generation config that sets another one raises NotImplementedError.
+OFF_VALUES = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "no_repeat_ngram_size": 0,
+              "forced_bos_token_id": None, "forced_eos_token_id": None, "repetition_penalty": 1.0,
+              "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+              "suppress_tokens": None, "begin_suppress_tokens": None, "min_p": None, "typical_p": 1.0,
+              "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beam_groups": 1, "diversity_penalty": 0.0,
+              "exponential_decay_length_penalty": None, "sequence_bias": None, "renormalize_logits": False,
+              "remove_invalid_values": False, "force_words_ids": None, "constraints": None, "penalty_alpha": 0.0,
+              "guidance_scale": None, "watermarking_config": None}
+# settings of the implemented features that are not on/off switches
+TUNING_SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "temperature", "top_k", "top_p",
+                   "length_penalty", "early_stopping", "eos_token_id", "pad_token_id", "bos_token_id",
+                   "decoder_start_token_id")
+# accepted and without effect on the tokens (HF's use_cache=False recomputes every step: the same result)
 IGNORED_SETTINGS = ("use_cache",)
+KNOWN_SETTINGS = frozenset(OFF_VALUES) | frozenset(TUNING_SETTINGS) | frozenset(IGNORED_SETTINGS)
+
+# what each search implements (the rest of OFF_VALUES must be off)
+SAMPLING_SEARCH = frozenset({"do_sample"})
+BEAM_SEARCH = frozenset({"num_beams", "num_return_sequences", "no_repeat_ngram_size", "forced_bos_token_id",
+                         "forced_eos_token_id"})
+
+# generation keys read from config.json when a checkpoint has no generation_config.json (HF's legacy fallback)
+GENERATION_KEYS = tuple(sorted(KNOWN_SETTINGS - {"use_cache"}))
+
+
+class _Unset:
+    def __repr__(self):
+        return "UNSET"
+
+
+UNSET = _Unset()  # "not passed" (None passed explicitly means HF's global default, as in HF)
+
+
+def generation_defaults_from_model_config(config_dict):
+    """HF's fallback generation config: the generation keys of config.json (non-None values)."""
+    return {k: config_dict[k] for k in GENERATION_KEYS if config_dict.get(k) is not None}
 
 
 def as_id_list(token_ids):
-    """None, an int, or a list of ints → list of ints."""
+    """None, an int, a tensor, or a list of ints → list of ints."""
     if token_ids is None:
         return []
     if isinstance(token_ids, int):
@@ -35,76 +80,175 @@ def as_id_list(token_ids):
     return [int(t) for t in token_ids]
 
 
-def check_supported(generation_config, given, unsupported, what):
-    """NotImplementedError naming the first setting of ``unsupported`` ({name: value that means off}) that is
-    not off: the call's value when ``given`` has the name (an explicit None: off), else the generation config's.
-    ``what`` names the search in the message."""
-    for key, off in unsupported.items():
+def check_settings(generation_config, given, implemented, what):
+    """TypeError for a ``given`` name that is no generation setting; NotImplementedError naming the first setting
+    of :data:`OFF_VALUES` outside ``implemented`` that is not off: the call's value when ``given`` has the name
+    (an explicit None: off), else the generation config's. ``what`` names the search in the message."""
+    unknown = sorted(set(given) - KNOWN_SETTINGS)
+    if unknown:
+        raise TypeError(f"generate() got unexpected arguments {unknown}")
+    for key, off in OFF_VALUES.items():
+        if key in implemented:
+            continue
         value = given[key] if key in given else generation_config.get(key)
         if value is not None and value != off and value not in ([], {}):
             raise NotImplementedError(f"generation setting {key}={value!r} is not supported by {what}; "
                                       f"set it to {off!r}")
 
 
-def resolve_generation_args(generation_config, model_config_eos, model_config_pad, prompt_len,
-                            max_position_embeddings=None, **given):
-    """Merge call arguments (None = not given) over generation_config.json over HF's defaults.
+@dataclass
+class GenerationSettings:
+    """Resolved settings. Lengths count the prompt (``prompt_len`` tokens; the decoder prompt for BART)."""
+    prompt_len: int
+    max_length: int
+    min_length: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    num_beams: int
+    num_return_sequences: int
+    length_penalty: float
+    early_stopping: bool | str
+    no_repeat_ngram_size: int
+    forced_bos_token_id: int | None
+    forced_eos_token_ids: list | None
+    eos_token_ids: list
+    pad_token_id: int | None
+    decoder_start_token_id: int | None = None
 
-    Lengths as HF's decoder-only generate: max_new_tokens, else max_length (prompt included), else 20 new
-    tokens capped at max_position_embeddings; eos is suppressed until min_new_tokens new tokens, else (when
-    min_new_tokens is not set) min_length tokens counting the prompt. Settings HF would apply that are not
-    implemented raise NotImplementedError.
-    Returns a dict with max_new_tokens, min_new_tokens (the effective one), do_sample, temperature, top_k,
-    top_p, eos_token_ids (list), pad_token_id (int: pad, else the first eos, else 0 as HF warns and does).
-    """
-    given = {k: v for k, v in given.items() if k not in IGNORED_SETTINGS}
-    check_supported(generation_config, {k: v for k, v in given.items() if v is not None}, UNSUPPORTED_OFF,
-                    "this generate (greedy and sampling)")
+    @property
+    def max_new_tokens(self):
+        return self.max_length - self.prompt_len
+
+
+def _strict_int(name, value):
+    """An integer setting (HF: TypeError for ``max_new_tokens=2.5``); numpy and torch integers are accepted."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+
+
+def resolve_settings(generation_config, given, *, implemented, what, prompt_len=None,
+                     max_position_embeddings=None, model_defaults=None, decoder_input_ids=None):
+    """Merge ``given`` (the arguments passed to generate; None included) over ``generation_config`` (a dict) over
+    ``model_defaults`` (the model config's token ids) over :data:`HF_DEFAULTS`.
+
+    ``prompt_len``: the prompt's length (decoder-only); for an encoder-decoder model leave it None and pass
+    ``decoder_input_ids`` (or None): the decoder prompt is decoder_start_token_id, or the user's prefix with it
+    prepended (see :func:`decoder_prompt`). Raises TypeError / NotImplementedError / ValueError on unknown,
+    unimplemented or impossible settings."""
+    check_settings(generation_config, given, implemented, what)
+    model_defaults = model_defaults or {}
 
     def pick(name):
-        if given.get(name) is not None:
-            return given[name]
-        if generation_config.get(name) is not None:
-            return generation_config[name]
+        if name in given:  # passed explicitly; None falls back to HF's global default (if it has one)
+            return given[name] if given[name] is not None else HF_DEFAULTS.get(name)
+        for source in (generation_config, model_defaults):
+            if source.get(name) is not None:
+                return source[name]
         return HF_DEFAULTS.get(name)
 
+    start = None
+    if prompt_len is None:  # encoder-decoder: the decoder prompt
+        start = pick("decoder_start_token_id")
+        if start is None:
+            start = pick("bos_token_id")
+        if start is None and decoder_input_ids is None:
+            raise ValueError("decoder_start_token_id (or bos_token_id) must be set for encoder-decoder generation")
+        prompt_len = 1 if decoder_input_ids is None else _prompt_with_start(decoder_input_ids, start).shape[1]
+
     if pick("max_new_tokens") is not None:
-        max_new_tokens = pick("max_new_tokens")
+        max_length = _strict_int("max_new_tokens", pick("max_new_tokens")) + prompt_len
     elif given.get("max_length") is not None or generation_config.get("max_length") is not None:
-        max_new_tokens = pick("max_length") - prompt_len
-    else:
+        max_length = _strict_int("max_length", pick("max_length"))
+    else:  # HF: 20 new tokens by default, capped at the position table
         max_length = HF_DEFAULTS["max_length"] + prompt_len
         if max_position_embeddings is not None:
             max_length = min(max_length, max_position_embeddings)
-        max_new_tokens = max_length - prompt_len
-    if max_new_tokens <= 0:
-        raise ValueError(f"nothing to generate: max_new_tokens resolved to {max_new_tokens} (prompt length "
-                         f"{prompt_len}); pass max_new_tokens")
-    if given.get("min_new_tokens") is not None or generation_config.get("min_new_tokens") is not None:
-        min_new_tokens = int(pick("min_new_tokens"))  # HF: min_new_tokens, when set, replaces min_length
-    else:
-        min_new_tokens = int(pick("min_length") or 0) - prompt_len
-    eos = given.get("eos_token_id")
-    if eos is None:
-        eos = generation_config.get("eos_token_id", model_config_eos)
-    eos_token_ids = as_id_list(eos)
-    pad = given.get("pad_token_id")
-    if pad is None:
-        pad = generation_config.get("pad_token_id", model_config_pad)
-    if pad is None:
-        pad = eos_token_ids[0] if eos_token_ids else 0
-    return {"max_new_tokens": int(max_new_tokens), "min_new_tokens": max(0, min_new_tokens),
-            "do_sample": bool(pick("do_sample")), "temperature": float(pick("temperature")),
-            "top_k": int(pick("top_k") or 0), "top_p": float(pick("top_p")),
-            "eos_token_ids": eos_token_ids, "pad_token_id": int(pad)}
+    if max_length <= prompt_len:
+        raise ValueError(f"nothing to generate: max_new_tokens resolved to {max_length - prompt_len} (prompt length "
+                         f"{prompt_len}, max_length {max_length}); pass max_new_tokens")
+    min_new_tokens = pick("min_new_tokens")
+    min_length = min_new_tokens + prompt_len if min_new_tokens is not None else pick("min_length") or 0
+
+    eos = as_id_list(pick("eos_token_id"))
+    pad = pick("pad_token_id")
+    if pad is None and eos:
+        pad = eos[0]  # HF's fallback (it warns)
+    forced_eos = pick("forced_eos_token_id")
+    early_stopping = pick("early_stopping")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    num_beams = int(pick("num_beams"))
+    num_return_sequences = int(pick("num_return_sequences"))
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}); "
+                         f"greedy decoding returns one sequence per input")
+    return GenerationSettings(
+        prompt_len=prompt_len, max_length=int(max_length), min_length=int(min_length),
+        do_sample=bool(pick("do_sample")), temperature=float(pick("temperature")), top_k=int(pick("top_k") or 0),
+        top_p=float(pick("top_p")), num_beams=num_beams, num_return_sequences=num_return_sequences,
+        length_penalty=float(pick("length_penalty")), early_stopping=early_stopping,
+        no_repeat_ngram_size=int(pick("no_repeat_ngram_size") or 0), forced_bos_token_id=pick("forced_bos_token_id"),
+        forced_eos_token_ids=as_id_list(forced_eos) if forced_eos is not None else None,
+        eos_token_ids=eos, pad_token_id=None if pad is None else int(pad), decoder_start_token_id=start)
 
 
-def suppress_eos(logits, eos_token_ids):
-    """Set the eos columns of ``logits [B, V]`` to -inf (HF's MinNewTokensLengthLogitsProcessor)."""
+def _prompt_with_start(decoder_input_ids, start):
+    """HF prepends decoder_start_token_id to user decoder_input_ids that do not all start with it."""
+    if start is not None and (decoder_input_ids[:, 0] != start).all():
+        column = torch.full_like(decoder_input_ids[:, :1], start)
+        return torch.cat([column, decoder_input_ids], dim=1)
+    return decoder_input_ids
+
+
+def decoder_prompt(settings, batch_size, decoder_input_ids, device):
+    """An encoder-decoder model's first decoder input ``[B, P]``: decoder_start_token_id, or the user's prefix
+    (start prepended)."""
+    if decoder_input_ids is None:
+        return torch.full((batch_size, 1), settings.decoder_start_token_id, dtype=torch.long, device=device)
+    return _prompt_with_start(decoder_input_ids.to(device=device, dtype=torch.long),
+                              settings.decoder_start_token_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logits processors (HF's order)
+# ----------------------------------------------------------------------------------------------------------------
+def ban_repeated_ngrams(sequences, scores, ngram_size):
+    """-inf for every token that would complete an n-gram already present in its row.
+
+    sequences ``[N, L]`` (the whole sequence so far), scores ``[N, V]``."""
+    length = sequences.shape[1]
+    if ngram_size <= 0 or length < ngram_size:
+        return scores
+    suffix = sequences[:, length - ngram_size + 1:]                       # [N, n-1] the last n-1 tokens
+    windows = sequences.unfold(1, ngram_size, 1)                          # [N, W, n] every n-gram
+    same_prefix = (windows[:, :, :-1] == suffix[:, None, :]).all(dim=-1)  # [N, W]
+    vocab = scores.shape[-1]
+    banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, torch.where(same_prefix, windows[:, :, -1], vocab), True)  # non-matches -> spare column
+    return scores.masked_fill(banned[:, :vocab], float("-inf"))
+
+
+def suppress_eos(scores, eos_token_ids):
+    """Set the eos columns of ``scores [N, V]`` to -inf (HF's MinLength / MinNewTokensLength processors)."""
     if eos_token_ids:
-        ids = torch.tensor(eos_token_ids, device=logits.device)
-        logits = logits.index_fill(-1, ids, float("-inf"))
-    return logits
+        ids = torch.tensor(eos_token_ids, device=scores.device)
+        scores = scores.index_fill(-1, ids, float("-inf"))
+    return scores
+
+
+def force_token(scores, token_ids):
+    """Every score -inf except ``token_ids`` at 0."""
+    forced = torch.full_like(scores, float("-inf"))
+    forced[:, token_ids] = 0
+    return forced
 
 
 def top_k_filter(logits, top_k):
@@ -126,19 +270,8 @@ def top_p_filter(logits, top_p, min_tokens_to_keep=1):
     return logits.masked_fill(remove, float("-inf"))
 
 
-def apply_logits_processing(logits, *, num_generated=0, min_new_tokens=0, eos_token_ids=(), do_sample=False,
-                            temperature=1.0, top_k=None, top_p=None):
-    """Process next-token logits ``[B, V]`` (cast to float32, as HF) in HF's order.
-
-    num_generated: tokens generated so far (eos is suppressed while ``num_generated < min_new_tokens``).
-    temperature/top_k/top_p apply only when ``do_sample`` (HF's warpers); top_k None/0 and top_p None/1.0 are
-    off. Returns new float32 logits ``[B, V]`` with removed tokens at -inf.
-    """
-    logits = logits.float()
-    if num_generated < min_new_tokens:
-        logits = suppress_eos(logits, list(eos_token_ids))
-    if not do_sample:
-        return logits
+def sampling_warpers(logits, temperature=1.0, top_k=None, top_p=None):
+    """HF's sampling warpers in order: temperature, top-k (None/0: off), top-p (None/1.0: off)."""
     if temperature is not None and temperature != 1.0:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
@@ -154,6 +287,22 @@ def apply_logits_processing(logits, *, num_generated=0, min_new_tokens=0, eos_to
     return logits
 
 
+def process_scores(sequences, scores, settings):
+    """Apply the logits processors to next-token scores ``[N, V]`` (cast to float32) given the sequences
+    ``[N, L]`` so far (prompt included), in HF's order; the sampling warpers only when ``settings.do_sample``."""
+    length = sequences.shape[1]
+    scores = ban_repeated_ngrams(sequences, scores.float(), settings.no_repeat_ngram_size)
+    if settings.eos_token_ids and length < settings.min_length:  # min_length / min_new_tokens
+        scores = suppress_eos(scores, settings.eos_token_ids)
+    if settings.forced_bos_token_id is not None and length == 1:
+        scores = force_token(scores, settings.forced_bos_token_id)
+    if settings.forced_eos_token_ids is not None and length == settings.max_length - 1:
+        scores = force_token(scores, settings.forced_eos_token_ids)
+    if settings.do_sample:
+        scores = sampling_warpers(scores, settings.temperature, settings.top_k, settings.top_p)
+    return scores
+
+
 def make_generator(generator, device):
     """None → None (the global RNG); an int seed → a new torch.Generator on ``device`` seeded with it."""
     if generator is None or isinstance(generator, torch.Generator):
@@ -163,9 +312,50 @@ def make_generator(generator, device):
     return g
 
 
-def pick_next_token(logits, do_sample=False, generator=None):
-    """Next token ids ``[B]`` from processed logits ``[B, V]``: argmax, or one draw from softmax(logits)."""
+def pick_next_token(scores, do_sample=False, generator=None):
+    """Next token ids ``[N]`` from processed scores ``[N, V]``: argmax, or one draw from softmax(scores)."""
     if not do_sample:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float(), dim=-1)
+        return scores.argmax(dim=-1)
+    probs = torch.softmax(scores.float(), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The greedy / sampling loop
+# ----------------------------------------------------------------------------------------------------------------
+def sample_loop(step, prompt, settings, generator=None):
+    """Greedy or sampled continuation of ``prompt [N, P]``: returns ``[N, P + generated]``.
+
+    ``step(tokens [N, n]) -> logits [N, V]`` feeds the prompt first, then one token per step. A row that produced
+    eos continues with pad; the loop stops early once every row has finished (asking the device once per
+    :data:`STOP_CHECK_INTERVAL` steps, since a host sync stalls the launch queue) and the result is cut at the
+    step where the last row finished, as HF's."""
+    batch, prompt_len = prompt.shape
+    total = settings.max_length
+    pad = settings.pad_token_id if settings.pad_token_id is not None else 0  # pad is only written after an eos
+    sequences = torch.full((batch, total), pad, dtype=prompt.dtype, device=prompt.device)
+    sequences[:, :prompt_len] = prompt
+    eos = torch.tensor(settings.eos_token_ids, dtype=prompt.dtype, device=prompt.device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=prompt.device)
+    finished_at = torch.full((batch,), total, dtype=torch.long, device=prompt.device)
+    logits = step(prompt)
+    length = prompt_len
+    for num_generated in range(total - prompt_len):
+        scores = process_scores(sequences[:, :length], logits, settings)
+        next_token = pick_next_token(scores, settings.do_sample, generator)
+        if eos.numel():
+            next_token = torch.where(unfinished, next_token, torch.full_like(next_token, pad))
+        sequences[:, length] = next_token
+        length += 1
+        if eos.numel():
+            just_finished = unfinished & torch.isin(next_token, eos)
+            finished_at = torch.where(just_finished, torch.full_like(finished_at, length), finished_at)
+            unfinished &= ~just_finished
+        if length == total:
+            break
+        if (num_generated + 1) % STOP_CHECK_INTERVAL == 0 and not bool(unfinished.any()):
+            break
+        logits = step(next_token[:, None])
+    if eos.numel() and not bool(unfinished.any()):
+        length = int(finished_at.max())  # HF stops at the step where the last row finished
+    return sequences[:, :length]

@@ -1,13 +1,16 @@
-"""Preallocated key/value cache written in place (no torch.cat per step)."""
+"""Preallocated key/value cache written in place at device-side positions (no torch.cat per step)."""
 import torch
 
 
 class KVCache:
     """Per layer, keys and values ``[B, Hkv, max_len, D]`` allocated once; positions ``[0, length)`` are filled.
 
-    A forward step calls ``update(layer, k_new, v_new)`` for every layer (each writes at ``length`` and gets the
-    views ``[:, :, :length + n]`` back), then ``advance(n)`` once. ``reorder(beam_idx)`` permutes the batch rows in
-    place for beam search.
+    One write path, keyed by positions held in a device tensor (HF's ``cache_position``, gpt-fast's
+    ``input_pos``): a forward computes ``cache_position [n]`` once, every layer calls
+    ``update(layer, k_new, v_new, cache_position, kv_len)``, then the caller moves ``length`` with ``advance(n)``.
+    Prefill and the dynamic decode loop pass ``kv_len = length + n`` and attend over that prefix; a fixed-shape
+    decode step (a recorded CUDA graph) passes ``kv_len=None`` and attends over the whole buffer, its mask hiding
+    what is not written yet. ``reorder(beam_idx)`` permutes the batch rows in place for beam search.
     """
 
     def __init__(self, num_layers, batch_size, num_kv_heads, max_len, head_dim, *, dtype=torch.float32,
@@ -31,32 +34,28 @@ class KVCache:
     def __len__(self):
         return self.length
 
-    def update(self, layer_idx, k_new, v_new):
-        """Write ``k_new, v_new [B, Hkv, n, D]`` (any strides) at positions ``[length, length + n)`` of one layer.
+    def next_positions(self, n):
+        """``cache_position [n]``: the next ``n`` positions ``[length, length + n)``, on the cache's device."""
+        return torch.arange(self.length, self.length + n, device=self.k[0].device if self.k else None)
 
-        Returns views ``k, v [B, Hkv, length + n, D]`` of the cache (no copy). ``length`` moves only on advance().
-        """
-        n = k_new.shape[2]
-        end = self.length + n
-        if end > self.max_len:
-            raise ValueError(f"KVCache overflow: writing {n} positions at length {self.length} exceeds "
-                             f"max_len {self.max_len}; allocate the cache for prompt + max_new_tokens")
+    def update(self, layer_idx, k_new, v_new, cache_position, kv_len=None):
+        """Write ``k_new, v_new [B, Hkv, n, D]`` (any strides) of one layer at the positions ``cache_position``
+        (a device tensor ``[n]``: no host value is read, so a CUDA graph can replay the write).
+
+        Returns views ``k, v [B, Hkv, kv_len, D]`` of the cache (no copy); ``kv_len=None``: the whole buffers
+        ``[B, Hkv, max_len, D]``. ``length`` moves only on advance()."""
         k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]
         if k_new.shape[:2] != k_cache.shape[:2] or k_new.shape[3] != k_cache.shape[3]:
             raise ValueError(f"KVCache layer {layer_idx} holds [B, Hkv, *, D] = {tuple(k_cache.shape)}, "
                              f"got k_new {tuple(k_new.shape)}")
-        k_cache[:, :, self.length:end].copy_(k_new)
-        v_cache[:, :, self.length:end].copy_(v_new)
-        return k_cache[:, :, :end], v_cache[:, :, :end]
-
-    def write_slot(self, layer_idx, slot, k_new, v_new):
-        """Write one position ``k_new, v_new [B, Hkv, 1, D]`` at the position held in the device tensor
-        ``slot`` ``[1]`` (no host value: a CUDA graph can replay it); returns the whole buffers
-        ``[B, Hkv, max_len, D]``. ``length`` is not moved."""
-        k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]
-        k_cache.index_copy_(2, slot, k_new)
-        v_cache.index_copy_(2, slot, v_new)
-        return k_cache, v_cache
+        if kv_len is not None and kv_len > self.max_len:
+            raise ValueError(f"KVCache overflow: attending over {kv_len} positions exceeds max_len {self.max_len}; "
+                             f"allocate the cache for prompt + max_new_tokens")
+        k_cache.index_copy_(2, cache_position, k_new)
+        v_cache.index_copy_(2, cache_position, v_new)
+        if kv_len is None:
+            return k_cache, v_cache
+        return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
 
     def reserve(self, length):
         """Make room for ``length`` positions: when the cache is shorter, its buffers are reallocated (at least

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+from fusedformers.models import ops  # noqa: E402
 from fusedformers.models.bart import BartConfig, BartForConditionalGeneration, shift_tokens_right  # noqa: E402
 from tests.helpers import reference_with_kernel_dropout  # noqa: E402
 
@@ -358,7 +359,7 @@ def test_attention_dropout_runs_in_the_kernel(tmp_path, monkeypatch, source_batc
     hf.save_pretrained(tmp_path)
     fused = BartForConditionalGeneration.from_pretrained(tmp_path, device=DEVICE).train()
     eager = BartForConditionalGeneration.from_pretrained(tmp_path, device=DEVICE, attn_implementation="eager")
-    monkeypatch.setattr("fusedformers.kernels.reference.attention_reference", reference_with_kernel_dropout)
+    monkeypatch.setitem(ops.OPS, "eager", ops.OPS["eager"]._replace(attention=reference_with_kernel_dropout))
     ids, mask = source_batch
     labels, _ = target_batch
     with warnings.catch_warnings():
@@ -483,6 +484,20 @@ def test_generate_accepts_the_off_values_of_sampling_and_cache(models, source_ba
                                       use_cache=True), plain)
     with pytest.raises(NotImplementedError, match="do_sample"):
         model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=True)
+
+
+@pytest.mark.parametrize("setting", [dict(repetition_penalty=1.2), dict(num_beam_groups=2),
+                                     dict(bad_words_ids=[[5]])], ids=["repetition_penalty", "num_beam_groups",
+                                                                      "bad_words_ids"])
+def test_unsupported_generation_settings_are_errors(setting, models, source_batch):
+    """HF settings that BART's generate does not implement: NotImplementedError naming them (as the README
+    promises), for greedy and beams; a name that is no generation setting: TypeError."""
+    ids, mask = source_batch
+    for num_beams in (1, 3):
+        with pytest.raises(NotImplementedError, match=list(setting)[0]):
+            models["eager"].generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=num_beams, **setting)
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        models["eager"].generate(ids, attention_mask=mask, max_new_tokens=3, no_such_setting=1)
 
 
 @pytest.mark.parametrize("change, message", [

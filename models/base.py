@@ -1,0 +1,48 @@
+"""What both models share around their layers: the implementation switch, gradient checkpointing and the first
+steps of ``from_pretrained`` (HF's PreTrainedModel, in small)."""
+from torch import nn
+
+from fusedformers.models.checkpoint import (
+    load_config_dict,
+    load_generation_config,
+    load_safetensors_state_dict,
+    resolve_dtype,
+)
+from fusedformers.models.generation import generation_defaults_from_model_config
+from fusedformers.models.layers import set_gradient_checkpointing
+from fusedformers.models.ops import check_implementation
+
+
+class ModelBase(nn.Module):
+    """Base of the models: ``self.config`` holds ``attn_implementation``, a name of the op registry
+    ``fusedformers.models.ops.OPS`` that every module reads at call time."""
+
+    @property
+    def attn_implementation(self):
+        return self.config.attn_implementation
+
+    def set_attn_implementation(self, attn_implementation):
+        """A name registered in ``fusedformers.models.ops.OPS`` ("fused": the Triton kernels, "eager": the
+        PyTorch references); every module uses it from its next call on."""
+        check_implementation(attn_implementation)
+        self.config.attn_implementation = attn_implementation
+
+    def gradient_checkpointing_enable(self):
+        """Recompute each layer in the backward pass (torch.utils.checkpoint, non-reentrant; training only)."""
+        set_gradient_checkpointing(self, True)
+
+    def gradient_checkpointing_disable(self):
+        set_gradient_checkpointing(self, False)
+
+    @staticmethod
+    def load_pretrained_parts(config_class, model_dir, dtype, device, attn_implementation):
+        """Read an HF checkpoint directory: (config, config.json dict, state_dict on ``device`` in ``dtype``,
+        generation config). The generation config is generation_config.json, else config.json's generation
+        keys (HF's fallback)."""
+        check_implementation(attn_implementation)
+        config_dict = load_config_dict(model_dir)
+        config = config_class.from_dict(config_dict)
+        config.attn_implementation = attn_implementation
+        state_dict = load_safetensors_state_dict(model_dir, device=device, dtype=resolve_dtype(dtype, config_dict))
+        generation_config = load_generation_config(model_dir) or generation_defaults_from_model_config(config_dict)
+        return config, config_dict, state_dict, generation_config

@@ -1,0 +1,58 @@
+"""Pieces both models build their layers from: the activation table and the gradient-checkpointing base."""
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+# config.json activation names (HF's ACT2FN spellings) -> function
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "mish": F.mish,
+}
+
+_warned_cache = False
+
+
+class CheckpointedLayer(nn.Module):
+    """A layer that recomputes itself in the backward pass (``torch.utils.checkpoint``, non-reentrant) while
+    ``gradient_checkpointing`` is set, the module trains and autograd records (HF's GradientCheckpointingLayer).
+
+    A call that writes a KV cache (keyword ``cache`` not None) is not checkpointed: the recomputation would
+    write the cache a second time, and dropping the cache, as HF does, would attend without the past. It runs
+    as a plain call, exact, and the first such call warns that those activations are kept."""
+    gradient_checkpointing = False
+
+    def __call__(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if kwargs.get("cache") is None:
+                return checkpoint(super().__call__, *args, use_reentrant=False, **kwargs)
+            global _warned_cache
+            if not _warned_cache:
+                _warned_cache = True
+                warnings.warn("gradient checkpointing is skipped for calls with a KV cache (the layers run "
+                              "normally and keep their activations; the result is exact)", stacklevel=3)
+        return super().__call__(*args, **kwargs)
+
+
+def set_gradient_checkpointing(model, enabled):
+    """Turn checkpointing on or off for every :class:`CheckpointedLayer` of ``model``."""
+    for module in model.modules():
+        if isinstance(module, CheckpointedLayer):
+            module.gradient_checkpointing = enabled

@@ -1,0 +1,57 @@
+"""The op implementations the models call, looked up by name at call time (the shape of HF's
+``ALL_ATTENTION_FUNCTIONS``): ``OPS[name]`` holds the attention, RMSNorm and RoPE functions of one implementation.
+
+A model stores the name in ``config.attn_implementation`` (``model.set_attn_implementation(name)`` changes it)
+and its modules call ``ops_for(config.attn_implementation, device)`` on every forward, so a switch takes effect
+at the next call and no name is passed through constructors. ``"fused"`` falls back to ``"eager"``, with one
+warning per process, where Triton cannot run (CPU tensors without ``TRITON_INTERPRET=1``).
+
+Every attention function takes ``(q, k, v, *, causal, key_padding_mask, past_len, sm_scale, kv_batch_index,
+dropout_p, scale_before_matmul)`` with the shapes of :func:`fusedformers.kernels.attention`.
+"""
+import warnings
+from collections import namedtuple
+
+from fusedformers.kernels import attention, attention_reference, rms_norm, rms_norm_reference, rope, rope_reference
+from fusedformers.kernels.checks import triton_can_run
+
+Ops = namedtuple("Ops", "attention rms_norm rope")
+
+
+def fused_attention(q, k, v, *, scale_before_matmul=False, **kwargs):
+    """The fused kernel. ``scale_before_matmul`` only sets where the eager path rounds the scaled query (BART
+    scales q before the matmul, LLaMA the scores after it); the kernel scales in float32 inside, so it has no
+    such rounding to place."""
+    return attention(q, k, v, **kwargs)
+
+
+def eager_attention(q, k, v, **kwargs):
+    """The PyTorch reference (``fusedformers.kernels.reference.attention_reference``), HF's eager semantics."""
+    return attention_reference(q, k, v, **kwargs)
+
+
+OPS = {
+    "fused": Ops(fused_attention, rms_norm, rope),
+    "eager": Ops(eager_attention, rms_norm_reference, rope_reference),
+}
+
+_warned_fallback = False
+
+
+def check_implementation(name):
+    """ValueError unless ``name`` is registered in :data:`OPS`."""
+    if name not in OPS:
+        raise ValueError(f"attn_implementation must be one of {sorted(OPS)}, got {name!r}")
+
+
+def ops_for(name, device):
+    """The :class:`Ops` registered under ``name``; ``"fused"`` on a device where Triton cannot run gives the eager
+    ops, with one warning per process."""
+    global _warned_fallback
+    if name == "fused" and not triton_can_run(device):
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(f"the fused Triton kernels need CUDA (or TRITON_INTERPRET=1); tensors are on {device}, "
+                          "so the models run the eager PyTorch references", stacklevel=3)
+        name = "eager"
+    return OPS[name]

@@ -1,0 +1,273 @@
+"""fusedformers.models.llama against Hugging Face transformers (a test-only reference) on tiny random checkpoints
+that HF writes: config variants, loading, saving and bad checkpoints.
+
+Without a GPU the fused kernels run through Triton's interpreter (tests/conftest.py), so sequences stay short
+(<= 24) and few tokens are generated; the checkpoint is shared per module (tests/llama/conftest.py).
+"""
+import json
+import os
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+import transformers
+
+from fusedformers.models.checkpoint import assign_state_dict, load_safetensors_state_dict
+from fusedformers.models.llama import LlamaConfig, LlamaForCausalLM
+from tests.conftest import DEVICE
+from tests.llama.common import (
+    PAD,
+    TINY,
+    assert_logits_close,
+    edit_config,
+    hf_logits,
+    left_padded_batch,
+    make_checkpoint,
+)
+
+# ----------------------------------------------------------------------------------------------- config variants
+
+def legacy_rope(config):
+    """Rewrite transformers 5's rope_parameters as the older rope_theta + rope_scaling spelling."""
+    params = dict(config.pop("rope_parameters"))
+    config["rope_theta"] = params.pop("rope_theta")
+    rope_type = params.pop("rope_type")
+    if rope_type == "default":
+        config["rope_scaling"] = None
+    elif rope_type == "llama3":
+        config["rope_scaling"] = {"rope_type": "llama3", **params}  # as Llama 3.1 configs spell it
+    else:
+        config["rope_scaling"] = {"type": rope_type, **params}  # as Llama 2 era configs spell it
+
+
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 5000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 3.0},
+    # max_position_embeddings 8 below: the 12-token prompt and the generated tokens grow the NTK base
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    # wavelengths 6.3 (kept), 19.9 (smoothed), >= 63 (divided by factor) around the cut-offs 8 and 32
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+VARIANTS = {
+    "mha": dict(num_key_value_heads=4),
+    "mqa": dict(num_key_value_heads=1),
+    "tied": dict(tie_word_embeddings=True),
+    "head_dim_32": dict(head_dim=32),
+    "attention_and_mlp_bias": dict(attention_bias=True, mlp_bias=True),
+    "eos_list_gelu": dict(eos_token_id=[2, 5], hidden_act="gelu_pytorch_tanh"),
+}
+for _name, _rope in ROPES.items():
+    _extra = {"max_position_embeddings": 8} if _name == "dynamic" else {}
+    VARIANTS[f"rope_{_name}"] = dict(rope_parameters=_rope, **_extra)
+    VARIANTS[f"rope_{_name}_legacy"] = dict(rope_parameters=_rope, **_extra, _legacy=True)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_config_variant_logits(tmp_path, variant):
+    overrides = dict(VARIANTS[variant])
+    legacy = overrides.pop("_legacy", False)
+    hf = make_checkpoint(str(tmp_path), seed=1, **overrides).to(DEVICE)
+    if legacy:
+        edit_config(str(tmp_path), legacy_rope)
+        with open(tmp_path / "config.json") as f:
+            assert "rope_parameters" not in json.load(f)
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE)
+    if "rope_parameters" in overrides:
+        assert model.config.rope_parameters == {**overrides["rope_parameters"],
+                                                **model.config.rope_parameters}
+    if overrides.get("tie_word_embeddings"):
+        assert model.lm_head.weight is model.embed_tokens.weight
+    else:
+        assert model.lm_head.weight is not model.embed_tokens.weight
+    ids, mask = left_padded_batch([12, 8], 12, seed=9)
+    with torch.no_grad():
+        assert_logits_close(model(ids, attention_mask=mask).logits, hf_logits(hf, ids, mask), mask)
+    if variant in ("eos_list_gelu", "rope_dynamic"):
+        assert model.config.eos_token_id == hf.config.eos_token_id
+        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=3), ref)
+
+
+def test_sharded_checkpoint_and_dtype(tmp_path, base):
+    hf = base[1]
+    hf.save_pretrained(str(tmp_path), max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert not os.path.exists(tmp_path / "model.safetensors")
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE, dtype=torch.bfloat16,
+                                             attn_implementation="eager")
+    assert all(p.dtype == torch.bfloat16 and p.device.type == torch.device(DEVICE).type
+               for p in model.parameters())
+    torch.testing.assert_close(model.layers[1].mlp.up_proj.weight,
+                               hf.model.layers[1].mlp.up_proj.weight.to(torch.bfloat16))
+    ids, mask = left_padded_batch([6, 4], 6, seed=10)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    assert logits.dtype == torch.bfloat16
+    assert_close = (logits.float() - hf_logits(hf, ids, mask)).abs()[mask.bool()].max()
+    assert assert_close < 0.1
+
+
+@pytest.mark.parametrize("dtype,expected", [("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
+                                            ("auto", torch.bfloat16), (None, torch.bfloat16)])
+def test_dtype_names_and_auto(tmp_path, base, dtype, expected):
+    """dtype by name, or "auto" (the default, as in HF 5): the checkpoint's own dtype (here bf16)."""
+    hf16 = transformers.LlamaForCausalLM.from_pretrained(base[0], dtype=torch.bfloat16)
+    hf16.save_pretrained(tmp_path)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE, attn_implementation="eager", **kwargs)
+    assert model.dtype == expected
+    with pytest.raises(ValueError, match="dtype must be"):
+        LlamaForCausalLM.from_pretrained(str(tmp_path), dtype="bf16")
+
+
+def test_tied_config_with_a_different_stored_lm_head_loads_untied_as_hf(tmp_path, base):
+    def untie_values(sd):
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"] + 0.5
+
+    shutil.copytree(base[0], tmp_path, dirs_exist_ok=True)
+    edit_config(str(tmp_path), lambda c: c.update(tie_word_embeddings=True))
+    rewrite_weights(tmp_path, untie_values)
+    with pytest.warns(UserWarning, match="untied"):
+        model = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE, attn_implementation="eager")
+    assert model.lm_head.weight is not model.embed_tokens.weight
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).to(DEVICE).eval()
+    ids, mask = left_padded_batch([6, 6], 6, seed=18)
+    with torch.no_grad():
+        assert_logits_close(model(ids, attention_mask=mask).logits, hf_logits(hf, ids, mask), mask)
+
+
+# ----------------------------------------------------------------------------------------------- save / load
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_pretrained_loads_in_hf(tmp_path, base, tied):
+    path = base[0]
+    if tied:
+        path = str(tmp_path / "src")
+        make_checkpoint(path, seed=2, tie_word_embeddings=True, rope_parameters=ROPES["llama3"])
+    model = LlamaForCausalLM.from_pretrained(path, device=DEVICE)
+    with torch.no_grad():  # make the round trip non-trivial: weights that differ from the source checkpoint
+        model.norm.weight.mul_(1.5)
+        model.layers[0].self_attn.k_proj.weight.add_(0.01)
+    out = str(tmp_path / "saved")
+    model.save_pretrained(out)
+    hf = transformers.LlamaForCausalLM.from_pretrained(out).to(DEVICE).eval()
+    assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == tied
+    ids, mask = left_padded_batch([9, 5], 9, seed=11)
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+    assert_logits_close(ours, hf_logits(hf, ids, mask), mask)
+    reloaded = LlamaForCausalLM.from_pretrained(out, device=DEVICE)
+    assert replace(reloaded.config, extra={}) == replace(model.config, extra={})
+    for (name, p), q in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_untied_config_without_lm_head_ties(tmp_path, base):
+    shutil.copytree(base[0], tmp_path, dirs_exist_ok=True)
+    state_dict = load_safetensors_state_dict(str(tmp_path), "cpu", torch.float32)
+    del state_dict["lm_head.weight"]
+    from safetensors.torch import save_file
+    save_file(state_dict, str(tmp_path / "model.safetensors"))
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager")
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+# ----------------------------------------------------------------------------------------------- bad checkpoints
+
+def rewrite_weights(path, edit):
+    from safetensors.torch import save_file
+    state_dict = load_safetensors_state_dict(str(path), "cpu", torch.float32)
+    edit(state_dict)
+    save_file(state_dict, str(path / "model.safetensors"))
+
+
+def test_missing_config_json(broken):
+    os.remove(broken / "config.json")
+    with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_missing_weights_file(broken):
+    os.remove(broken / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"looked for model\.safetensors and model\.safetensors\.index"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_missing_tensor(broken):
+    rewrite_weights(broken, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(KeyError, match=r"missing tensors: \['layers\.1\.mlp\.up_proj\.weight'\]"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_unexpected_tensor(broken):
+    rewrite_weights(broken, lambda sd: sd.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
+    with pytest.raises(KeyError, match=r"unexpected tensors: \['layers\.0\.self_attn\.q_proj\.bias'\]"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_wrong_shape(broken):
+    rewrite_weights(broken, lambda sd: sd.update({"model.norm.weight": torch.ones(32)}))
+    with pytest.raises(ValueError, match=r"norm\.weight: expected \(64,\), got \(32,\)"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_unknown_rope_type(broken):
+    edit_config(broken, lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 2.0,
+                                                            "rope_theta": 10000.0}))
+    with pytest.raises(ValueError, match="unsupported rope type 'yarn'"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+    edit_config(broken, lambda c: (c.pop("rope_parameters"), c.update(rope_scaling={"type": "su", "factor": 2.0})))
+    with pytest.raises(ValueError, match="unsupported rope type 'su'"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+    edit_config(broken, lambda c: c.update(rope_scaling={"type": "linear"}))
+    with pytest.raises(ValueError, match=r"missing \['factor'\]"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_unknown_model_type_and_fields(broken):
+    edit_config(broken, lambda c: c.update(model_type="mistral"))
+    with pytest.raises(ValueError, match="unsupported model_type 'mistral'"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+    edit_config(broken, lambda c: c.update(model_type="llama", sliding_window=4096))
+    with pytest.raises(ValueError, match=r"not understood .*\['sliding_window'\]"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+    edit_config(broken, lambda c: (c.pop("sliding_window"), c.update(hidden_act="swiglu_unknown")))
+    with pytest.raises(ValueError, match="unsupported hidden_act 'swiglu_unknown'"):
+        LlamaForCausalLM.from_pretrained(str(broken))
+
+
+def test_config_fields_parsed():
+    config = LlamaConfig.from_dict({**TINY, "model_type": "llama", "num_key_value_heads": None, "head_dim": None,
+                                    "rope_theta": 500000.0, "rope_scaling": None, "eos_token_id": [2, 7],
+                                    "transformers_version": "4.40.0", "torch_dtype": "bfloat16"})
+    assert config.num_key_value_heads == 4 and config.head_dim == 16
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 500000.0}
+    assert config.eos_token_id == [2, 7]
+    both = {**TINY, "model_type": "llama", "rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0},
+            "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}
+    assert LlamaConfig.from_dict(both).rope_parameters == both["rope_parameters"]
+    both["rope_scaling"]["factor"] = 4.0
+    with pytest.raises(ValueError, match="rope_scaling .* disagrees with rope_parameters"):
+        LlamaConfig.from_dict(both)
+    with pytest.raises(ValueError, match=r"multiple of num_key_value_heads"):
+        LlamaConfig.from_dict({**TINY, "model_type": "llama", "num_key_value_heads": 3})
+
+
+def test_assign_state_dict_reports_everything_at_once():
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    good = {k: v.clone() for k, v in module.state_dict().items()}
+    bad = dict(good)
+    del bad["0.bias"], bad["1.weight"]
+    bad["2.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match=r"missing tensors: \['0\.bias', '1\.weight'\]; unexpected tensors: "
+                                       r"\['2\.weight'\]"):
+        assign_state_dict(module, bad)
+    bad = dict(good, **{"0.weight": torch.zeros(3, 5), "1.bias": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"0\.weight: expected \(3, 4\), got \(3, 5\); 1\.bias: expected \(2,\)"):
+        assign_state_dict(module, bad)
+    renamed = {"first." + k[2:] if k.startswith("0.") else k: v for k, v in good.items()}
+    assign_state_dict(module, renamed, aliases={"first.weight": "0.weight", "first.bias": "0.bias"})
+    assert module[0].weight is not None and module[0].weight.data_ptr() == good["0.weight"].data_ptr()
