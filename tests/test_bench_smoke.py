@@ -38,7 +38,7 @@ class _MetaRunner:
 
 
 @pytest.mark.parametrize("part", ["attention", "decode", "rmsnorm"])
-@pytest.mark.parametrize("quick", [True, False])
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
 def test_gpu_sweep_cases_build(part, quick, monkeypatch):
     import importlib
 
