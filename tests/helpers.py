@@ -38,6 +38,10 @@ def params(values, id, slow=None):
     return marked
 
 
+# DTYPES as test parameters: float16 in the quick loop, bfloat16 and float32 marked slow
+DTYPE_PARAMS = params(DTYPES, id=dtype_id, slow=lambda dtype: dtype != torch.float16)
+
+
 def causal_id(causal):
     return "causal" if causal else "noncausal"
 

@@ -17,10 +17,9 @@ from fusedformers.kernels.attention import (
 )
 from fusedformers.kernels.reference import attention_reference
 from tests.helpers import (
-    DTYPES,
+    DTYPE_PARAMS,
     assert_within_eager_error,
     causal_id,
-    dtype_id,
     grads_on_fresh_leaves,
     make_padding_mask,
     make_qkv,
@@ -55,8 +54,9 @@ def case_id(case):
             + ("" if past_len is None else f"-past{past_len}") + ("" if kv_batch is None else f"-kvbatch{kv_batch}"))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", [  # the quick loop: the GQA 4:1 case with a fully padded row
+    pytest.param(case, id=case_id(case), marks=[] if case[6] == "empty" else [pytest.mark.slow]) for case in CASES])
 def test_forward_and_gradients_match_reference_with_kernel_mask(dtype, case, device):
     num_heads, num_kv_heads, q_len, k_len, past_len, causal, padding, kv_batch = case
     batch, head_dim, dropout_p, seed = 2, 32, 0.3, 1234
@@ -87,6 +87,7 @@ def test_forward_and_gradients_match_reference_with_kernel_mask(dtype, case, dev
         assert_within_eager_error(name, got, want, budget)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9], ids="p{}".format)
 def test_mask_statistics(dropout_p, device):
     batch, num_heads, q_len, k_len = 2, 3, 48, 128
@@ -105,6 +106,7 @@ def test_mask_statistics(dropout_p, device):
     assert (keep != other_seed).float().mean().item() > 0.5 * (2 * dropout_p * (1 - dropout_p))
 
 
+@pytest.mark.slow
 def test_mask_does_not_depend_on_tiles(device):
     """The counter is the element's position, not its tile: other block sizes give the same output."""
     q, k, v = make_qkv(2, 2, 1, 45, 45, 32, torch.float32, device)
@@ -140,6 +142,7 @@ def test_small_query_with_dropout_uses_the_fused_kernel(device):
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mean_over_masks_is_unbiased(device):
     """1 / (1 - p) scaling: the average output over many masks approaches the output without dropout."""
     q, k, v = make_qkv(1, 1, 1, 4, 16, 16, torch.float32, device)

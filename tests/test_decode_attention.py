@@ -14,12 +14,13 @@ from fusedformers.kernels.decode_attention import decode_attention, decode_plan,
 from fusedformers.kernels.reference import attention_reference
 from tests.conftest import ON_GPU
 from tests.helpers import (
-    DTYPES,
+    DTYPE_PARAMS,
     assert_within_eager_error,
     causal_id,
     dtype_id,
     lengths_mask,
     make_qkv,
+    params,
     poison_,
     to64,
 )
@@ -44,7 +45,7 @@ def _check(name, q, k, v, out=None, num_splits=None, **kwargs):
 # dtypes, head dims, shapes
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("head_dim", [16, 64, 80, 96, 128, 256], ids="D{}".format)
 def test_dtypes_and_head_dims(dtype, head_dim, device):
     q, k, v = make_qkv(2, 4, 2, 3, 37, head_dim, dtype, device)
@@ -52,9 +53,11 @@ def test_dtypes_and_head_dims(dtype, head_dim, device):
     _check(f"{dtype} D={head_dim}", q, k, v, causal=True, key_padding_mask=mask)
 
 
-@pytest.mark.parametrize("heads", [(2, 2), (8, 2), (4, 1)], ids=["mha", "gqa4", "mqa"])
+@pytest.mark.parametrize("heads", [  # the quick loop: GQA 4:1 only
+    pytest.param((2, 2), id="mha", marks=pytest.mark.slow), pytest.param((8, 2), id="gqa4"),
+    pytest.param((4, 1), id="mqa", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("q_len", [1, 3, 16], ids="Lq{}".format)
-@pytest.mark.parametrize("k_len", [1, 37, 200], ids="Lk{}".format)
+@pytest.mark.parametrize("k_len", params([1, 37, 200], id="Lk{}".format, slow=lambda k_len: k_len == 200))
 @pytest.mark.parametrize("causal", [True, False], ids=causal_id)
 def test_shapes(heads, q_len, k_len, causal, device):
     num_heads, num_kv_heads = heads
@@ -63,7 +66,7 @@ def test_shapes(heads, q_len, k_len, causal, device):
     _check(f"H={heads} Lq={q_len} Lk={k_len} causal={causal}", q, k, v, causal=causal)
 
 
-@pytest.mark.parametrize("q_len", [1, 4], ids="Lq{}".format)
+@pytest.mark.parametrize("q_len", params([1, 4], id="Lq{}".format, slow=lambda q_len: q_len == 4))
 @pytest.mark.parametrize("past_len", [0, 10, "default", 200], ids="past_{}".format)
 def test_explicit_past_len(q_len, past_len, device):
     k_len = 70
@@ -106,7 +109,7 @@ def _padding_mask(kind, batch, k_len, device):
 
 
 @pytest.mark.parametrize("kind", ["left", "right", "ragged", "holes"])
-@pytest.mark.parametrize("causal", [True, False], ids=causal_id)
+@pytest.mark.parametrize("causal", params([True, False], id=causal_id, slow=lambda causal: not causal))
 def test_key_padding(kind, causal, device):
     k_len = 90
     q, k, v = make_qkv(3, 4, 2, 2, k_len, 32, torch.float16, device)
@@ -122,7 +125,7 @@ def test_mask_dtypes(mask_dtype, device):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=causal_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_fully_padded_row_outputs_zeros(causal, dtype, device):
     q, k, v = make_qkv(3, 4, 2, 3, 70, 32, dtype, device)
     mask = torch.ones(3, 70, dtype=torch.bool, device=device)
@@ -234,7 +237,7 @@ def test_single_split_skips_combine(device, monkeypatch):
     assert counter.launches == 0
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 7, 19], ids="splits{}".format)
+@pytest.mark.parametrize("num_splits", params([1, 3, 7, 19], id="splits{}".format, slow=lambda splits: splits > 3))
 def test_forced_num_splits(num_splits, device):
     """Many splits (19 > the combine's chunk of 16), some of them empty (left padding, causal future)."""
     k_len, past_len = 700, 600  # causal: keys >= 603 are invisible, 603 keys = 19 blocks of 32 on CPU
