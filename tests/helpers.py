@@ -201,7 +201,8 @@ def seed_of(request):
 @contextlib.contextmanager
 def reports_config(request, **config):
     """Wrap a check of a randomly drawn configuration: a failure inside is re-raised as an AssertionError whose
-    message names the configuration and the test's seed (replay: FUSEDFORMERS_TEST_SEED, see conftest)."""
+    message names the configuration and the test's seed (conftest derives it from the test id and
+    FUSEDFORMERS_TEST_SEED: rerunning the same test with the same FUSEDFORMERS_TEST_SEED replays the draws)."""
     try:
         yield
     except Exception as error:
