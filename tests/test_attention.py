@@ -12,54 +12,21 @@ from fusedformers import kernels
 from fusedformers.kernels.attention import _attention_forward, _DropoutArgs, _MaskArgs
 from fusedformers.kernels.reference import attention_reference
 from tests.conftest import ON_GPU
-from tests.helpers import assert_within_eager_error, poison_
-
-DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-
-
-def make_padding_mask(batch, k_len, kind, device):
-    """HF-style 2-D attention_mask [B, Lk]: 'left'/'right' padding with a different length per row (row 0 has
-    none), 'holes' (random zeros), 'empty' (row 1 fully padded), or None."""
-    if kind is None:
-        return None
-    mask = torch.ones(batch, k_len, dtype=torch.long, device=device)
-    for row in range(1, batch):
-        pad = min(k_len, (row * k_len) // (batch + 1) + 1)
-        if kind == "left":
-            mask[row, :pad] = 0
-        elif kind == "right":
-            mask[row, k_len - pad:] = 0
-    if kind == "holes":
-        mask = (torch.rand(batch, k_len, device=device) > 0.3).long()
-        mask[:, 0] = 1
-    if kind == "empty":
-        mask[min(1, batch - 1)] = 0
-    return mask
-
-
-def make_qkv(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, dtype, device, layout="contiguous",
-             kv_batch=None):
-    kv_batch = batch if kv_batch is None else kv_batch
-    if layout == "bshd":
-        # transposed views of [B, L, H, D] projections, as a model produces them
-        q = torch.randn(batch, q_len, num_heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
-        k = torch.randn(kv_batch, k_len, num_kv_heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
-        v = torch.randn(kv_batch, k_len, num_kv_heads, head_dim, device=device, dtype=dtype).transpose(1, 2)
-    elif layout == "cache_slice":
-        # slices of a preallocated KV cache longer than Lk
-        q = torch.randn(batch, num_heads, q_len, head_dim, device=device, dtype=dtype)
-        cache_k = torch.randn(kv_batch, num_kv_heads, k_len + 13, head_dim, device=device, dtype=dtype)
-        cache_v = torch.randn(kv_batch, num_kv_heads, k_len + 13, head_dim, device=device, dtype=dtype)
-        k, v = cache_k[:, :, :k_len], cache_v[:, :, :k_len]
-    else:
-        q = torch.randn(batch, num_heads, q_len, head_dim, device=device, dtype=dtype)
-        k = torch.randn(kv_batch, num_kv_heads, k_len, head_dim, device=device, dtype=dtype)
-        v = torch.randn(kv_batch, num_kv_heads, k_len, head_dim, device=device, dtype=dtype)
-    return q, k, v
-
-
-def to64(*tensors):
-    return [None if t is None else t.detach().double() for t in tensors]
+from tests.helpers import (
+    DTYPE_PARAMS,
+    DTYPES,
+    assert_within_eager_error,
+    causal_id,
+    dtype_id,
+    grads_on_fresh_leaves,
+    lengths_mask,
+    make_padding_mask,
+    make_qkv,
+    params,
+    poison_,
+    reports_config,
+    to64,
+)
 
 
 def check_forward(q, k, v, *, causal, key_padding_mask=None, past_len=None, kv_batch_index=None, via_dispatch=False):
@@ -81,68 +48,78 @@ def check_forward(q, k, v, *, causal, key_padding_mask=None, past_len=None, kv_b
 
 
 def check_backward(q, k, v, *, causal, key_padding_mask=None, past_len=None, kv_batch_index=None):
+    """Gradients of the fused attention for a random upstream gradient, compared with the references."""
     kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, past_len=past_len, kv_batch_index=kv_batch_index)
     dout = torch.randn(q.shape, device=q.device, dtype=q.dtype)
-
-    def grads(fn, tensors):
-        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-        out = fn(*leaves, **kwargs)
-        out.backward(dout.to(out.dtype))
-        return out, [leaf.grad for leaf in leaves]
-
-    out, fused = grads(kernels.attention, (q, k, v))
-    _, expected = grads(attention_reference, to64(q, k, v))
-    _, eager = grads(attention_reference, (q, k, v))
+    _, fused = grads_on_fresh_leaves(kernels.attention, (q, k, v), dout, **kwargs)
+    _, expected = grads_on_fresh_leaves(attention_reference, (q, k, v), dout, dtype=torch.float64, **kwargs)
+    _, eager = grads_on_fresh_leaves(attention_reference, (q, k, v), dout, **kwargs)
     for name, got, want, budget in zip(("dq", "dk", "dv"), fused, expected, eager):
         assert got.shape == want.shape, name
         assert_within_eager_error(name, got, want, budget)
 
 
+def lengths_id(lengths):
+    """(q_len, k_len, past_len) -> 'Lq20-Lk45-past10' (no 'past' part for the default past_len=None)."""
+    q_len, k_len, past_len = lengths
+    return f"Lq{q_len}-Lk{k_len}" + ("" if past_len is None else f"-past{past_len}")
+
+
+def heads_id(heads):
+    return "H{}-Hkv{}".format(*heads)
+
+
+def padding_id(padding):
+    return "nopad" if padding is None else padding
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 96, 128, 256], ids="D{}".format)
 def test_forward_head_dims(dtype, head_dim, device):
     q, k, v = make_qkv(2, 2, 1, 37, 37, head_dim, dtype, device)
     check_forward(q, k, v, causal=True, key_padding_mask=make_padding_mask(2, 37, "left", device))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("q_len,k_len,past_len", [
-    (1, 1, None), (1, 50, None), (17, 17, None), (33, 70, None), (20, 45, 10), (40, 40, 0), (50, 20, None),
-])
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("q_len,k_len,past_len", params(
+    [(1, 1, None), (1, 50, None), (17, 17, None), (33, 70, None), (20, 45, 10), (40, 40, 0), (50, 20, None)],
+    id=lengths_id))
+@pytest.mark.parametrize("causal", [True, False], ids=causal_id)
 def test_forward_lengths_and_past(dtype, q_len, k_len, past_len, causal, device):
     q, k, v = make_qkv(2, 4, 2, q_len, k_len, 64, dtype, device)
     check_forward(q, k, v, causal=causal, past_len=past_len)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("padding", ["left", "right", "holes", "empty"])
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("causal", [True, False], ids=causal_id)
+@pytest.mark.parametrize("num_heads,num_kv_heads", params([(4, 4), (4, 2), (4, 1)], id=heads_id,
+                                                          slow=lambda heads: heads != (4, 2)))
 def test_forward_padding_gqa(dtype, padding, causal, num_heads, num_kv_heads, device):
     q, k, v = make_qkv(3, num_heads, num_kv_heads, 29, 41, 32, dtype, device)
     check_forward(q, k, v, causal=causal, key_padding_mask=make_padding_mask(3, 41, padding, device))
 
 
 @pytest.mark.parametrize("layout", ["bshd", "cache_slice"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=dtype_id)
 def test_forward_strided_inputs(layout, dtype, device):
     q, k, v = make_qkv(2, 4, 2, 24, 40, 64, dtype, device, layout=layout)
     assert not k.is_contiguous()
     check_forward(q, k, v, causal=True, key_padding_mask=make_padding_mask(2, 40, "left", device))
 
 
-@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.int64, torch.uint8])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.int64, torch.uint8],
+                         ids=lambda dtype: f"mask_{dtype_id(dtype)}")
 def test_forward_mask_dtypes(mask_dtype, device):
     q, k, v = make_qkv(3, 2, 2, 20, 33, 32, torch.float16, device)
     mask = make_padding_mask(3, 33, "left", device).to(mask_dtype)
     check_forward(q, k, v, causal=True, key_padding_mask=mask)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_forward_kv_batch_index(dtype, device):
     # 2 sources, 3 beams each: K/V stored once per source
     q, k, v = make_qkv(6, 4, 2, 19, 27, 32, dtype, device, kv_batch=2)
@@ -151,6 +128,7 @@ def test_forward_kv_batch_index(dtype, device):
     check_forward(q, k, v, causal=False, key_padding_mask=mask, kv_batch_index=kv_batch_index)
 
 
+@pytest.mark.slow
 def test_strided_kv_batch_index_and_inference_mode(device):
     """kv_batch_index may be a strided view; masks made under torch.inference_mode work (no version counter)."""
     q, k, v = make_qkv(4, 2, 2, 20, 23, 32, torch.float32, device, kv_batch=2)
@@ -169,15 +147,14 @@ def test_strided_kv_batch_index_and_inference_mode(device):
 def test_fully_masked_rows_are_zero(device):
     # left padding in a causal self-attention: the padded query rows see no key at all
     q, k, v = make_qkv(2, 2, 2, 30, 30, 32, torch.float16, device)
-    mask = torch.ones(2, 30, dtype=torch.long, device=device)
-    mask[1, :21] = 0
+    mask = lengths_mask([30, 9], 30, device, left=True)  # row 1: keys 0..20 padded
     out = check_forward(q, k, v, causal=True, key_padding_mask=mask)
     assert torch.all(out[1, :, :21] == 0)
     assert out[1, :, 21:].abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("q_len", [1, 5, 16])
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("q_len", [1, 5, 16], ids="Lq{}".format)
 def test_dispatch_small_q_matches(dtype, q_len, device):
     """fusedformers.kernels.attention sends Lq <= 16 to the decode kernel by itself; the result must be just as
     accurate."""
@@ -186,9 +163,10 @@ def test_dispatch_small_q_matches(dtype, q_len, device):
                   via_dispatch=True)
 
 
-def test_randomized_forward(device):
+@pytest.mark.slow
+def test_randomized_forward(device, request):
     rng = random.Random(torch.initial_seed())
-    for _ in range(12 if not ON_GPU else 60):
+    for draw in range(12 if not ON_GPU else 60):
         num_kv_heads = rng.choice([1, 2])
         num_heads = num_kv_heads * rng.choice([1, 2, 3])
         q_len = rng.randint(1, 40)
@@ -198,40 +176,47 @@ def test_randomized_forward(device):
         batch = rng.randint(1, 3)
         dtype = rng.choice(DTYPES)
         head_dim = rng.choice([16, 40, 64])
-        q, k, v = make_qkv(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, dtype, device,
-                           layout=rng.choice(["contiguous", "bshd", "cache_slice"]))
-        mask = make_padding_mask(batch, k_len, rng.choice([None, "left", "right", "holes"]), device)
-        check_forward(q, k, v, causal=causal, key_padding_mask=mask, past_len=past_len,
-                      via_dispatch=rng.random() < 0.5)
+        layout = rng.choice(["contiguous", "bshd", "cache_slice"])
+        padding = rng.choice([None, "left", "right", "holes"])
+        via_dispatch = rng.random() < 0.5
+        with reports_config(request, draw=draw, batch=batch, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                            q_len=q_len, k_len=k_len, past_len=past_len, causal=causal, dtype=dtype,
+                            head_dim=head_dim, layout=layout, padding=padding, via_dispatch=via_dispatch):
+            q, k, v = make_qkv(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, dtype, device, layout=layout)
+            mask = make_padding_mask(batch, k_len, padding, device)
+            check_forward(q, k, v, causal=causal, key_padding_mask=mask, past_len=past_len, via_dispatch=via_dispatch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [16, 64, 80, 128])
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("head_dim", params([16, 64, 80, 128], id="D{}".format, slow=lambda d: d not in (64, 80)))
 def test_backward_head_dims(dtype, head_dim, device):
     q, k, v = make_qkv(2, 2, 2, 33, 33, head_dim, dtype, device)
     check_backward(q, k, v, causal=True, key_padding_mask=make_padding_mask(2, 33, "left", device))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (4, 1)])
-@pytest.mark.parametrize("padding", [None, "left", "right", "empty"])
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("num_heads,num_kv_heads", params([(4, 4), (4, 2), (4, 1)], id=heads_id,
+                                                          slow=lambda heads: heads != (4, 1)))
+@pytest.mark.parametrize("padding", params([None, "left", "right", "empty"], id=padding_id,
+                                           slow=lambda padding: padding not in ("left", "empty")))
 def test_backward_gqa_padding(dtype, num_heads, num_kv_heads, padding, device):
     q, k, v = make_qkv(2, num_heads, num_kv_heads, 26, 26, 32, dtype, device)
     check_backward(q, k, v, causal=True, key_padding_mask=make_padding_mask(2, 26, padding, device))
 
 
-@pytest.mark.parametrize("q_len,k_len,past_len,causal", [
-    (1, 20, None, True), (17, 40, None, True), (20, 45, 7, True), (40, 23, None, False), (35, 35, 0, True),
-])
+@pytest.mark.parametrize("q_len,k_len,past_len,causal", params(
+    [(1, 20, None, True), (17, 40, None, True), (20, 45, 7, True), (40, 23, None, False), (35, 35, 0, True)],
+    id=lambda case: f"{lengths_id(case[:3])}-{causal_id(case[3])}", slow=lambda case: case[0] != 1))
 def test_backward_lengths(q_len, k_len, past_len, causal, device):
     q, k, v = make_qkv(2, 4, 2, q_len, k_len, 32, torch.float16, device, layout="bshd")
     check_backward(q, k, v, causal=causal, past_len=past_len,
                    key_padding_mask=make_padding_mask(2, k_len, "right", device))
 
 
+@pytest.mark.slow
 def test_backward_kv_batch_index(device):
     q, k, v = make_qkv(4, 2, 2, 18, 21, 32, torch.float32, device, kv_batch=2)
     kv_batch_index = torch.tensor([1, 0, 1, 1], device=device)
@@ -241,8 +226,7 @@ def test_backward_kv_batch_index(device):
 
 def test_backward_fully_masked_rows_have_zero_grad(device):
     q, k, v = make_qkv(2, 2, 2, 20, 20, 32, torch.float32, device)
-    mask = torch.ones(2, 20, dtype=torch.long, device=device)
-    mask[0, :8] = 0
+    mask = lengths_mask([12, 20], 20, device, left=True)  # row 0: keys 0..7 padded
     q.requires_grad_(True)
     out = kernels.attention(q, k, v, causal=True, key_padding_mask=mask)
     out.sum().backward()
@@ -250,24 +234,31 @@ def test_backward_fully_masked_rows_have_zero_grad(device):
     assert torch.all(q.grad[0, :, :8] == 0)
 
 
-def test_randomized_backward(device):
+@pytest.mark.slow
+def test_randomized_backward(device, request):
     rng = random.Random(torch.initial_seed() + 1)
-    for _ in range(6 if not ON_GPU else 30):
+    for draw in range(6 if not ON_GPU else 30):
         num_kv_heads = rng.choice([1, 2])
         num_heads = num_kv_heads * rng.choice([1, 2])
         q_len, k_len = rng.randint(1, 40), rng.randint(1, 40)
         batch = rng.randint(1, 3)
-        q, k, v = make_qkv(batch, num_heads, num_kv_heads, q_len, k_len, rng.choice([16, 48]),
-                           rng.choice(DTYPES), device, layout=rng.choice(["contiguous", "bshd"]))
-        check_backward(q, k, v, causal=rng.random() < 0.7, past_len=rng.choice([None, rng.randint(0, 10)]),
-                       key_padding_mask=make_padding_mask(batch, k_len, rng.choice([None, "left", "right", "holes"]),
-                                                          device))
+        head_dim, dtype, layout = rng.choice([16, 48]), rng.choice(DTYPES), rng.choice(["contiguous", "bshd"])
+        causal, past_len = rng.random() < 0.7, rng.choice([None, rng.randint(0, 10)])
+        padding = rng.choice([None, "left", "right", "holes"])
+        with reports_config(request, draw=draw, batch=batch, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                            q_len=q_len, k_len=k_len, past_len=past_len, causal=causal, dtype=dtype,
+                            head_dim=head_dim, layout=layout, padding=padding):
+            q, k, v = make_qkv(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, dtype, device, layout=layout)
+            check_backward(q, k, v, causal=causal, past_len=past_len,
+                           key_padding_mask=make_padding_mask(batch, k_len, padding, device))
 
 
-@pytest.mark.parametrize("block_m,block_n", [(32, 16), (16, 32), (64, 16)])
-@pytest.mark.parametrize("q_len,k_len,past_len,padding", [
-    (45, 45, None, "left"), (37, 70, None, "right"), (40, 52, 5, "holes"), (70, 30, None, None),
-])
+@pytest.mark.parametrize("block_m,block_n", params([(32, 16), (16, 32), (64, 16)],
+                                                   id=lambda tile: "tile{}x{}".format(*tile),
+                                                   slow=lambda tile: tile != (64, 16)))
+@pytest.mark.parametrize("q_len,k_len,past_len,padding", params(
+    [(45, 45, None, "left"), (37, 70, None, "right"), (40, 52, 5, "holes"), (70, 30, None, None)],
+    id=lambda case: f"{lengths_id(case[:3])}-{padding_id(case[3])}", slow=lambda case: case[3] != "left"))
 def test_unequal_tiles(block_m, block_n, q_len, k_len, past_len, padding, device):
     """The GPU runs BLOCK_M != BLOCK_N (e.g. 128 x 64): the diagonal and skipping bounds must hold for any
     tile shape, forward and backward."""
@@ -284,8 +275,8 @@ def test_unequal_tiles(block_m, block_n, q_len, k_len, past_len, padding, device
 # Larger shapes: GPU only (the CPU interpreter runs the same code paths above at small shapes)
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not ON_GPU, reason="large shapes run on the GPU; CPU covers the same paths at small shapes")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("head_dim", [64, 128], ids="D{}".format)
 def test_large_gpu(dtype, head_dim, device):
     q, k, v = make_qkv(2, 8, 2, 1000, 1000, head_dim, dtype, device, layout="bshd")
     mask = make_padding_mask(2, 1000, "left", device)
@@ -320,21 +311,19 @@ def check_rows_far_apart(seq_len, heads_in_storage, head_dim, real_keys, device)
         return torch.randn(1, seq_len, heads_in_storage, head_dim, device=device, dtype=dtype)[:, :, :1].transpose(1, 2)
 
     q, k, v, dout = head0(), head0(), head0(), head0()
-    mask = torch.zeros(1, seq_len, dtype=torch.bool, device=device)
-    mask[:, seq_len - real_keys:] = True
-    leaves = [t.requires_grad_(True) for t in (q, k, v)]
-    out = kernels.attention(*leaves, causal=False, key_padding_mask=mask)
-    out.backward(dout)
+    mask = lengths_mask([real_keys], seq_len, device, left=True, dtype=torch.bool)
+    out, (dq, dk, dv) = grads_on_fresh_leaves(kernels.attention, (q, k, v), dout, causal=False, key_padding_mask=mask)
+
+    def reference(q, k, v):  # [L, D] x [real_keys, D]
+        return torch.softmax(q @ k.T / math.sqrt(head_dim), dim=-1) @ v
+
     # reference on the real keys only, in float32
-    q32 = q.detach()[0, 0].float().requires_grad_(True)
-    k32 = k.detach()[0, 0, -real_keys:].float().requires_grad_(True)
-    v32 = v.detach()[0, 0, -real_keys:].float().requires_grad_(True)
-    expected = torch.softmax(q32 @ k32.T / math.sqrt(head_dim), dim=-1) @ v32
-    expected.backward(dout[0, 0].float())
+    expected, (dq32, dk32, dv32) = grads_on_fresh_leaves(
+        reference, (q[0, 0], k[0, 0, -real_keys:], v[0, 0, -real_keys:]), dout[0, 0], dtype=torch.float32)
     tolerance = 3e-2
     assert (out[0, 0].float() - expected).abs().max().item() < tolerance
-    assert (q.grad[0, 0].float() - q32.grad).abs().max().item() < tolerance
-    for name, grad, want in (("dk", k.grad, k32.grad), ("dv", v.grad, v32.grad)):
+    assert (dq[0, 0].float() - dq32).abs().max().item() < tolerance
+    for name, grad, want in (("dk", dk, dk32), ("dv", dv, dv32)):
         scale = want.abs().max().item()
         assert (grad[0, 0, -real_keys:].float() - want).abs().max().item() < tolerance * max(1.0, scale), name
         assert grad[0, 0, :-real_keys].abs().max().item() == 0, f"{name} of padding keys"
@@ -378,6 +367,10 @@ def _good(device):
     (lambda q, k, v: (q, k, v, {"past_len": 1.5}), TypeError, "past_len must be an int"),
     (lambda q, k, v: (q[..., :12], k[..., :12], v[..., :12], {}), ValueError, "head dim D must be a multiple of 8"),
     (lambda q, k, v: (q.numpy() if q.device.type == "cpu" else "q", k, v, {}), TypeError, "q must be a torch.Tensor"),
+], ids=[
+    "q_3d", "kv_batch_differs", "v_length", "kv_head_dim", "heads_not_multiple", "mixed_dtypes", "float64",
+    "mask_shape", "mask_float", "index_shape", "index_float", "past_len_negative", "past_len_float", "head_dim_12",
+    "q_numpy",
 ])
 def test_bad_input(mutate, error, match, device):
     q, k, v, kwargs = mutate(*_good(device))
@@ -392,7 +385,7 @@ def test_batch_above_grid_limit(device):
         kernels.attention(q, q, q)
 
 
-@pytest.mark.parametrize("bad_index", [[0, 2], [-1, 0]])
+@pytest.mark.parametrize("bad_index", [[0, 2], [-1, 0]], ids=["index_too_big", "index_negative"])
 def test_kv_batch_index_out_of_range(bad_index, device):
     """An index outside [0, Bkv) would read outside K/V. CPU: ValueError. CUDA: a device-side assert, which
     ends the CUDA context, so it runs in a child process there."""

@@ -16,8 +16,16 @@ from fusedformers.kernels.attention import (
     forced_block_sizes,
 )
 from fusedformers.kernels.reference import attention_reference
-from tests.helpers import assert_within_eager_error, poison_
-from tests.test_attention import DTYPES, make_padding_mask, make_qkv, to64
+from tests.helpers import (
+    DTYPE_PARAMS,
+    assert_within_eager_error,
+    causal_id,
+    grads_on_fresh_leaves,
+    make_padding_mask,
+    make_qkv,
+    poison_,
+    to64,
+)
 
 
 def generator(device, seed):
@@ -39,10 +47,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", range(len(CASES)))
+def case_id(case):
+    """'H4-Hkv2-Lq37-Lk45-causal-left' (+ '-past10', '-kvbatch1')."""
+    num_heads, num_kv_heads, q_len, k_len, past_len, causal, padding, kv_batch = case
+    return (f"H{num_heads}-Hkv{num_kv_heads}-Lq{q_len}-Lk{k_len}-{causal_id(causal)}-{padding}"
+            + ("" if past_len is None else f"-past{past_len}") + ("" if kv_batch is None else f"-kvbatch{kv_batch}"))
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", [  # the quick loop: the GQA 4:1 case with a fully padded row
+    pytest.param(case, id=case_id(case), marks=[] if case[6] == "empty" else [pytest.mark.slow]) for case in CASES])
 def test_forward_and_gradients_match_reference_with_kernel_mask(dtype, case, device):
-    num_heads, num_kv_heads, q_len, k_len, past_len, causal, padding, kv_batch = CASES[case]
+    num_heads, num_kv_heads, q_len, k_len, past_len, causal, padding, kv_batch = case
     batch, head_dim, dropout_p, seed = 2, 32, 0.3, 1234
     q, k, v = make_qkv(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, dtype, device, kv_batch=kv_batch)
     kv_batch_index = None if kv_batch is None else torch.zeros(batch, dtype=torch.int32, device=device)
@@ -63,20 +79,16 @@ def test_forward_and_gradients_match_reference_with_kernel_mask(dtype, case, dev
 
     # gradients through the autograd Function (the backward kernels regenerate the mask)
     dout = torch.randn(q.shape, device=device, dtype=dtype)
-
-    def grads(fn, tensors, **extra):
-        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-        fn(*leaves, **kwargs, **extra).backward(dout.to(leaves[0].dtype))
-        return [leaf.grad for leaf in leaves]
-
-    fused = grads(kernels.attention, (q, k, v), dropout_p=dropout_p, generator=generator(device, seed))
-    expected = grads(attention_reference, (q64, k64, v64), dropout_p=dropout_p, dropout_mask=keep)
-    eager = grads(attention_reference, (q, k, v), dropout_p=dropout_p, dropout_mask=keep)
+    _, fused = grads_on_fresh_leaves(kernels.attention, (q, k, v), dout, **kwargs, dropout_p=dropout_p,
+                                     generator=generator(device, seed))
+    _, expected = grads_on_fresh_leaves(attention_reference, (q, k, v), dout, dtype=torch.float64, **ref_kwargs)
+    _, eager = grads_on_fresh_leaves(attention_reference, (q, k, v), dout, **ref_kwargs)
     for name, got, want, budget in zip(("dq", "dk", "dv"), fused, expected, eager):
         assert_within_eager_error(name, got, want, budget)
 
 
-@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
+@pytest.mark.slow
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9], ids="p{}".format)
 def test_mask_statistics(dropout_p, device):
     batch, num_heads, q_len, k_len = 2, 3, 48, 128
     keep = kernel_mask(device, 7, batch, num_heads, q_len, k_len, dropout_p).float()
@@ -94,6 +106,7 @@ def test_mask_statistics(dropout_p, device):
     assert (keep != other_seed).float().mean().item() > 0.5 * (2 * dropout_p * (1 - dropout_p))
 
 
+@pytest.mark.slow
 def test_mask_does_not_depend_on_tiles(device):
     """The counter is the element's position, not its tile: other block sizes give the same output."""
     q, k, v = make_qkv(2, 2, 1, 45, 45, 32, torch.float32, device)
@@ -129,6 +142,7 @@ def test_small_query_with_dropout_uses_the_fused_kernel(device):
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mean_over_masks_is_unbiased(device):
     """1 / (1 - p) scaling: the average output over many masks approaches the output without dropout."""
     q, k, v = make_qkv(1, 1, 1, 4, 16, 16, torch.float32, device)
@@ -141,7 +155,7 @@ def test_mean_over_masks_is_unbiased(device):
     assert ((outs.mean(0) - expected).abs() <= 5 * spread + 1e-9).all()
 
 
-@pytest.mark.parametrize("dropout_p", [-0.1, 1.0, 1.5, "0.1"])
+@pytest.mark.parametrize("dropout_p", [-0.1, 1.0, 1.5, "0.1"], ids=["p-0.1", "p1.0", "p1.5", "p_str"])
 def test_bad_dropout_p(dropout_p, device):
     q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32, device)
     with pytest.raises(ValueError, match="dropout_p"):

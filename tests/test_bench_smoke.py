@@ -12,6 +12,7 @@ SMOKE_LINES = ("smoke attention fwd", "smoke attention bwd", "smoke decode", "sm
                "smoke rms_norm bwd")
 
 
+@pytest.mark.slow
 def test_bench_without_gpu_runs_the_smoke_check():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # a GPU machine too takes the CPU path
     proc = subprocess.run([sys.executable, "-m", "fusedformers.bench"], cwd=ROOT, env=env, capture_output=True,
@@ -38,7 +39,7 @@ class _MetaRunner:
 
 
 @pytest.mark.parametrize("part", ["attention", "decode", "rmsnorm"])
-@pytest.mark.parametrize("quick", [True, False])
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
 def test_gpu_sweep_cases_build(part, quick, monkeypatch):
     import importlib
 
@@ -64,6 +65,7 @@ def test_gpu_sweep_cases_build(part, quick, monkeypatch):
     assert len(labels) == len(set(labels)) == len(module.shapes(quick)) * len(module.MODES)
 
 
+@pytest.mark.slow
 def test_bench_dry_run_writes_results(tmp_path):
     """--dry-run: the sweep's own code (cases, timing loop, table, JSON) end to end at tiny shapes on CPU."""
     import json
@@ -117,6 +119,7 @@ def test_run_part_isolates_failing_shapes_and_keeps_to_its_budget(tmp_path):
     assert problems == ["not started (budget): good"] and writer.records == []
 
 
+@pytest.mark.slow
 def test_host_overhead_script_runs():
     result = subprocess.run([sys.executable, "-m", "fusedformers.bench.host_overhead"], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
@@ -126,6 +129,7 @@ def test_host_overhead_script_runs():
     assert len(figures) == 7 and all(f > 0 for f in figures), result.stdout
 
 
+@pytest.mark.slow
 def test_autotune_flag_names_its_results(tmp_path):
     """--autotune turns on kernels/autotune.py (in the process, before kernels is imported) and writes its own
     files with the tiles chosen (none on CPU: the interpreter keeps its small tiles)."""

@@ -13,24 +13,19 @@ import torch
 from fusedformers.kernels.decode_attention import decode_attention, decode_plan, key_padding_range
 from fusedformers.kernels.reference import attention_reference
 from tests.conftest import ON_GPU
-from tests.helpers import assert_within_eager_error, poison_
+from tests.helpers import (
+    DTYPE_PARAMS,
+    assert_within_eager_error,
+    causal_id,
+    dtype_id,
+    lengths_mask,
+    make_qkv,
+    params,
+    poison_,
+    to64,
+)
 
 decode_module = importlib.import_module("fusedformers.kernels.decode_attention")
-
-DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-
-
-def _randn(*shape, dtype, device):
-    return torch.randn(*shape, dtype=torch.float32, device=device).to(dtype)
-
-
-def _qkv(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, dtype, device, kv_batch=None):
-    kv_batch = batch if kv_batch is None else kv_batch
-    q = _randn(batch, num_heads, q_len, head_dim, dtype=dtype, device=device)
-    k = _randn(kv_batch, num_kv_heads, k_len, head_dim, dtype=dtype, device=device)
-    v = _randn(kv_batch, num_kv_heads, k_len, head_dim, dtype=dtype, device=device)
-    return q, k, v
-
 
 def _check(name, q, k, v, out=None, num_splits=None, **kwargs):
     """Run the kernel into a poisoned buffer and compare with float64 truth within the eager error budget."""
@@ -40,55 +35,49 @@ def _check(name, q, k, v, out=None, num_splits=None, **kwargs):
     got = decode_attention(q, k, v, out=out, num_splits=num_splits, **kwargs)
     assert got is out
     ref_kwargs = {key: val for key, val in kwargs.items() if key != "key_range"}
-    expected64 = attention_reference(q.double(), k.double(), v.double(), **ref_kwargs)
+    expected64 = attention_reference(*to64(q, k, v), **ref_kwargs)
     eager = attention_reference(q, k, v, **ref_kwargs)
     assert_within_eager_error(name, got, expected64, eager)
     return got
-
-
-def _lengths_mask(lengths, k_len, device, left=False, dtype=torch.int64):
-    """HF attention mask [B, Lk] with lengths[r] real tokens (right padding, or left padding with left=True)."""
-    pos = torch.arange(k_len, device=device)[None, :]
-    lengths = torch.tensor(lengths, device=device)[:, None]
-    mask = pos >= k_len - lengths if left else pos < lengths
-    return mask.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # dtypes, head dims, shapes
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [16, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 96, 128, 256], ids="D{}".format)
 def test_dtypes_and_head_dims(dtype, head_dim, device):
-    q, k, v = _qkv(2, 4, 2, 3, 37, head_dim, dtype, device)
-    mask = _lengths_mask([37, 30], 37, device, left=True)
+    q, k, v = make_qkv(2, 4, 2, 3, 37, head_dim, dtype, device)
+    mask = lengths_mask([37, 30], 37, device, left=True)
     _check(f"{dtype} D={head_dim}", q, k, v, causal=True, key_padding_mask=mask)
 
 
-@pytest.mark.parametrize("heads", [(2, 2), (8, 2), (4, 1)], ids=["mha", "gqa4", "mqa"])
-@pytest.mark.parametrize("q_len", [1, 3, 16])
-@pytest.mark.parametrize("k_len", [1, 37, 200])
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", [  # the quick loop: GQA 4:1 only
+    pytest.param((2, 2), id="mha", marks=pytest.mark.slow), pytest.param((8, 2), id="gqa4"),
+    pytest.param((4, 1), id="mqa", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("q_len", [1, 3, 16], ids="Lq{}".format)
+@pytest.mark.parametrize("k_len", params([1, 37, 200], id="Lk{}".format, slow=lambda k_len: k_len == 200))
+@pytest.mark.parametrize("causal", [True, False], ids=causal_id)
 def test_shapes(heads, q_len, k_len, causal, device):
     num_heads, num_kv_heads = heads
-    q, k, v = _qkv(2, num_heads, num_kv_heads, q_len, k_len, 64, torch.float16, device)
+    q, k, v = make_qkv(2, num_heads, num_kv_heads, q_len, k_len, 64, torch.float16, device)
     # Lq > Lk with the default past_len = Lk - Lq < 0: the first queries see no key and must output zeros
     _check(f"H={heads} Lq={q_len} Lk={k_len} causal={causal}", q, k, v, causal=causal)
 
 
-@pytest.mark.parametrize("q_len", [1, 4])
-@pytest.mark.parametrize("past_len", [0, 10, "default", 200])
+@pytest.mark.parametrize("q_len", params([1, 4], id="Lq{}".format, slow=lambda q_len: q_len == 4))
+@pytest.mark.parametrize("past_len", [0, 10, "default", 200], ids="past_{}".format)
 def test_explicit_past_len(q_len, past_len, device):
     k_len = 70
     past_len = k_len - q_len if past_len == "default" else past_len  # 200 > Lk: every key visible
-    q, k, v = _qkv(2, 4, 2, q_len, k_len, 32, torch.bfloat16, device)
-    mask = _lengths_mask([70, 55], k_len, device)
+    q, k, v = make_qkv(2, 4, 2, q_len, k_len, 32, torch.bfloat16, device)
+    mask = lengths_mask([70, 55], k_len, device)
     _check(f"past_len={past_len}", q, k, v, causal=True, past_len=past_len, key_padding_mask=mask)
 
 
 def test_sm_scale(device):
-    q, k, v = _qkv(1, 4, 4, 2, 45, 64, torch.float32, device)
+    q, k, v = make_qkv(1, 4, 4, 2, 45, 64, torch.float32, device)
     _check("sm_scale", q, k, v, causal=False, sm_scale=0.3)
 
 
@@ -96,7 +85,7 @@ def test_sm_scale(device):
 def test_many_rows_per_kv_head(heads_q_len, device):
     """group * Lq > 64 query rows share a kv head: several row blocks read the same K/V."""
     num_heads, num_kv_heads, q_len = heads_q_len
-    q, k, v = _qkv(1, num_heads, num_kv_heads, q_len, 70, 32, torch.float16, device)
+    q, k, v = make_qkv(1, num_heads, num_kv_heads, q_len, 70, 32, torch.float16, device)
     assert decode_plan(1, num_heads, num_kv_heads, q_len, 70, 32, device=device)["num_row_blocks"] > 1
     _check(f"rows={num_heads // num_kv_heads * q_len}", q, k, v, causal=True)
 
@@ -107,11 +96,11 @@ def test_many_rows_per_kv_head(heads_q_len, device):
 
 def _padding_mask(kind, batch, k_len, device):
     if kind == "left":
-        return _lengths_mask([k_len, k_len - 29, 1], k_len, device, left=True)[:batch]
+        return lengths_mask([k_len, k_len - 29, 1], k_len, device, left=True)[:batch]
     if kind == "right":
-        return _lengths_mask([k_len - 40, k_len, 3], k_len, device)[:batch]
+        return lengths_mask([k_len - 40, k_len, 3], k_len, device)[:batch]
     if kind == "ragged":  # rows of different lengths, one of them needing two splits' worth of padding
-        return _lengths_mask([k_len, 17, k_len - 1], k_len, device)[:batch]
+        return lengths_mask([k_len, 17, k_len - 1], k_len, device)[:batch]
     if kind == "holes":
         mask = torch.rand(batch, k_len, device=device) > 0.3
         mask[:, 5:50] = False  # a run of holes longer than a key block
@@ -120,24 +109,25 @@ def _padding_mask(kind, batch, k_len, device):
 
 
 @pytest.mark.parametrize("kind", ["left", "right", "ragged", "holes"])
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal", params([True, False], id=causal_id, slow=lambda causal: not causal))
 def test_key_padding(kind, causal, device):
     k_len = 90
-    q, k, v = _qkv(3, 4, 2, 2, k_len, 32, torch.float16, device)
+    q, k, v = make_qkv(3, 4, 2, 2, k_len, 32, torch.float16, device)
     _check(f"{kind} causal={causal}", q, k, v, causal=causal, key_padding_mask=_padding_mask(kind, 3, k_len, device))
 
 
-@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.int64, torch.uint8])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.int64, torch.uint8],
+                         ids=lambda dtype: f"mask_{dtype_id(dtype)}")
 def test_mask_dtypes(mask_dtype, device):
-    q, k, v = _qkv(2, 2, 1, 3, 50, 16, torch.float16, device)
-    mask = _lengths_mask([50, 20], 50, device, left=True, dtype=mask_dtype)
+    q, k, v = make_qkv(2, 2, 1, 3, 50, 16, torch.float16, device)
+    mask = lengths_mask([50, 20], 50, device, left=True, dtype=mask_dtype)
     _check(str(mask_dtype), q, k, v, causal=False, key_padding_mask=mask)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False], ids=causal_id)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_fully_padded_row_outputs_zeros(causal, dtype, device):
-    q, k, v = _qkv(3, 4, 2, 3, 70, 32, dtype, device)
+    q, k, v = make_qkv(3, 4, 2, 3, 70, 32, dtype, device)
     mask = torch.ones(3, 70, dtype=torch.bool, device=device)
     mask[1] = False
     mask[2, 1:] = False  # only key 0: for causal, every query sees it
@@ -147,8 +137,8 @@ def test_fully_padded_row_outputs_zeros(causal, dtype, device):
 
 def test_query_sees_no_key_with_causal_and_padding(device):
     """Right-padded keys beyond past_len + i: the first queries see only padding and output zeros."""
-    q, k, v = _qkv(1, 2, 2, 4, 40, 32, torch.float16, device)
-    mask = _lengths_mask([4], 40, device, left=True)  # only keys 36..39 are real
+    q, k, v = make_qkv(1, 2, 2, 4, 40, 32, torch.float16, device)
+    mask = lengths_mask([4], 40, device, left=True)  # only keys 36..39 are real
     got = _check("no visible key", q, k, v, causal=True, past_len=35, key_padding_mask=mask)
     assert torch.equal(got[:, :, 0], torch.zeros_like(got[:, :, 0]))  # query 0 sees keys <= 35: all padding
 
@@ -159,7 +149,7 @@ def test_key_padding_range(device):
     assert start.dtype == end.dtype == torch.int32
     assert start.tolist() == [1, 6, 0] and end.tolist() == [5, 0, 6]
     # a precomputed range (shared by all layers) gives the same result
-    q, k, v = _qkv(3, 2, 1, 1, 6, 16, torch.float16, device)
+    q, k, v = make_qkv(3, 2, 1, 1, 6, 16, torch.float16, device)
     _check("key_range", q, k, v, causal=False, key_padding_mask=mask, key_range=(start, end))
 
 
@@ -167,47 +157,44 @@ def test_key_padding_range(device):
 # kv_batch_index, strides, output buffer
 
 
-@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=lambda dtype: f"index_{dtype_id(dtype)}")
 def test_kv_batch_index(index_dtype, device):
     """Beam search: 5 query rows share the encoder K/V of 2 source sentences; the mask follows the query row."""
-    q, k, v = _qkv(5, 4, 2, 1, 60, 32, torch.bfloat16, device, kv_batch=2)
+    q, k, v = make_qkv(5, 4, 2, 1, 60, 32, torch.bfloat16, device, kv_batch=2)
     index = torch.tensor([1, 0, 1, 1, 0], dtype=index_dtype, device=device)
-    mask = _lengths_mask([60, 40, 60, 60, 40], 60, device)
+    mask = lengths_mask([60, 40, 60, 60, 40], 60, device)
     _check("kv_batch_index", q, k, v, causal=False, key_padding_mask=mask, kv_batch_index=index)
 
 
 def test_kv_cache_slice(device):
     """A slice cache[:, :, :L] of a preallocated KV cache (row stride of the full cache), without copying."""
-    cache_k = _randn(2, 2, 128, 64, dtype=torch.float16, device=device)
-    cache_v = _randn(2, 2, 128, 64, dtype=torch.float16, device=device)
+    cache_k = torch.randn(2, 2, 128, 64, dtype=torch.float16, device=device)
+    cache_v = torch.randn(2, 2, 128, 64, dtype=torch.float16, device=device)
     k, v = cache_k[:, :, :75], cache_v[:, :, :75]
     assert not k.is_contiguous()
-    q = _randn(2, 4, 3, 64, dtype=torch.float16, device=device)
-    mask = _lengths_mask([128, 113], 128, device, left=True)[:, :75]  # the preallocated mask, sliced too
+    q = torch.randn(2, 4, 3, 64, dtype=torch.float16, device=device)
+    mask = lengths_mask([128, 113], 128, device, left=True)[:, :75]  # the preallocated mask, sliced too
     assert not mask.is_contiguous()
     _check("cache slice", q, k, v, causal=True, key_padding_mask=mask)
 
 
 def test_transposed_views(device):
     """q, k, v as [B, L, H, D] projections viewed as [B, H, L, D]; out written through a transposed view too."""
-    q = _randn(2, 3, 4, 80, dtype=torch.float16, device=device).transpose(1, 2)
-    k = _randn(2, 66, 2, 80, dtype=torch.float16, device=device).transpose(1, 2)
-    v = _randn(2, 66, 2, 80, dtype=torch.float16, device=device).transpose(1, 2)
+    q, k, v = make_qkv(2, 4, 2, 3, 66, 80, torch.float16, device, layout="bshd")
     out = torch.empty(2, 3, 4, 80, dtype=torch.float16, device=device).transpose(1, 2)
     _check("transposed", q, k, v, out=out, causal=True)
 
 
 def test_default_output_is_contiguous_in_q_dtype(device):
-    q, k, v = _qkv(1, 2, 1, 2, 40, 24, torch.bfloat16, device)
+    q, k, v = make_qkv(1, 2, 1, 2, 40, 24, torch.bfloat16, device)
     got = decode_attention(q, k, v, causal=False)
     assert got.dtype == q.dtype and got.shape == q.shape and got.is_contiguous()
-    assert_within_eager_error("default out", got, attention_reference(q.double(), k.double(), v.double(),
-                                                                       causal=False),
+    assert_within_eager_error("default out", got, attention_reference(*to64(q, k, v), causal=False),
                               attention_reference(q, k, v, causal=False))
 
 
 def test_out_buffer_rejected_when_wrong(device):
-    q, k, v = _qkv(1, 2, 1, 2, 40, 32, torch.float16, device)
+    q, k, v = make_qkv(1, 2, 1, 2, 40, 32, torch.float16, device)
     with pytest.raises(ValueError, match="out must be"):
         decode_attention(q, k, v, out=torch.empty(1, 2, 2, 16, dtype=torch.float16, device=device))
 
@@ -227,7 +214,7 @@ class _LaunchCounter:
         return self.kernel[grid]
 
 
-@pytest.mark.parametrize("k_len", [37, 200])
+@pytest.mark.parametrize("k_len", [37, 200], ids="Lk{}".format)
 def test_default_plan_splits_on_cpu(k_len, device, monkeypatch):
     """The heuristic splits the keys even on CPU (>= 2 when there are 2 key blocks), so the combine runs."""
     plan = decode_plan(1, 4, 2, 1, k_len, 64, causal=True, device=device)
@@ -236,7 +223,7 @@ def test_default_plan_splits_on_cpu(k_len, device, monkeypatch):
     assert (plan["num_splits"] - 1) * plan["split_size"] < k_len <= plan["num_splits"] * plan["split_size"]
     counter = _LaunchCounter(decode_module._decode_combine_kernel)
     monkeypatch.setattr(decode_module, "_decode_combine_kernel", counter)
-    q, k, v = _qkv(1, 4, 2, 1, k_len, 64, torch.float16, device)
+    q, k, v = make_qkv(1, 4, 2, 1, k_len, 64, torch.float16, device)
     _check("default split", q, k, v, causal=True)
     assert counter.launches == 1
 
@@ -244,18 +231,18 @@ def test_default_plan_splits_on_cpu(k_len, device, monkeypatch):
 def test_single_split_skips_combine(device, monkeypatch):
     counter = _LaunchCounter(decode_module._decode_combine_kernel)
     monkeypatch.setattr(decode_module, "_decode_combine_kernel", counter)
-    q, k, v = _qkv(1, 4, 2, 2, 20, 32, torch.float16, device)  # one key block: one split
+    q, k, v = make_qkv(1, 4, 2, 2, 20, 32, torch.float16, device)  # one key block: one split
     assert decode_plan(1, 4, 2, 2, 20, 32, device=device)["num_splits"] == 1
     _check("one split", q, k, v, causal=True)
     assert counter.launches == 0
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 7, 19])
+@pytest.mark.parametrize("num_splits", params([1, 3, 7, 19], id="splits{}".format, slow=lambda splits: splits > 3))
 def test_forced_num_splits(num_splits, device):
     """Many splits (19 > the combine's chunk of 16), some of them empty (left padding, causal future)."""
     k_len, past_len = 700, 600  # causal: keys >= 603 are invisible, 603 keys = 19 blocks of 32 on CPU
-    q, k, v = _qkv(2, 2, 1, 3, k_len, 32, torch.float16, device)
-    mask = _lengths_mask([k_len, 300], k_len, device, left=True)  # row 1: the first splits see only padding
+    q, k, v = make_qkv(2, 2, 1, 3, k_len, 32, torch.float16, device)
+    mask = lengths_mask([k_len, 300], k_len, device, left=True)  # row 1: the first splits see only padding
     plan = decode_plan(2, 2, 1, 3, k_len, 32, causal=True, past_len=past_len, device=device, num_splits=num_splits)
     if not ON_GPU:
         assert plan["num_splits"] == num_splits
@@ -279,12 +266,12 @@ def test_gpu_plan_fills_the_machine():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="large shapes only on a GPU")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("q_len", [1, 4, 16])
-@pytest.mark.parametrize("k_len", [4133, 32771])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("q_len", [1, 4, 16], ids="Lq{}".format)
+@pytest.mark.parametrize("k_len", [4133, 32771], ids="Lk{}".format)
 def test_long_kv_gpu(dtype, q_len, k_len, device):
-    q, k, v = _qkv(2, 32, 8, q_len, k_len, 128, dtype, device)
-    mask = _lengths_mask([k_len, k_len - 3000], k_len, device, left=True)
+    q, k, v = make_qkv(2, 32, 8, q_len, k_len, 128, dtype, device)
+    mask = lengths_mask([k_len, k_len - 3000], k_len, device, left=True)
     _check(f"Lk={k_len}", q, k, v, causal=True, key_padding_mask=mask)
 
 
@@ -297,13 +284,13 @@ def test_int64_offsets_gpu(device):
     kv = torch.empty(kv_batch, num_kv_heads, k_len, head_dim, dtype=torch.float16, device=device)
     assert kv.numel() > 2**31
     kv[-1].normal_()
-    q = _randn(1, 8, 1, head_dim, dtype=torch.float16, device=device)
+    q = torch.randn(1, 8, 1, head_dim, dtype=torch.float16, device=device)
     index = torch.tensor([kv_batch - 1], device=device)
     out = poison_(torch.empty_like(q))
     decode_attention(q, kv, kv, causal=False, kv_batch_index=index, out=out)
     row = kv[-1:]
     assert_within_eager_error("int64 offsets", out,
-                              attention_reference(q.double(), row.double(), row.double(), causal=False),
+                              attention_reference(*to64(q, row, row), causal=False),
                               attention_reference(q, row, row, causal=False))
     assert math.isfinite(out.float().abs().max().item())
 
@@ -322,7 +309,7 @@ def test_no_recompile_as_the_cache_grows_gpu(device):
     full_mask = torch.ones(1, 20000, dtype=torch.bool, device=device)  # a model slices one mask per step
 
     def step(k_len):
-        q, k, v = _qkv(1, 32, 8, 1, k_len, 128, torch.bfloat16, device)
+        q, k, v = make_qkv(1, 32, 8, 1, k_len, 128, torch.bfloat16, device)
         decode_attention(q, k, v, causal=True, key_padding_mask=full_mask[:, :k_len])
 
     step(40)       # one split: the split kernel writes the output

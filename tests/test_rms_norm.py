@@ -9,12 +9,23 @@ import torch
 from fusedformers.kernels.reference import rms_norm_reference
 from fusedformers.kernels.rms_norm import MAX_HIDDEN_SIZE, _as_rows, _rms_norm_backward, _rms_norm_forward, rms_norm
 from tests.conftest import DEVICE, ON_GPU
-from tests.helpers import assert_within_eager_error, poison_
+from tests.helpers import (
+    DTYPE_PARAMS,
+    DTYPES,
+    assert_within_eager_error,
+    dtype_id,
+    fresh_leaves,
+    grads_on_fresh_leaves,
+    params,
+    poisoned,
+    to64,
+)
 
-DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 HIDDEN_SIZES = [64, 96, 200, 1000] + ([4096, 5120, 8192, 16384] if ON_GPU else [])
 LAYOUTS = ["vector", "rows", "batch", "sliced", "padded", "transposed"]
 EPS = 1e-6
+# the quick loop leaves out the widest rows
+HIDDEN_SIZE_PARAMS = params(HIDDEN_SIZES, id="N{}".format, slow=lambda n: n >= 1000)
 
 
 # --- inputs -------------------------------------------------------------------------------------------------
@@ -44,32 +55,26 @@ def make_weight(n, x_dtype, weight_kind):
     return (1.0 + 0.5 * torch.randn(n, device=DEVICE)).to(dtype)
 
 
-def as_leaf(t, dtype=None):
-    return t.detach().to(dtype or t.dtype).requires_grad_()
+def input_grads(fn, x, weight, residual, grad_out, grad_h, dtype=None):
+    """Gradients (dx, dweight, dresidual: None without a residual) of ``fn(x, weight, EPS, residual=residual)``
+    on fresh leaves (cast to ``dtype`` if given), for the upstream gradients of out (and of h with a residual)."""
+    def call(x, weight, residual):
+        return fn(x, weight, EPS, residual=residual)
+
+    grad_outputs = grad_out if residual is None else (grad_out, grad_h)
+    return grads_on_fresh_leaves(call, (x, weight, residual), grad_outputs, dtype=dtype)[1]
 
 
-def run_all(fn, x, weight, residual, grad_out, grad_h, dtype=None):
-    """Forward and backward of ``fn`` on fresh leaves (cast to ``dtype`` if given): (outputs, grads)."""
-    x, weight = as_leaf(x, dtype), as_leaf(weight, dtype)
-    leaves = [x, weight]
-    if residual is not None:
-        residual = as_leaf(residual, dtype)
-        leaves.append(residual)
-    outputs = fn(x, weight, EPS, residual=residual)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    grad_outputs = (grad_out, grad_h)[:len(outputs)]
-    if dtype is not None:
-        grad_outputs = tuple(g.to(dtype) for g in grad_outputs)
-    grads = torch.autograd.grad(outputs, leaves, grad_outputs)
-    return [o.detach() for o in outputs], list(grads)
+def weight_id(weight_kind):
+    return {"same": "weight_same_dtype", "fp32": "weight_fp32"}[weight_kind]
 
 
 def check_forward(x, weight, residual):
     with torch.no_grad():
         actual = rms_norm(x, weight, EPS, residual=residual)
         eager = rms_norm_reference(x, weight, EPS, residual=residual)
-        expected = rms_norm_reference(x.double(), weight.double(), EPS,
-                                      residual=None if residual is None else residual.double())
+        x64, weight64, residual64 = to64(x, weight, residual)
+        expected = rms_norm_reference(x64, weight64, EPS, residual=residual64)
     if residual is None:
         actual, eager, expected = (actual,), (eager,), (expected,)
     assert len(actual) == len(expected)
@@ -85,10 +90,11 @@ def check_backward(x, weight, residual, layout=None):
     grad_out = (make_input(layout, x.shape[-1], out_dtype) if layout else torch.randn_like(x, dtype=out_dtype))
     grad_h = make_input(layout, x.shape[-1], x.dtype) if layout else torch.randn_like(x)
     assert grad_out.shape == x.shape and grad_h.shape == x.shape
-    _, actual = run_all(rms_norm, x, weight, residual, grad_out, grad_h)
-    _, eager = run_all(rms_norm_reference, x, weight, residual, grad_out, grad_h)
-    _, expected = run_all(rms_norm_reference, x, weight, residual, grad_out, grad_h, dtype=torch.float64)
-    for name, a, e, e64 in zip(["dx", "dweight", "dresidual"], actual, eager, expected):
+    actual = input_grads(rms_norm, x, weight, residual, grad_out, grad_h)
+    eager = input_grads(rms_norm_reference, x, weight, residual, grad_out, grad_h)
+    expected = input_grads(rms_norm_reference, x, weight, residual, grad_out, grad_h, dtype=torch.float64)
+    names = ["dx", "dweight"] + (["dresidual"] if residual is not None else [])
+    for name, a, e, e64 in zip(names, actual, eager, expected):
         assert a.dtype == e.dtype, f"{name}: dtype {a.dtype}, eager gives {e.dtype}"
         assert_within_eager_error(name, a, e64, e)
 
@@ -96,9 +102,9 @@ def check_backward(x, weight, residual, layout=None):
 # --- forward and backward against float64 -------------------------------------------------------------------
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("weight_kind", ["same", "fp32"])
-@pytest.mark.parametrize("n", HIDDEN_SIZES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("weight_kind", ["same", "fp32"], ids=weight_id)
+@pytest.mark.parametrize("n", HIDDEN_SIZE_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_forward(dtype, n, weight_kind, with_residual):
     x = make_input("batch", n, dtype)
     residual = make_input("batch", n, dtype) if with_residual else None
@@ -106,9 +112,9 @@ def test_forward(dtype, n, weight_kind, with_residual):
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("weight_kind", ["same", "fp32"])
-@pytest.mark.parametrize("n", HIDDEN_SIZES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("weight_kind", ["same", "fp32"], ids=weight_id)
+@pytest.mark.parametrize("n", HIDDEN_SIZE_PARAMS)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_backward(dtype, n, weight_kind, with_residual):
     x = make_input("batch", n, dtype)
     residual = make_input("batch", n, dtype) if with_residual else None
@@ -116,8 +122,8 @@ def test_backward(dtype, n, weight_kind, with_residual):
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", params(LAYOUTS, id=str, slow=lambda layout: layout == "rows"))
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_layouts_forward_backward(dtype, layout, with_residual):
     n = 96
     x = make_input(layout, n, dtype)
@@ -135,8 +141,8 @@ def test_mixed_16bit_weight_promotes_to_float32():
     check_backward(x, weight, None)
 
 
-@pytest.mark.parametrize("weight_kind", ["same", "fp32"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("weight_kind", params(["same", "fp32"], id=weight_id, slow=lambda kind: kind == "same"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_matches_eager_nearly_bitwise(dtype, weight_kind):
     """HF's roundings are reproduced: the result is eager's, up to rare one-ulp flips (float32 statistics
     summed in another order); h = x + residual is exactly eager's. On CPU this relies on the harness's
@@ -159,7 +165,7 @@ def test_matches_eager_nearly_bitwise(dtype, weight_kind):
 
 # --- full writes (poisoned output buffers) ------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_forward_writes_every_element_and_nothing_else(dtype):
     rows, n, pad = 11, 200, 8
     # x and residual with different row strides (n and n + 24)
@@ -168,9 +174,9 @@ def test_forward_writes_every_element_and_nothing_else(dtype):
     weight = make_weight(n, dtype, "same")
     # outputs are the first n columns of NaN-filled wider buffers: every element must be written, the padding
     # columns never
-    out_buf = poison_(torch.empty(rows, n + pad, dtype=dtype, device=DEVICE))
-    h_buf = poison_(torch.empty(rows, n + pad, dtype=dtype, device=DEVICE))
-    rstd = poison_(torch.empty(rows, dtype=torch.float32, device=DEVICE))
+    out_buf = poisoned(rows, n + pad, dtype=dtype, device=DEVICE)
+    h_buf = poisoned(rows, n + pad, dtype=dtype, device=DEVICE)
+    rstd = poisoned(rows, dtype=torch.float32, device=DEVICE)
     out, h, rstd = _rms_norm_forward(x, weight, EPS, residual, out=out_buf[:, :n], h_out=h_buf[:, :n], rstd=rstd)
     assert not torch.isnan(out).any() and not torch.isnan(h).any() and not torch.isnan(rstd).any()
     assert torch.isnan(out_buf[:, n:]).all() and torch.isnan(h_buf[:, n:]).all()
@@ -180,8 +186,8 @@ def test_forward_writes_every_element_and_nothing_else(dtype):
     torch.testing.assert_close(rstd, expected_rstd)
 
 
-@pytest.mark.parametrize("with_dh", [False, True])
-@pytest.mark.parametrize("num_programs", [1, 3, 11])
+@pytest.mark.parametrize("with_dh", [False, True], ids=["no_dh", "dh"])
+@pytest.mark.parametrize("num_programs", [1, 3, 11], ids="programs{}".format)
 def test_backward_writes_every_element_and_nothing_else(num_programs, with_dh):
     rows, n, pad, dtype = 11, 200, 8, torch.bfloat16
     h = make_input("rows", n, dtype)[:rows]
@@ -189,7 +195,7 @@ def test_backward_writes_every_element_and_nothing_else(num_programs, with_dh):
     dy = torch.randn_like(h)
     dh = torch.randn_like(h) if with_dh else None
     rstd = torch.rsqrt(h.float().pow(2).mean(-1) + EPS)
-    dx_buf = poison_(torch.empty(rows, n + pad, dtype=dtype, device=DEVICE))
+    dx_buf = poisoned(rows, n + pad, dtype=dtype, device=DEVICE)
     # 3 programs over 11 rows: blocks of 4 rows, the last one partly past the end
     dx, dweight = _rms_norm_backward(dy, h, weight, rstd, dh, dx=dx_buf[:, :n], num_programs=num_programs)
     assert not torch.isnan(dx).any() and not torch.isnan(dweight).any()
@@ -209,7 +215,7 @@ def test_residual_with_one_output_used(used):
     weight = make_weight(n, dtype, "same")
 
     def grads(fn):
-        leaves = [as_leaf(x), as_leaf(weight), as_leaf(residual)]
+        leaves = fresh_leaves(x, weight, residual)
         out, h = fn(leaves[0], leaves[1], EPS, residual=leaves[2])
         target = out if used == "out_only" else h
         (target * torch.linspace(-1, 1, n, device=DEVICE)).sum().backward()
@@ -234,10 +240,10 @@ def test_backward_of_sum(with_residual):
     weight = make_weight(n, dtype, "same")
 
     def grads(fn):
-        leaves = [as_leaf(x), as_leaf(weight)] + ([as_leaf(residual)] if with_residual else [])
-        outputs = fn(leaves[0], leaves[1], EPS, residual=leaves[2] if with_residual else None)
+        leaves = fresh_leaves(x, weight, residual)  # residual: None without one
+        outputs = fn(leaves[0], leaves[1], EPS, residual=leaves[2])
         sum(o.sum() for o in (outputs if with_residual else (outputs,))).backward()
-        return [leaf.grad for leaf in leaves]
+        return [leaf.grad for leaf in leaves if leaf is not None]
 
     for name, a, e in zip(["dx", "dweight", "dresidual"], grads(rms_norm), grads(rms_norm_reference)):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=name)
@@ -294,6 +300,10 @@ def _x():
     (dict(eps=float("nan")), ValueError, "eps must be a positive float"),
     (dict(eps="1e-6"), TypeError, "eps must be a positive float"),
     (dict(eps=None), TypeError, "eps must be a positive float"),
+], ids=[
+    "x_list", "weight_str", "x_int32", "x_float64", "weight_float64", "weight_length", "weight_2d", "x_empty_dim",
+    "x_scalar", "x_too_wide", "residual_shape", "residual_fp16", "residual_int32", "weight_meta", "residual_meta",
+    "eps_zero", "eps_negative", "eps_nan", "eps_str", "eps_none",
 ])
 def test_bad_arguments(kwargs, error, match):
     args = dict(x=_x(), weight=torch.randn(64, device=DEVICE), eps=EPS, residual=None)

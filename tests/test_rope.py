@@ -7,9 +7,7 @@ import torch
 from fusedformers import kernels
 from fusedformers.kernels.reference import rope_reference
 from fusedformers.kernels.rope import _rotate
-from tests.helpers import assert_within_eager_error, poison_
-
-DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+from tests.helpers import DTYPES, assert_within_eager_error, dtype_id, grads_on_fresh_leaves, params, poisoned, to64
 
 
 def cos_sin(batch, seq_len, head_dim, dtype, device, offset=0):
@@ -28,8 +26,9 @@ def projection_view(batch, seq_len, heads, head_dim, dtype, device):
     return wide[:, :, :heads * head_dim].view(batch, seq_len, heads, head_dim)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,head_dim", [(1, 16), (4, 64), (3, 80), (8, 96), (2, 128), (70, 32)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("heads,head_dim", params([(1, 16), (4, 64), (3, 80), (8, 96), (2, 128), (70, 32)],
+                                                  id=lambda heads_dim: "H{}-D{}".format(*heads_dim)))
 def test_forward_matches_hf(dtype, heads, head_dim, device):
     x = projection_view(2, 13, heads, head_dim, dtype, device)
     cos, sin = cos_sin(2, 13, head_dim, dtype, device, offset=1000)
@@ -46,24 +45,22 @@ def test_every_element_is_written(device):
     """Poison the output buffer: an element the kernel fails to write stays NaN."""
     x = projection_view(3, 5, 6, 48, torch.bfloat16, device)
     cos, sin = cos_sin(3, 5, 48, torch.bfloat16, device)
-    out = _rotate(x, cos, sin, out=poison_(torch.empty(3, 5, 6, 48, device=device, dtype=torch.bfloat16)))
+    out = _rotate(x, cos, sin, out=poisoned(3, 5, 6, 48, device=device, dtype=torch.bfloat16))
     assert not torch.isnan(out).any()
     assert torch.equal(out, rope_reference(x, cos, sin))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_gradients_match_autograd_through_hf(dtype, device):
     x = projection_view(2, 9, 4, 64, dtype, device)
     cos, sin = cos_sin(2, 9, 64, dtype, device, offset=300)
     grad_out = torch.randn(2, 9, 4, 64, device=device, dtype=dtype)
 
-    def grad_of(fn, x, cos, sin):
-        leaf = x.detach().clone().requires_grad_(True)
-        fn(leaf, cos, sin).backward(grad_out.to(leaf.dtype))
-        return leaf.grad
+    def grad_of(fn, x, cos, sin):  # the gradient of x only
+        return grads_on_fresh_leaves(lambda x: fn(x, cos, sin), (x,), grad_out)[1][0]
 
     got = grad_of(kernels.rope, x, cos, sin)
-    expected64 = grad_of(rope_reference, x.double(), cos.double(), sin.double())
+    expected64 = grad_of(rope_reference, *to64(x, cos, sin))
     eager = grad_of(rope_reference, x, cos, sin)
     assert_within_eager_error("dx", got, expected64, eager)
     if dtype != torch.float32:  # the backward is the same rotation with -sin: the same roundings as autograd
@@ -75,11 +72,11 @@ def test_gradients_with_unequal_halves(device):
     x = projection_view(2, 5, 3, 32, torch.float32, device)
     cos, sin = torch.randn(2, 5, 32, device=device), torch.randn(2, 5, 32, device=device)
     grad_out = torch.randn(2, 5, 3, 32, device=device)
-    leaf = x.detach().clone().requires_grad_(True)
-    kernels.rope(leaf, cos, sin).backward(grad_out)
-    reference = x.detach().double().requires_grad_(True)
-    rope_reference(reference, cos.double(), sin.double()).backward(grad_out.double())
-    torch.testing.assert_close(leaf.grad.double(), reference.grad, rtol=1e-5, atol=1e-5)
+    _, (got,) = grads_on_fresh_leaves(lambda x: kernels.rope(x, cos, sin), (x,), grad_out)
+    cos64, sin64 = to64(cos, sin)
+    _, (expected,) = grads_on_fresh_leaves(lambda x: rope_reference(x, cos64, sin64), (x,), grad_out,
+                                           dtype=torch.float64)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_rotation_keeps_the_norm_of_each_pair(device):
@@ -101,7 +98,7 @@ def test_rotation_keeps_the_norm_of_each_pair(device):
     (lambda x, c, s: (x, c, s.float()), TypeError, "sin must have x's dtype"),
     (lambda x, c, s: (x[..., :15], c[..., :15], s[..., :15]), ValueError, "head dim D must be even"),
     (lambda x, c, s: (x.long(), c, s), TypeError, "float16, bfloat16 or float32"),
-])
+], ids=["x_3d", "cos_length", "sin_dtype", "odd_head_dim", "x_int64"])
 def test_bad_input(mutate, error, match, device):
     x = projection_view(1, 4, 2, 16, torch.float16, device)
     cos, sin = cos_sin(1, 4, 16, torch.float16, device)
