@@ -15,8 +15,6 @@ adds up in long sums (e.g. P^T dO over many rows), so we round to nearest even a
 """
 import os
 
-import numpy as np
-
 # the triton releases whose interpreter these fixes were written and tested against (major, minor); the defects
 # are also in 3.7-3.9's source, but the fixes have not been run there
 KNOWN_TRITON_VERSIONS = ((3, 6),)
@@ -25,10 +23,14 @@ _DISABLE = os.environ.get("FUSEDFORMERS_INTERPRETER_FIXES") == "0"
 
 
 def _bf16_bits_to_float32(bits):
+    import numpy as np  # here, not at import: numpy is needed only by the interpreter (triton's own extra)
+
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _float32_to_bf16_bits_rne(values):
+    import numpy as np
+
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     rounding_bias = ((bits >> 16) & 1) + np.uint32(0x7FFF)   # ties go to the even bf16 neighbour
     rounded = ((bits + rounding_bias) >> 16).astype(np.uint16)
@@ -60,6 +62,7 @@ def install():
     TRITON_INTERPRET=1; RuntimeError on a triton version the fixes were not written for."""
     if _DISABLE:
         return
+    import numpy as np
     import triton
     import triton.language as tl
     from triton.runtime import interpreter

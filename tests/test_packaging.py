@@ -87,3 +87,14 @@ def test_wheel_installs_the_namespace_only(tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().startswith(str(site / "fusedformers" / "kernels")), result.stdout
+
+
+def test_imports_without_numpy():
+    """The package's dependencies are torch, triton and safetensors: numpy (which the interpreter fixes use) is
+    imported only when Triton's interpreter is on."""
+    script = ("import sys; sys.modules['numpy'] = None\n"
+              "import fusedformers.kernels, fusedformers.models.llama, fusedformers.models.bart\nprint('ok')")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", script], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
