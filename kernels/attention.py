@@ -23,10 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedformers.kernels import autotune
 from fusedformers.kernels.checks import MAX_BATCH, check_attention_inputs, check_kernel_device
 from fusedformers.kernels.decode_attention import decode_attention, key_padding_range
 from fusedformers.kernels.launch import cdiv, next_power_of_2
+from fusedformers.kernels.tiles import (  # noqa: F401 (forced_block_sizes, tile_candidates: imported from here)
+    attention_tile,
+    dot_precision,
+    elementwise_rows,
+    forced_block_sizes,
+    tile_candidates,
+)
 
 LOG2E = 1.4426950408889634
 DECODE_MAX_QUERY_LEN = 16  # Lq at or below this (and no autograd) goes to the split-KV decode kernel
@@ -93,97 +99,6 @@ def _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE: tl.constexp
     if HAS_KV_INDEX:
         kv_b = tl.load(kv_batch_index_ptr + b)   # query batch row b reads K/V batch row kv_batch_index[b]
     return tl.program_id(0), pid_bh, b, h, kv_b, kv_h
-
-
-_forced_blocks = None  # (BLOCK_M, BLOCK_N) while forced_block_sizes() is active
-
-
-@contextlib.contextmanager
-def forced_block_sizes(block_m, block_n):
-    """Run the kernels with these tile sizes (for tests: the GPU's tiles have BLOCK_M != BLOCK_N, which the
-    interpreter's default 16 x 16 tiles would never exercise)."""
-    global _forced_blocks
-    previous, _forced_blocks = _forced_blocks, (block_m, block_n)
-    try:
-        yield
-    finally:
-        _forced_blocks = previous
-
-
-# GPU tiles per kernel (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) for head dims up to 64 / 128 /
-# 256. Chosen ahead of time so that no kernel spills registers on sm_90 (ptxas; tests/test_sm90_compile.py
-# checks it). The dK/dV kernel keeps two fp32 [BLOCK_N, D] accumulators in registers, so it steps through the
-# queries 32 rows at a time. fp32 inputs run exact (ieee) dots on the CUDA cores and need small tiles.
-# Tuning them by measurement is bench/NOTES.md's job.
-_GPU_TILES = {
-    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
-    "dkdv": {64: (32, 128, 8, 3), 128: (32, 64, 8, 3), 256: (32, 32, 8, 2)},
-    "dq": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
-}
-# What autotuning (FUSEDFORMERS_AUTOTUNE=1, kernels/autotune.py) measures for 16-bit inputs: the default above
-# and other tiles that compile for sm_90 without spills (an offline ptxas sweep of BLOCK_M x BLOCK_N x warps x
-# stages per kernel and head dim class; tests/test_sm90_compile.py compiles every one of them).
-_GPU_TILE_CANDIDATES = {
-    "fwd": {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
-            128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3),
-                  (64, 64, 4, 3)],
-            256: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2)]},
-    "dkdv": {64: [(32, 128, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 2), (16, 128, 8, 2)],
-             128: [(32, 64, 8, 3), (32, 64, 8, 2), (32, 32, 8, 3), (16, 64, 8, 3), (16, 128, 8, 3)],
-             256: [(32, 32, 8, 2), (32, 32, 8, 3), (16, 32, 8, 3), (16, 64, 8, 2)]},
-    "dq": {64: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-           128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)],
-           256: [(64, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2)]},
-}
-_GPU_TILES_FP32 = {
-    "fwd": {128: (16, 64, 4, 2), 256: (16, 16, 4, 2)},
-    "dkdv": {128: (16, 32, 4, 2), 256: (16, 16, 4, 2)},
-    "dq": {128: (32, 16, 4, 2), 256: (16, 16, 4, 2)},
-}
-# With dropout each score also needs a Philox draw (10 rounds of 32-bit multiplies), which raises register
-# pressure: these 16-bit tiles replace the ones above where those spill (fp32 keeps its tiles; at D=256 its
-# dK/dV kernel spills ~28 B with dropout).
-_GPU_TILES_DROPOUT = {
-    "fwd": {64: (128, 64, 8, 3)},
-    "dkdv": {128: (32, 32, 8, 3)},
-    "dq": {128: (128, 32, 8, 3), 256: (32, 32, 8, 2)},
-}
-
-
-def _tile(kernel, q, k, causal, masks, dropout, launch):
-    """The tile ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` to launch ``kernel`` with: the offline default, or,
-    with FUSEDFORMERS_AUTOTUNE=1 on CUDA for 16-bit inputs without dropout, the fastest of the spill-free
-    candidates measured on this call (``kernels/autotune.py``; ``launch(tile)`` runs the kernel)."""
-    head_dim = q.shape[-1]
-    default = _block_config(kernel, head_dim, q.dtype, q.device, dropout.active)
-    if not (autotune.ENABLED and q.is_cuda and _forced_blocks is None and q.dtype != torch.float32
-            and not dropout.active):
-        return default
-    candidates = [default] + [t for t in tile_candidates(kernel, head_dim) if t != default]
-    key = (head_dim, q.dtype, causal, masks.has_padding, masks.has_kv_index, q.shape[1] // k.shape[1],
-           next_power_of_2(q.shape[2]), next_power_of_2(k.shape[2]))
-    return autotune.choose(kernel, key, candidates, launch)
-
-
-def tile_candidates(kernel, head_dim):
-    """The 16-bit tiles autotuning may pick for ``kernel`` at this head dim (all spill-free on sm_90)."""
-    tiles = _GPU_TILE_CANDIDATES[kernel]
-    return tiles[min(d for d in tiles if d >= head_dim)]
-
-
-def _block_config(kernel, head_dim, dtype, device, dropout=False):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` in "fwd", "dkdv", "dq". The interpreter gets
-    small blocks so small test shapes span several blocks and exercise the skipping and diagonal logic. On the
-    GPU the tiles must fit the 227 KB of shared memory per block of sm_90."""
-    if _forced_blocks is not None:
-        return (*_forced_blocks, 4, 1)
-    if device.type != "cuda":
-        return 16, 16, 4, 1
-    tiles = (_GPU_TILES_FP32 if dtype == torch.float32 else _GPU_TILES)[kernel]
-    head_dim_class = min(d for d in tiles if d >= head_dim)
-    if dropout and dtype != torch.float32:
-        return _GPU_TILES_DROPOUT[kernel].get(head_dim_class, tiles[head_dim_class])
-    return tiles[head_dim_class]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -572,11 +487,6 @@ def draw_dropout_seed(device, generator=None):
     return torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64, generator=generator)
 
 
-def _dot_precision(dtype):
-    # fp32 inputs get full-precision dots: tf32 would exceed the eager fp32 error budget
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _attention_forward(q, k, v, causal, past_len, sm_scale, masks, dropout, out=None):
     """Launch the forward kernel. Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32 in log2 units)."""
     batch, num_heads, q_len, head_dim = q.shape
@@ -593,11 +503,11 @@ def _attention_forward(q, k, v, causal, past_len, sm_scale, masks, dropout, out=
             num_heads, q_len, k_len, past_len, sm_scale * LOG2E, dropout.p, dropout.scale,
             GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
             BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_PADDING=masks.has_padding,
-            HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active, DOT_PRECISION=_dot_precision(q.dtype),
+            HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active, DOT_PRECISION=dot_precision(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
 
-    launch(_tile("fwd", q, k, causal, masks, dropout, launch))
+    launch(attention_tile("fwd", q, k, causal, masks, dropout, launch))
     return out, lse
 
 
@@ -608,10 +518,10 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     block_d = next_power_of_2(head_dim)
     common = dict(GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,
                   HAS_PADDING=masks.has_padding, HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active,
-                  DOT_PRECISION=_dot_precision(q.dtype))
+                  DOT_PRECISION=dot_precision(q.dtype))
 
     delta = torch.empty_like(lse)
-    preprocess_rows = 16 if q.device.type != "cuda" else 64
+    preprocess_rows = elementwise_rows(q.device)
     _bwd_preprocess_kernel[(cdiv(q_len, preprocess_rows), num_heads, batch)](
         out, dout, delta, *out.stride(), *dout.stride(), num_heads, q_len,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=preprocess_rows)
@@ -629,7 +539,7 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
             masks.stride_n, num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, dropout.p,
             dropout.scale, **common, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
-    launch_dkdv(_tile("dkdv", q, k, causal, masks, dropout, launch_dkdv))
+    launch_dkdv(attention_tile("dkdv", q, k, causal, masks, dropout, launch_dkdv))
 
     dq = torch.empty(batch, num_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
 
@@ -641,7 +551,7 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
             masks.stride_n, num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, dropout.p,
             dropout.scale, **common, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
-    launch_dq(_tile("dq", q, k, causal, masks, dropout, launch_dq))
+    launch_dq(attention_tile("dq", q, k, causal, masks, dropout, launch_dq))
 
     if masks.has_kv_index:
         index = masks.kv_batch_index.long()
@@ -736,7 +646,7 @@ def dropout_keep_mask(seed, batch, num_heads, q_len, k_len, dropout_p):
     tensor ``[B, Hq, Lq, Lk]`` on the seed's device (True = kept). For tests and debugging only: it is the
     one place the mask is ever materialised."""
     keep = torch.empty(batch, num_heads, q_len, k_len, device=seed.device, dtype=torch.uint8)
-    block = 16 if seed.device.type != "cuda" else 64
+    block = elementwise_rows(seed.device)
     grid = (cdiv(q_len, block), cdiv(k_len, block), batch * num_heads)
     with torch.cuda.device(seed.device) if seed.is_cuda else contextlib.nullcontext():
         _dropout_mask_kernel[grid](seed, keep, q_len, k_len, float(dropout_p), BLOCK_M=block, BLOCK_N=block)

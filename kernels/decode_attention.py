@@ -21,7 +21,6 @@ the loop bounds, so whole splits of left padding, right padding or the causal fu
 
 The arguments are assumed validated by ``fusedformers.kernels.checks.check_attention_inputs`` (the caller does it).
 """
-import functools
 import math
 import weakref
 
@@ -29,15 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedformers.kernels.launch import cdiv, next_power_of_2
+from fusedformers.kernels.launch import cdiv
+from fusedformers.kernels.tiles import COMBINE_SPLIT_CHUNK, decode_plan, dot_precision
 
 # log2(e): softmax(x) = 2^(x * log2(e) - max) / sum(...), so the scale and log2(e) fold into one multiply
 LOG2E = 1.4426950408889634
-
-# upper bound on the number of key splits (bounds the fp32 partial buffers and the combine's work per row)
-MAX_SPLITS = 128
-# the combine kernel reduces over splits in chunks of this many (one compiled variant for any split count)
-COMBINE_SPLIT_CHUNK = 16
 
 
 @triton.jit(do_not_specialize=["q_len", "k_len", "past_len", "split_size", "num_splits", "num_row_blocks"])
@@ -235,71 +230,6 @@ def _decode_combine_kernel(
 # launcher
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, *, causal=True, past_len=None,
-                device="cpu", num_splits=None, dtype=torch.bfloat16):
-    """Block sizes and the key split for one launch; returns a dict.
-
-    Splits: the key range a causal query can see (``min(Lk, past_len + Lq)`` keys) is cut into ``num_splits``
-    equal runs of whole BLOCK_N blocks. On a GPU the split count targets about 4 programs per SM when
-    ``B * Hkv * row blocks`` alone is below 2 per SM (capped by the number of key blocks and MAX_SPLITS);
-    on CPU (Triton's interpreter) 2 splits whenever there are 2 key blocks, so the combine path is exercised.
-    ``num_splits`` overrides the choice (clamped to [1, min(number of key blocks, MAX_SPLITS)]).
-    """
-    device = torch.device(device)
-    on_gpu = device.type == "cuda"
-    group = num_heads // num_kv_heads
-    num_rows = group * q_len  # query rows that share one kv head
-    block_d = max(16, next_power_of_2(head_dim))
-    # rows padded to >= 16 for tl.dot; more than 64 rows (MQA with many speculative tokens) -> row blocks
-    block_m = min(64, max(16, next_power_of_2(num_rows)))
-    num_row_blocks = cdiv(num_rows, block_m)
-    if on_gpu and dtype == torch.float32:
-        # exact (ieee) fp32 dots run on the CUDA cores: 16 x 16 tiles keep them in registers (no ptxas spills)
-        block_m, block_n = 16, 16
-        num_row_blocks = cdiv(num_rows, block_m)
-    elif on_gpu:
-        block_n = 64 if block_d <= 128 else 32
-    else:
-        block_n = 32  # the interpreter's cost is per block: few, mid-sized blocks
-    if past_len is None:
-        past_len = k_len - q_len
-    # keys past past_len + Lq - 1 are invisible to every causal query
-    k_visible = max(1, min(k_len, past_len + q_len)) if causal else k_len
-    num_key_blocks = cdiv(k_visible, block_n)
-
-    if num_splits is None:
-        if on_gpu:
-            sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-            base_programs = batch * num_kv_heads * num_row_blocks
-            if base_programs >= 2 * sms:
-                num_splits = 1
-            else:
-                num_splits = cdiv(4 * sms, base_programs)
-        else:
-            num_splits = 2
-    num_splits = max(1, min(num_splits, num_key_blocks, MAX_SPLITS))
-    # equal splits of whole blocks; drop splits that would start past the visible range
-    blocks_per_split = cdiv(num_key_blocks, num_splits)
-    num_splits = cdiv(num_key_blocks, blocks_per_split)
-
-    # the combine merges this many query rows per program: one on a GPU (B * Hq * Lq programs), many in the
-    # interpreter (its cost is per program)
-    combine_rows = 1 if on_gpu else min(64, next_power_of_2(batch * num_heads * q_len))
-
-    num_warps = 8 if block_m * block_d >= 64 * 128 else 4
-    num_stages = 3 if block_d <= 128 else 2
-    if on_gpu and dtype == torch.float32:
-        num_warps, num_stages = 4, 2
-    return dict(block_m=block_m, block_n=block_n, block_d=block_d, num_row_blocks=num_row_blocks,
-                num_splits=num_splits, split_size=blocks_per_split * block_n, num_warps=num_warps,
-                num_stages=num_stages, combine_rows=combine_rows)
-
-
 def key_padding_range(key_padding_mask):
     """Per batch row, the first valid key and the last valid key + 1, as int32 ``[B]`` tensors.
 
@@ -389,7 +319,7 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
         GROUP=group, HEAD_DIM=head_dim,
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_D=plan["block_d"],
         CAUSAL=causal, HAS_MASK=has_mask, HAS_KV_INDEX=has_kv_index, WRITE_OUT=splits == 1,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION=dot_precision(q.dtype),
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     if splits > 1:
@@ -401,6 +331,6 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
             num_heads, q_len, num_rows, splits,
             HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_S=COMBINE_SPLIT_CHUNK,  # fixed: no variant per split count
             BLOCK_D=plan["block_d"],
-            num_warps=4,
+            num_warps=plan["combine_num_warps"],
         )
     return out

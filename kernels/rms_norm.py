@@ -19,23 +19,10 @@ import triton.language as tl
 
 from fusedformers.kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
 from fusedformers.kernels.launch import cdiv, next_power_of_2
+from fusedformers.kernels.tiles import rms_norm_backward_programs, rms_norm_num_warps
 
 # Largest hidden size handled: a whole row lives in registers (BLOCK_N = next_power_of_2(N)).
 MAX_HIDDEN_SIZE = 65536
-
-
-def _num_warps(block_n):
-    """Warps per program for a row block of ``block_n`` elements (about 256 elements per warp, 1 to 16 warps)."""
-    return min(max(block_n // 256, 1), 16)
-
-
-def _num_backward_programs(rows, device):
-    """Programs of the backward kernel: a few per SM on a GPU (each keeps a float32 dweight partial sum)."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 8  # Triton's interpreter: every program is run in turn, keep the dweight partials few
-    return max(1, min(rows, target))
 
 
 @triton.jit
@@ -144,7 +131,7 @@ def _rms_norm_forward(x, weight, eps, residual=None, out=None, h_out=None, rstd=
         n, eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK_N=block_n,
-        num_warps=num_warps or _num_warps(block_n),
+        num_warps=num_warps or rms_norm_num_warps(block_n),
     )
     return out, h_out, rstd
 
@@ -164,7 +151,7 @@ def _rms_norm_backward(dy, h, weight, rstd, dh=None, dx=None, num_programs=None,
     if rows == 0:
         return dx, torch.zeros_like(weight)
     if num_programs is None:
-        num_programs = _num_backward_programs(rows, h.device)
+        num_programs = rms_norm_backward_programs(rows, h.device)
     # rows per program rounded up to a power of two (it is a constexpr: this bounds the compiled variants)
     rows_per_program = next_power_of_2(cdiv(rows, num_programs))
     num_programs = cdiv(rows, rows_per_program)  # every program gets at least one row
@@ -176,7 +163,7 @@ def _rms_norm_backward(dy, h, weight, rstd, dh=None, dx=None, num_programs=None,
         HAS_DH=dh is not None,
         ROWS_PER_PROGRAM=rows_per_program,
         BLOCK_N=block_n,
-        num_warps=num_warps or _num_warps(block_n),
+        num_warps=num_warps or rms_norm_num_warps(block_n),
     )
     dweight = dw_partial.sum(dim=0).to(weight.dtype)
     return dx, dweight

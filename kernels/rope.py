@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from fusedformers.kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
-from fusedformers.kernels.launch import cdiv, next_power_of_2
+from fusedformers.kernels.launch import cdiv
+from fusedformers.kernels.tiles import rope_plan
 
 
 @triton.jit
@@ -72,8 +73,7 @@ def _rotate(x, cos, sin, backward=False, out=None):
         out = torch.empty((batch, seq_len, num_heads, head_dim), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_h = min(next_power_of_2(num_heads), 64)
-    block_half = next_power_of_2(head_dim // 2)
+    block_h, block_half, num_warps = rope_plan(num_heads, head_dim)
     grid = (batch * seq_len, cdiv(num_heads, block_h))
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _rope_kernel[grid](
@@ -82,7 +82,7 @@ def _rotate(x, cos, sin, backward=False, out=None):
             out.stride(0), out.stride(1), out.stride(2),
             seq_len, num_heads,
             BACKWARD=backward, HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h,
-            num_warps=4 if block_h * block_half >= 1024 else 1,
+            num_warps=num_warps,
         )
     return out
 
