@@ -16,7 +16,6 @@ Backward: a dK/dV kernel (one program per key block and KV head, looping over th
 so grouped gradients are summed without atomics) and a dQ kernel (one program per query block and query head).
 ``attention`` dispatches Lq <= 16 without autograd to the split-KV decode kernel (kernels/decode_attention.py).
 """
-import contextlib
 import math
 
 import torch
@@ -25,7 +24,7 @@ import triton.language as tl
 
 from fusedformers.kernels.checks import MAX_BATCH, check_attention_inputs, check_kernel_device
 from fusedformers.kernels.decode_attention import decode_attention, key_padding_range
-from fusedformers.kernels.launch import cdiv, next_power_of_2
+from fusedformers.kernels.launch import cdiv, device_context, next_power_of_2
 from fusedformers.kernels.tiles import (  # noqa: F401 (forced_block_sizes, tile_candidates: imported from here)
     attention_tile,
     dot_precision,
@@ -613,8 +612,7 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    # Triton launches on the current CUDA device: make it q's
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with device_context(q.device):
         if q_len <= DECODE_MAX_QUERY_LEN and not needs_grad and dropout_p == 0.0:
             return decode_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
                                     sm_scale=sm_scale, kv_batch_index=kv_batch_index)
@@ -648,6 +646,6 @@ def dropout_keep_mask(seed, batch, num_heads, q_len, k_len, dropout_p):
     keep = torch.empty(batch, num_heads, q_len, k_len, device=seed.device, dtype=torch.uint8)
     block = elementwise_rows(seed.device)
     grid = (cdiv(q_len, block), cdiv(k_len, block), batch * num_heads)
-    with torch.cuda.device(seed.device) if seed.is_cuda else contextlib.nullcontext():
+    with device_context(seed.device):
         _dropout_mask_kernel[grid](seed, keep, q_len, k_len, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
     return keep.bool()

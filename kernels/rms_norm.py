@@ -10,7 +10,6 @@ Semantics are those of Hugging Face (see ``fusedformers.kernels.reference.rms_no
     hn  = h.float() * rsqrt(mean(h.float() ** 2, -1) + eps)
     out = weight * hn.to(x.dtype)            # PyTorch type promotion of weight and x
 """
-import contextlib
 import numbers
 
 import torch
@@ -18,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fusedformers.kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
-from fusedformers.kernels.launch import cdiv, next_power_of_2
+from fusedformers.kernels.launch import cdiv, device_context, next_power_of_2
 from fusedformers.kernels.tiles import rms_norm_backward_programs, rms_norm_num_warps
 
 # Largest hidden size handled: a whole row lives in registers (BLOCK_N = next_power_of_2(N)).
@@ -262,8 +261,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     _check_inputs(x, weight, eps, residual)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (residual is not None and residual.requires_grad))
-    # Triton launches on the current CUDA device: make it x's
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_context(x.device):
         if not needs_grad:  # inference: no autograd Function (its bookkeeping costs more than the launch)
             out, h, _, _ = _forward_in_shape(x, weight.contiguous(), float(eps), residual)
             return (out, h) if residual is not None else out

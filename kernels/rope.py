@@ -11,14 +11,13 @@ The backward is the same kernel with sin's halves swapped and negated: the gradi
 ``dx1 = g1 * cos1 + g2 * sin2`` and ``dx2 = g2 * cos2 - g1 * sin1`` (for HF's RoPE the halves are equal, and this
 is the rotation by the opposite angle).
 """
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from fusedformers.kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
-from fusedformers.kernels.launch import cdiv
+from fusedformers.kernels.launch import cdiv, device_context
 from fusedformers.kernels.tiles import rope_plan
 
 
@@ -75,7 +74,7 @@ def _rotate(x, cos, sin, backward=False, out=None):
         return out
     block_h, block_half, num_warps = rope_plan(num_heads, head_dim)
     grid = (batch * seq_len, cdiv(num_heads, block_h))
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_context(x.device):
         _rope_kernel[grid](
             x, cos, sin, out,
             x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
