@@ -24,7 +24,8 @@ import triton.language as tl
 
 from fusedformers.kernels.checks import MAX_BATCH, check_attention_inputs, check_kernel_device
 from fusedformers.kernels.decode_attention import decode_attention, key_padding_range
-from fusedformers.kernels.launch import cdiv, device_context, next_power_of_2
+from fusedformers.kernels.launch import cdiv, device_context, next_power_of_2, strides
+from fusedformers.kernels.online_softmax import LOG2E, online_softmax_step
 from fusedformers.kernels.tiles import (  # noqa: F401 (forced_block_sizes, tile_candidates: imported from here)
     attention_tile,
     dot_precision,
@@ -33,7 +34,6 @@ from fusedformers.kernels.tiles import (  # noqa: F401 (forced_block_sizes, tile
     tile_candidates,
 )
 
-LOG2E = 1.4426950408889634
 DECODE_MAX_QUERY_LEN = 16  # Lq at or below this (and no autograd) goes to the split-KV decode kernel
 # lengths vary from call to call: one compiled kernel serves them all (no re-specialisation on 1 or on
 # multiples of 16, which would compile a new variant the first time each case appears)
@@ -41,7 +41,7 @@ LENGTH_ARGS = ["q_len", "k_len", "past_len"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shared pieces
+# Helpers shared by the kernels
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _key_visibility(offs_n, b, k_len, mask_ptr, stride_mask_b, stride_mask_n, HAS_PADDING: tl.constexpr):
@@ -122,18 +122,12 @@ def _fwd_inner(acc, m_i, l_i, q, k_block_ptr, v_block_ptr, lo, hi, b, offs_m, q_
         if APPLY_CAUSAL:
             visible = visible & (offs_n[None, :] <= past_len + offs_m[:, None])
         scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead to avoid inf - inf = NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(scores - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, scores)
         if HAS_DROPOUT:
             p = tl.where(_dropout_keep(seed, pid_bh, offs_m[:, None], offs_n[None, :], q_len, k_len, dropout_p),
                          p, 0.0)
         v = tl.load(v_block_ptr, boundary_check=(0, 1), padding_option="zero")     # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
         k_block_ptr = tl.advance(k_block_ptr, (0, BLOCK_N))
         v_block_ptr = tl.advance(v_block_ptr, (BLOCK_N, 0))
     return acc, m_i, l_i
@@ -141,14 +135,20 @@ def _fwd_inner(acc, m_i, l_i, q, k_block_ptr, v_block_ptr, lo, hi, b, offs_m, q_
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr, seed_ptr,
+    # tensors
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,   # q, out [B, Hq, Lq, D]; k, v [B or Bkv, Hkv, Lk, D]; lse [B, Hq, Lq]
+    mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr, seed_ptr,  # see _MaskArgs and _DropoutArgs
+    # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mask_b, stride_mask_n,
-    num_heads, q_len, k_len, past_len, qk_scale, dropout_p, dropout_scale,
+    # sizes
+    num_heads, q_len, k_len, past_len,
+    # scalars
+    qk_scale, dropout_p, dropout_scale,      # sm_scale * log2(e); p; 1 / (1 - p)
+    # constexprs
     GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -208,11 +208,17 @@ def _attn_fwd_kernel(
 # Backward
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_preprocess_kernel(out_ptr, dout_ptr, delta_ptr,
-                           stride_ob, stride_oh, stride_om, stride_od,
-                           stride_dob, stride_doh, stride_dom, stride_dod,
-                           num_heads, q_len,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_preprocess_kernel(
+    # tensors
+    out_ptr, dout_ptr, delta_ptr,            # out, dout [B, Hq, Lq, D]; delta [B, Hq, Lq] fp32
+    # strides
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    # sizes
+    num_heads, q_len,
+    # constexprs
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
     """delta[b, h, i] = sum_d out[b, h, i, d] * dout[b, h, i, d] (fp32), the softmax-backward row term."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -271,15 +277,22 @@ def _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    # tensors
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr,  # as in the forward; dout like q, delta like lse
+    dk_ptr, dv_ptr,                                     # [B, Hkv, Lk, D] (dv with dk's strides)
     mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr, seed_ptr,
+    # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_mask_b, stride_mask_n,
-    num_heads, q_len, k_len, past_len, qk_scale, sm_scale, dropout_p, dropout_scale,
+    # sizes
+    num_heads, q_len, k_len, past_len,
+    # scalars
+    qk_scale, sm_scale, dropout_p, dropout_scale,
+    # constexprs
     GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -389,15 +402,22 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_t_block_ptr, v_t_block_ptr, lo, hi, b
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+    # tensors
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr,  # as in the dK/dV kernel
+    dq_ptr,                                             # [B, Hq, Lq, D]
     mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr, seed_ptr,
+    # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mask_b, stride_mask_n,
-    num_heads, q_len, k_len, past_len, qk_scale, sm_scale, dropout_p, dropout_scale,
+    # sizes
+    num_heads, q_len, k_len, past_len,
+    # scalars
+    qk_scale, sm_scale, dropout_p, dropout_scale,
+    # constexprs
     GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -447,7 +467,30 @@ def _attn_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Launchers and autograd
+# The dropout mask, materialised (tests and debugging)
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=LENGTH_ARGS)
+def _dropout_mask_kernel(
+    # tensors
+    seed_ptr, keep_ptr,                      # int64 [1]; uint8 [B * Hq, Lq, Lk] contiguous
+    # sizes
+    q_len, k_len,
+    # scalars
+    dropout_p,
+    # constexprs
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """keep[bh, i, j] (uint8) for a [B * Hq, Lq, Lk] contiguous output: the attention kernels' dropout mask."""
+    pid_m, pid_n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(seed_ptr), pid_bh, offs_m[:, None], offs_n[None, :], q_len, k_len, dropout_p)
+    offsets = (pid_bh.to(tl.int64) * q_len + offs_m[:, None]) * k_len + offs_n[None, :]
+    tl.store(keep_ptr + offsets, keep.to(tl.uint8), mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
 # ----------------------------------------------------------------------------------------------------------------
 class _MaskArgs:
     """Kernel arguments derived from key_padding_mask and kv_batch_index (dummies when absent)."""
@@ -467,6 +510,10 @@ class _MaskArgs:
             self.stride_b = self.stride_n = 0
         # the kernels read kv_batch_index[b] with unit stride
         self.kv_batch_index = kv_batch_index.contiguous() if self.has_kv_index else q
+
+    def strides(self):
+        """The padding mask's strides as named kernel arguments."""
+        return dict(stride_mask_b=self.stride_b, stride_mask_n=self.stride_n)
 
 
 class _DropoutArgs:
@@ -498,8 +545,10 @@ def _attention_forward(q, k, v, causal, past_len, sm_scale, masks, dropout, out=
         block_m, block_n, num_warps, num_stages = tile
         _attn_fwd_kernel[(cdiv(q_len, block_m), num_heads, batch)](
             q, k, v, out, lse, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index, dropout.seed,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), masks.stride_b, masks.stride_n,
-            num_heads, q_len, k_len, past_len, sm_scale * LOG2E, dropout.p, dropout.scale,
+            **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
+            **strides("o", out, "bhmd"), **masks.strides(),
+            num_heads=num_heads, q_len=q_len, k_len=k_len, past_len=past_len,
+            qk_scale=sm_scale * LOG2E, dropout_p=dropout.p, dropout_scale=dropout.scale,
             GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
             BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_PADDING=masks.has_padding,
             HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active, DOT_PRECISION=dot_precision(q.dtype),
@@ -515,15 +564,21 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     batch, num_heads, q_len, head_dim = q.shape
     kv_batch, num_kv_heads, k_len = k.shape[0], k.shape[1], k.shape[2]
     block_d = next_power_of_2(head_dim)
-    common = dict(GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,
-                  HAS_PADDING=masks.has_padding, HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active,
-                  DOT_PRECISION=dot_precision(q.dtype))
+    # the arguments both backward kernels share (all but their gradient outputs, their strides and their tiles)
+    common_args = dict(
+        **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
+        **strides("do", dout, "bhmd"), **masks.strides(),
+        num_heads=num_heads, q_len=q_len, k_len=k_len, past_len=past_len,
+        qk_scale=sm_scale * LOG2E, sm_scale=sm_scale, dropout_p=dropout.p, dropout_scale=dropout.scale,
+        GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,
+        HAS_PADDING=masks.has_padding, HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active,
+        DOT_PRECISION=dot_precision(q.dtype))
 
     delta = torch.empty_like(lse)
     preprocess_rows = elementwise_rows(q.device)
     _bwd_preprocess_kernel[(cdiv(q_len, preprocess_rows), num_heads, batch)](
-        out, dout, delta, *out.stride(), *dout.stride(), num_heads, q_len,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=preprocess_rows)
+        out, dout, delta, **strides("o", out, "bhmd"), **strides("do", dout, "bhmd"),
+        num_heads=num_heads, q_len=q_len, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=preprocess_rows)
 
     # dK/dV per query batch row; with kv_batch_index several rows may share one K/V row and are summed below
     grad_dtype = torch.float32 if masks.has_kv_index else k.dtype
@@ -534,9 +589,8 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
         block_m, block_n, num_warps, num_stages = tile
         _attn_bwd_dkdv_kernel[(cdiv(k_len, block_n), num_kv_heads, batch)](
             q, k, v, dout, lse, delta, dk, dv, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
-            dropout.seed, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), masks.stride_b,
-            masks.stride_n, num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, dropout.p,
-            dropout.scale, **common, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+            dropout.seed, **strides("dk", dk, "bhnd"), **common_args,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
     launch_dkdv(attention_tile("dkdv", q, k, causal, masks, dropout, launch_dkdv))
 
@@ -546,9 +600,8 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
         block_m, block_n, num_warps, num_stages = tile
         _attn_bwd_dq_kernel[(cdiv(q_len, block_m), num_heads, batch)](
             q, k, v, dout, lse, delta, dq, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
-            dropout.seed, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), masks.stride_b,
-            masks.stride_n, num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, dropout.p,
-            dropout.scale, **common, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+            dropout.seed, **strides("dq", dq, "bhmd"), **common_args,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
     launch_dq(attention_tile("dq", q, k, causal, masks, dropout, launch_dq))
 
@@ -561,6 +614,9 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     return dq, dk, dv
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd and public API
+# ----------------------------------------------------------------------------------------------------------------
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, past_len, sm_scale, key_padding_mask, kv_batch_index, dropout):
@@ -627,18 +683,6 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_
                                      dropout)
 
 
-@triton.jit(do_not_specialize=LENGTH_ARGS)
-def _dropout_mask_kernel(seed_ptr, keep_ptr, q_len, k_len, dropout_p,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """keep[bh, i, j] (uint8) for a [B * Hq, Lq, Lk] contiguous output: the attention kernels' dropout mask."""
-    pid_m, pid_n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(seed_ptr), pid_bh, offs_m[:, None], offs_n[None, :], q_len, k_len, dropout_p)
-    offsets = (pid_bh.to(tl.int64) * q_len + offs_m[:, None]) * k_len + offs_n[None, :]
-    tl.store(keep_ptr + offsets, keep.to(tl.uint8), mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
-
-
 def dropout_keep_mask(seed, batch, num_heads, q_len, k_len, dropout_p):
     """The dropout mask the attention kernels apply for ``seed`` (from ``draw_dropout_seed``), as a bool
     tensor ``[B, Hq, Lq, Lk]`` on the seed's device (True = kept). For tests and debugging only: it is the
@@ -647,5 +691,6 @@ def dropout_keep_mask(seed, batch, num_heads, q_len, k_len, dropout_p):
     block = elementwise_rows(seed.device)
     grid = (cdiv(q_len, block), cdiv(k_len, block), batch * num_heads)
     with device_context(seed.device):
-        _dropout_mask_kernel[grid](seed, keep, q_len, k_len, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+        _dropout_mask_kernel[grid](seed, keep, q_len=q_len, k_len=k_len, dropout_p=float(dropout_p),
+                                   BLOCK_M=block, BLOCK_N=block)
     return keep.bool()

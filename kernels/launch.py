@@ -22,3 +22,10 @@ def next_power_of_2(n):
 def device_context(device):
     """Triton launches on the current CUDA device: this makes it ``device`` (nothing to do off CUDA)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def strides(name, t, dims):
+    """``t``'s strides as named kernel arguments, so that a launch cannot pass two of them in the wrong order:
+    ``strides("q", q, "bhmd")`` is ``{"stride_qb": q.stride(0), "stride_qh": ..., "stride_qm": ...,
+    "stride_qd": q.stride(3)}``; ``dims`` names every dimension of ``t``."""
+    return {f"stride_{name}{dim}": stride for dim, stride in zip(dims, t.stride(), strict=True)}

@@ -23,11 +23,15 @@ from fusedformers.kernels.tiles import rope_plan
 
 @triton.jit
 def _rope_kernel(
-    X, COS, SIN, OUT,
-    stride_xb, stride_xl, stride_xh,   # x [B, L, H, D] (unit stride along D)
-    stride_cb, stride_cl,              # cos, sin [B, L, D] (unit stride along D, same strides)
-    stride_ob, stride_ol, stride_oh,   # out [B, L, H, D]
+    # tensors
+    x_ptr, cos_ptr, sin_ptr, out_ptr,  # x, out [B, L, H, D]; cos, sin [B, L, D]
+    # strides (all with unit stride along D; cos and sin share theirs)
+    stride_xb, stride_xl, stride_xh,
+    stride_cb, stride_cl,
+    stride_ob, stride_ol, stride_oh,
+    # sizes
     seq_len, num_heads,
+    # constexprs
     BACKWARD: tl.constexpr,            # rotate by -sin with its halves swapped (the gradient)
     HALF: tl.constexpr,                # D / 2
     BLOCK_HALF: tl.constexpr,          # HALF rounded up to a power of two
@@ -42,22 +46,22 @@ def _rope_kernel(
     tile_ok = (heads[:, None] < num_heads) & col_ok[None, :]
 
     cs = b * stride_cb + pos * stride_cl
-    cos1 = tl.load(COS + cs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    cos2 = tl.load(COS + cs + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    sin1 = tl.load(SIN + cs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    sin2 = tl.load(SIN + cs + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    cos1 = tl.load(cos_ptr + cs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(cos_ptr + cs + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    sin1 = tl.load(sin_ptr + cs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(sin_ptr + cs + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if BACKWARD:
         sin1, sin2 = -sin2, -sin1
 
-    x_row = X + b * stride_xb + pos * stride_xl + heads[:, None].to(tl.int64) * stride_xh
+    x_row = x_ptr + b * stride_xb + pos * stride_xl + heads[:, None].to(tl.int64) * stride_xh
     x1 = tl.load(x_row + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)          # [BLOCK_H, BLOCK_HALF]
     x2 = tl.load(x_row + HALF + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    dtype = OUT.dtype.element_ty
+    dtype = out_ptr.dtype.element_ty
     # products of two 16-bit floats are exact in fp32, so rounding each to the dtype reproduces PyTorch's
     # x * cos and rotate_half(x) * sin; the sum is then rounded once more, as PyTorch's addition
     out1 = (x1 * cos1).to(dtype).to(tl.float32) + (-x2 * sin1).to(dtype).to(tl.float32)
     out2 = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
-    out_row = OUT + b * stride_ob + pos * stride_ol + heads[:, None].to(tl.int64) * stride_oh
+    out_row = out_ptr + b * stride_ob + pos * stride_ol + heads[:, None].to(tl.int64) * stride_oh
     tl.store(out_row + cols[None, :], out1.to(dtype), mask=tile_ok)
     tl.store(out_row + HALF + cols[None, :], out2.to(dtype), mask=tile_ok)
 
@@ -77,9 +81,10 @@ def _rotate(x, cos, sin, backward=False, out=None):
     with device_context(x.device):
         _rope_kernel[grid](
             x, cos, sin, out,
-            x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
-            out.stride(0), out.stride(1), out.stride(2),
-            seq_len, num_heads,
+            stride_xb=x.stride(0), stride_xl=x.stride(1), stride_xh=x.stride(2),
+            stride_cb=cos.stride(0), stride_cl=cos.stride(1),
+            stride_ob=out.stride(0), stride_ol=out.stride(1), stride_oh=out.stride(2),
+            seq_len=seq_len, num_heads=num_heads,
             BACKWARD=backward, HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h,
             num_warps=num_warps,
         )

@@ -111,12 +111,13 @@ def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len):
     plan = tiles.decode_plan(2, num_heads, num_kv_heads, q_len, 4096, head_dim, device=CUDA, num_splits=8,
                                   dtype=dtype)
     element = "*" + TRITON_DTYPE[dtype]
-    pointers = dict(Q=element, K=element, V=element, Out=element, PartAcc="*fp32", PartMax="*fp32",
-                    PartSum="*fp32", Mask="*u8", KeyStart="*i32", KeyEnd="*i32", KvIndex="*i64")
+    pointers = dict(q_ptr=element, k_ptr=element, v_ptr=element, out_ptr=element, part_acc_ptr="*fp32",
+                    part_max_ptr="*fp32", part_sum_ptr="*fp32", mask_ptr="*u8", kv_start_ptr="*i32",
+                    kv_end_ptr="*i32", kv_batch_index_ptr="*i64")
     compiled = compile_sm90(decode_mod._decode_split_kernel, pointers, dict(
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"],
-        BLOCK_D=plan["block_d"], CAUSAL=True, HAS_MASK=True, HAS_KV_INDEX=False, WRITE_OUT=False,
-        INPUT_PRECISION=tiles.dot_precision(dtype)), plan["num_warps"], plan["num_stages"])
+        GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"],
+        BLOCK_D=plan["block_d"], CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False, WRITE_OUT=False,
+        DOT_PRECISION=tiles.dot_precision(dtype)), plan["num_warps"], plan["num_stages"])
     assert_fits_sm90("_decode_split_kernel", compiled)
     compiled = compile_sm90(decode_mod._decode_combine_kernel, pointers, dict(
         HEAD_DIM=head_dim, BLOCK_R=plan["combine_rows"], BLOCK_S=tiles.COMBINE_SPLIT_CHUNK,
@@ -128,8 +129,9 @@ def check_rms_norm_kernels(dtype, hidden):
     block_n = triton.next_power_of_2(hidden)
     num_warps = tiles.rms_norm_num_warps(block_n)
     element = "*" + TRITON_DTYPE[dtype]
-    pointers = dict(X=element, R=element, W=element, Y=element, H=element, RSTD="*fp32", DY=element,
-                    DH=element, DX=element, DW_PARTIAL="*fp32", DW="*fp32")
+    pointers = dict(x_ptr=element, residual_ptr=element, weight_ptr=element, out_ptr=element, h_ptr=element,
+                    rstd_ptr="*fp32", dout_ptr=element, dh_ptr=element, dx_ptr=element,
+                    dweight_partial_ptr="*fp32")
     compiled = compile_sm90(rms_norm_mod._rms_norm_fwd_kernel, pointers,
                             dict(HAS_RESIDUAL=True, BLOCK_N=block_n), num_warps, 1)
     assert_fits_sm90("_rms_norm_fwd_kernel", compiled)
@@ -141,7 +143,8 @@ def check_rms_norm_kernels(dtype, hidden):
 def check_rope_kernel(dtype, num_heads, head_dim):
     element = "*" + TRITON_DTYPE[dtype]
     block_h, block_half, num_warps = tiles.rope_plan(num_heads, head_dim)
-    compiled = compile_sm90(rope_mod._rope_kernel, dict(X=element, COS=element, SIN=element, OUT=element),
+    pointers = dict(x_ptr=element, cos_ptr=element, sin_ptr=element, out_ptr=element)
+    compiled = compile_sm90(rope_mod._rope_kernel, pointers,
                             dict(BACKWARD=True, HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h),
                             num_warps, 1)
     assert_fits_sm90(f"_rope_kernel {dtype} H={num_heads} D={head_dim}", compiled)
