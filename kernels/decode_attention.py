@@ -34,6 +34,9 @@ from fusedformers.kernels.online_softmax import LOG2E, online_softmax_step
 from fusedformers.kernels.tiles import COMBINE_SPLIT_CHUNK, decode_plan, dot_precision
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
 # lengths and split sizes change from one decode step to the next: one compiled split kernel serves them all
 @triton.jit(do_not_specialize=["q_len", "k_len", "past_len", "split_size", "num_splits", "num_row_blocks"])
 def _decode_split_kernel(

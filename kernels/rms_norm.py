@@ -24,6 +24,9 @@ from fusedformers.kernels.tiles import rms_norm_backward_programs, rms_norm_num_
 MAX_HIDDEN_SIZE = 65536
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _rms_norm_fwd_kernel(
     # tensors: x, residual, out, h = x + residual [M, N]; weight [N]; rstd [M] fp32 (one per row)
@@ -105,6 +108,9 @@ def _rms_norm_bwd_kernel(
     tl.store(dweight_partial_ptr + pid.to(tl.int64) * N + cols, dw_acc, mask=mask)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
 def _as_rows(t, n):
     """View ``t`` as ``[rows, n]`` with a unit column stride; copies only when the strides do not allow it."""
     if t.stride(-1) != 1:
@@ -190,6 +196,9 @@ def _forward_in_shape(x, weight, eps, residual):
     return out.view(shape), h.view(shape), rstd, h
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd and public API
+# ----------------------------------------------------------------------------------------------------------------
 class RMSNormFunction(torch.autograd.Function):
     """Autograd wrapper; ``forward(x, weight, eps, residual)`` returns ``out`` or ``(out, h)``."""
 

@@ -21,6 +21,9 @@ from fusedformers.kernels.launch import cdiv, device_context
 from fusedformers.kernels.tiles import rope_plan
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _rope_kernel(
     # tensors
@@ -66,6 +69,9 @@ def _rope_kernel(
     tl.store(out_row + HALF + cols[None, :], out2.to(dtype), mask=tile_ok)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------------
 def _rotate(x, cos, sin, backward=False, out=None):
     """Launch the kernel: x ``[B, L, H, D]`` (unit stride along D), cos/sin ``[B, L, D]``. Returns ``out`` (a new
     contiguous ``[B, L, H, D]`` tensor in x's dtype unless given)."""
@@ -91,6 +97,9 @@ def _rotate(x, cos, sin, backward=False, out=None):
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd and public API
+# ----------------------------------------------------------------------------------------------------------------
 class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
