@@ -16,19 +16,24 @@ Backward: a dK/dV kernel (one program per key block and KV head, looping over th
 so grouped gradients are summed without atomics) and a dQ kernel (one program per query block and query head).
 ``attention`` dispatches Lq <= 16 without autograd to the split-KV decode kernel (kernels/decode_attention.py).
 """
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from fusedformers.kernels import autotune
 from fusedformers.kernels.checks import MAX_BATCH, check_attention_inputs, check_kernel_device
 from fusedformers.kernels.decode_attention import decode_attention, key_padding_range
-from fusedformers.kernels.launch import cdiv, next_power_of_2
+from fusedformers.kernels.launch import cdiv, device_context, next_power_of_2, strides
+from fusedformers.kernels.online_softmax import LOG2E, online_softmax_step
+from fusedformers.kernels.tiles import (  # noqa: F401 (forced_block_sizes, tile_candidates: imported from here)
+    attention_tile,
+    dot_precision,
+    elementwise_rows,
+    forced_block_sizes,
+    tile_candidates,
+)
 
-LOG2E = 1.4426950408889634
 DECODE_MAX_QUERY_LEN = 16  # Lq at or below this (and no autograd) goes to the split-KV decode kernel
 # lengths vary from call to call: one compiled kernel serves them all (no re-specialisation on 1 or on
 # multiples of 16, which would compile a new variant the first time each case appears)
@@ -36,7 +41,7 @@ LENGTH_ARGS = ["q_len", "k_len", "past_len"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shared pieces
+# Helpers shared by the kernels
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _key_visibility(offs_n, b, k_len, mask_ptr, stride_mask_b, stride_mask_n, HAS_PADDING: tl.constexpr):
@@ -95,97 +100,6 @@ def _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE: tl.constexp
     return tl.program_id(0), pid_bh, b, h, kv_b, kv_h
 
 
-_forced_blocks = None  # (BLOCK_M, BLOCK_N) while forced_block_sizes() is active
-
-
-@contextlib.contextmanager
-def forced_block_sizes(block_m, block_n):
-    """Run the kernels with these tile sizes (for tests: the GPU's tiles have BLOCK_M != BLOCK_N, which the
-    interpreter's default 16 x 16 tiles would never exercise)."""
-    global _forced_blocks
-    previous, _forced_blocks = _forced_blocks, (block_m, block_n)
-    try:
-        yield
-    finally:
-        _forced_blocks = previous
-
-
-# GPU tiles per kernel (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) for head dims up to 64 / 128 /
-# 256. Chosen ahead of time so that no kernel spills registers on sm_90 (ptxas; tests/test_sm90_compile.py
-# checks it). The dK/dV kernel keeps two fp32 [BLOCK_N, D] accumulators in registers, so it steps through the
-# queries 32 rows at a time. fp32 inputs run exact (ieee) dots on the CUDA cores and need small tiles.
-# Tuning them by measurement is bench/NOTES.md's job.
-_GPU_TILES = {
-    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
-    "dkdv": {64: (32, 128, 8, 3), 128: (32, 64, 8, 3), 256: (32, 32, 8, 2)},
-    "dq": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
-}
-# What autotuning (FUSEDFORMERS_AUTOTUNE=1, kernels/autotune.py) measures for 16-bit inputs: the default above
-# and other tiles that compile for sm_90 without spills (an offline ptxas sweep of BLOCK_M x BLOCK_N x warps x
-# stages per kernel and head dim class; tests/test_sm90_compile.py compiles every one of them).
-_GPU_TILE_CANDIDATES = {
-    "fwd": {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
-            128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3),
-                  (64, 64, 4, 3)],
-            256: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2)]},
-    "dkdv": {64: [(32, 128, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 2), (16, 128, 8, 2)],
-             128: [(32, 64, 8, 3), (32, 64, 8, 2), (32, 32, 8, 3), (16, 64, 8, 3), (16, 128, 8, 3)],
-             256: [(32, 32, 8, 2), (32, 32, 8, 3), (16, 32, 8, 3), (16, 64, 8, 2)]},
-    "dq": {64: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-           128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)],
-           256: [(64, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 2)]},
-}
-_GPU_TILES_FP32 = {
-    "fwd": {128: (16, 64, 4, 2), 256: (16, 16, 4, 2)},
-    "dkdv": {128: (16, 32, 4, 2), 256: (16, 16, 4, 2)},
-    "dq": {128: (32, 16, 4, 2), 256: (16, 16, 4, 2)},
-}
-# With dropout each score also needs a Philox draw (10 rounds of 32-bit multiplies), which raises register
-# pressure: these 16-bit tiles replace the ones above where those spill (fp32 keeps its tiles; at D=256 its
-# dK/dV kernel spills ~28 B with dropout).
-_GPU_TILES_DROPOUT = {
-    "fwd": {64: (128, 64, 8, 3)},
-    "dkdv": {128: (32, 32, 8, 3)},
-    "dq": {128: (128, 32, 8, 3), 256: (32, 32, 8, 2)},
-}
-
-
-def _tile(kernel, q, k, causal, masks, dropout, launch):
-    """The tile ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` to launch ``kernel`` with: the offline default, or,
-    with FUSEDFORMERS_AUTOTUNE=1 on CUDA for 16-bit inputs without dropout, the fastest of the spill-free
-    candidates measured on this call (``kernels/autotune.py``; ``launch(tile)`` runs the kernel)."""
-    head_dim = q.shape[-1]
-    default = _block_config(kernel, head_dim, q.dtype, q.device, dropout.active)
-    if not (autotune.ENABLED and q.is_cuda and _forced_blocks is None and q.dtype != torch.float32
-            and not dropout.active):
-        return default
-    candidates = [default] + [t for t in tile_candidates(kernel, head_dim) if t != default]
-    key = (head_dim, q.dtype, causal, masks.has_padding, masks.has_kv_index, q.shape[1] // k.shape[1],
-           next_power_of_2(q.shape[2]), next_power_of_2(k.shape[2]))
-    return autotune.choose(kernel, key, candidates, launch)
-
-
-def tile_candidates(kernel, head_dim):
-    """The 16-bit tiles autotuning may pick for ``kernel`` at this head dim (all spill-free on sm_90)."""
-    tiles = _GPU_TILE_CANDIDATES[kernel]
-    return tiles[min(d for d in tiles if d >= head_dim)]
-
-
-def _block_config(kernel, head_dim, dtype, device, dropout=False):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` in "fwd", "dkdv", "dq". The interpreter gets
-    small blocks so small test shapes span several blocks and exercise the skipping and diagonal logic. On the
-    GPU the tiles must fit the 227 KB of shared memory per block of sm_90."""
-    if _forced_blocks is not None:
-        return (*_forced_blocks, 4, 1)
-    if device.type != "cuda":
-        return 16, 16, 4, 1
-    tiles = (_GPU_TILES_FP32 if dtype == torch.float32 else _GPU_TILES)[kernel]
-    head_dim_class = min(d for d in tiles if d >= head_dim)
-    if dropout and dtype != torch.float32:
-        return _GPU_TILES_DROPOUT[kernel].get(head_dim_class, tiles[head_dim_class])
-    return tiles[head_dim_class]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,18 +122,12 @@ def _fwd_inner(acc, m_i, l_i, q, k_block_ptr, v_block_ptr, lo, hi, b, offs_m, q_
         if APPLY_CAUSAL:
             visible = visible & (offs_n[None, :] <= past_len + offs_m[:, None])
         scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        # a row that has seen no visible key yet keeps m = -inf; subtract 0 instead to avoid inf - inf = NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(scores - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, scores)
         if HAS_DROPOUT:
             p = tl.where(_dropout_keep(seed, pid_bh, offs_m[:, None], offs_n[None, :], q_len, k_len, dropout_p),
                          p, 0.0)
         v = tl.load(v_block_ptr, boundary_check=(0, 1), padding_option="zero")     # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
         k_block_ptr = tl.advance(k_block_ptr, (0, BLOCK_N))
         v_block_ptr = tl.advance(v_block_ptr, (BLOCK_N, 0))
     return acc, m_i, l_i
@@ -227,14 +135,20 @@ def _fwd_inner(acc, m_i, l_i, q, k_block_ptr, v_block_ptr, lo, hi, b, offs_m, q_
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-    mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr, seed_ptr,
+    # tensors
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,   # q, out [B, Hq, Lq, D]; k, v [B or Bkv, Hkv, Lk, D]; lse [B, Hq, Lq]
+    mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr, seed_ptr,  # see _MaskArgs and _DropoutArgs
+    # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mask_b, stride_mask_n,
-    num_heads, q_len, k_len, past_len, qk_scale, dropout_p, dropout_scale,
+    # sizes
+    num_heads, q_len, k_len, past_len,
+    # scalars
+    qk_scale, dropout_p, dropout_scale,      # sm_scale * log2(e); p; 1 / (1 - p)
+    # constexprs
     GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -294,11 +208,17 @@ def _attn_fwd_kernel(
 # Backward
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_preprocess_kernel(out_ptr, dout_ptr, delta_ptr,
-                           stride_ob, stride_oh, stride_om, stride_od,
-                           stride_dob, stride_doh, stride_dom, stride_dod,
-                           num_heads, q_len,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_preprocess_kernel(
+    # tensors
+    out_ptr, dout_ptr, delta_ptr,            # out, dout [B, Hq, Lq, D]; delta [B, Hq, Lq] fp32
+    # strides
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    # sizes
+    num_heads, q_len,
+    # constexprs
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
     """delta[b, h, i] = sum_d out[b, h, i, d] * dout[b, h, i, d] (fp32), the softmax-backward row term."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -357,15 +277,22 @@ def _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def _attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    # tensors
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr,  # as in the forward; dout like q, delta like lse
+    dk_ptr, dv_ptr,                                     # [B, Hkv, Lk, D] (dv with dk's strides)
     mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr, seed_ptr,
+    # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_mask_b, stride_mask_n,
-    num_heads, q_len, k_len, past_len, qk_scale, sm_scale, dropout_p, dropout_scale,
+    # sizes
+    num_heads, q_len, k_len, past_len,
+    # scalars
+    qk_scale, sm_scale, dropout_p, dropout_scale,
+    # constexprs
     GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -475,15 +402,22 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_t_block_ptr, v_t_block_ptr, lo, hi, b
 
 @triton.jit(do_not_specialize=LENGTH_ARGS)
 def _attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+    # tensors
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr,  # as in the dK/dV kernel
+    dq_ptr,                                             # [B, Hq, Lq, D]
     mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr, seed_ptr,
+    # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mask_b, stride_mask_n,
-    num_heads, q_len, k_len, past_len, qk_scale, sm_scale, dropout_p, dropout_scale,
+    # sizes
+    num_heads, q_len, k_len, past_len,
+    # scalars
+    qk_scale, sm_scale, dropout_p, dropout_scale,
+    # constexprs
     GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -533,7 +467,30 @@ def _attn_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Launchers and autograd
+# The dropout mask, materialised (tests and debugging)
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=LENGTH_ARGS)
+def _dropout_mask_kernel(
+    # tensors
+    seed_ptr, keep_ptr,                      # int64 [1]; uint8 [B * Hq, Lq, Lk] contiguous
+    # sizes
+    q_len, k_len,
+    # scalars
+    dropout_p,
+    # constexprs
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """keep[bh, i, j] (uint8) for a [B * Hq, Lq, Lk] contiguous output: the attention kernels' dropout mask."""
+    pid_m, pid_n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(seed_ptr), pid_bh, offs_m[:, None], offs_n[None, :], q_len, k_len, dropout_p)
+    offsets = (pid_bh.to(tl.int64) * q_len + offs_m[:, None]) * k_len + offs_n[None, :]
+    tl.store(keep_ptr + offsets, keep.to(tl.uint8), mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
 # ----------------------------------------------------------------------------------------------------------------
 class _MaskArgs:
     """Kernel arguments derived from key_padding_mask and kv_batch_index (dummies when absent)."""
@@ -554,6 +511,10 @@ class _MaskArgs:
         # the kernels read kv_batch_index[b] with unit stride
         self.kv_batch_index = kv_batch_index.contiguous() if self.has_kv_index else q
 
+    def strides(self):
+        """The padding mask's strides as named kernel arguments."""
+        return dict(stride_mask_b=self.stride_b, stride_mask_n=self.stride_n)
+
 
 class _DropoutArgs:
     """Kernel arguments of attention dropout: the Philox seed (an int64 tensor of one element, drawn on q's
@@ -572,11 +533,6 @@ def draw_dropout_seed(device, generator=None):
     return torch.randint(0, 2 ** 62, (1,), device=device, dtype=torch.int64, generator=generator)
 
 
-def _dot_precision(dtype):
-    # fp32 inputs get full-precision dots: tf32 would exceed the eager fp32 error budget
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _attention_forward(q, k, v, causal, past_len, sm_scale, masks, dropout, out=None):
     """Launch the forward kernel. Returns (out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32 in log2 units)."""
     batch, num_heads, q_len, head_dim = q.shape
@@ -589,15 +545,17 @@ def _attention_forward(q, k, v, causal, past_len, sm_scale, masks, dropout, out=
         block_m, block_n, num_warps, num_stages = tile
         _attn_fwd_kernel[(cdiv(q_len, block_m), num_heads, batch)](
             q, k, v, out, lse, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index, dropout.seed,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), masks.stride_b, masks.stride_n,
-            num_heads, q_len, k_len, past_len, sm_scale * LOG2E, dropout.p, dropout.scale,
+            **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
+            **strides("o", out, "bhmd"), **masks.strides(),
+            num_heads=num_heads, q_len=q_len, k_len=k_len, past_len=past_len,
+            qk_scale=sm_scale * LOG2E, dropout_p=dropout.p, dropout_scale=dropout.scale,
             GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
             BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_PADDING=masks.has_padding,
-            HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active, DOT_PRECISION=_dot_precision(q.dtype),
+            HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active, DOT_PRECISION=dot_precision(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
 
-    launch(_tile("fwd", q, k, causal, masks, dropout, launch))
+    launch(attention_tile("fwd", q, k, causal, masks, dropout, launch))
     return out, lse
 
 
@@ -606,15 +564,21 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     batch, num_heads, q_len, head_dim = q.shape
     kv_batch, num_kv_heads, k_len = k.shape[0], k.shape[1], k.shape[2]
     block_d = next_power_of_2(head_dim)
-    common = dict(GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,
-                  HAS_PADDING=masks.has_padding, HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active,
-                  DOT_PRECISION=_dot_precision(q.dtype))
+    # the arguments both backward kernels share (all but their gradient outputs, their strides and their tiles)
+    common_args = dict(
+        **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
+        **strides("do", dout, "bhmd"), **masks.strides(),
+        num_heads=num_heads, q_len=q_len, k_len=k_len, past_len=past_len,
+        qk_scale=sm_scale * LOG2E, sm_scale=sm_scale, dropout_p=dropout.p, dropout_scale=dropout.scale,
+        GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,
+        HAS_PADDING=masks.has_padding, HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active,
+        DOT_PRECISION=dot_precision(q.dtype))
 
     delta = torch.empty_like(lse)
-    preprocess_rows = 16 if q.device.type != "cuda" else 64
+    preprocess_rows = elementwise_rows(q.device)
     _bwd_preprocess_kernel[(cdiv(q_len, preprocess_rows), num_heads, batch)](
-        out, dout, delta, *out.stride(), *dout.stride(), num_heads, q_len,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=preprocess_rows)
+        out, dout, delta, **strides("o", out, "bhmd"), **strides("do", dout, "bhmd"),
+        num_heads=num_heads, q_len=q_len, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=preprocess_rows)
 
     # dK/dV per query batch row; with kv_batch_index several rows may share one K/V row and are summed below
     grad_dtype = torch.float32 if masks.has_kv_index else k.dtype
@@ -625,11 +589,10 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
         block_m, block_n, num_warps, num_stages = tile
         _attn_bwd_dkdv_kernel[(cdiv(k_len, block_n), num_kv_heads, batch)](
             q, k, v, dout, lse, delta, dk, dv, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
-            dropout.seed, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), masks.stride_b,
-            masks.stride_n, num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, dropout.p,
-            dropout.scale, **common, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+            dropout.seed, **strides("dk", dk, "bhnd"), **common_args,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
-    launch_dkdv(_tile("dkdv", q, k, causal, masks, dropout, launch_dkdv))
+    launch_dkdv(attention_tile("dkdv", q, k, causal, masks, dropout, launch_dkdv))
 
     dq = torch.empty(batch, num_heads, q_len, head_dim, device=q.device, dtype=q.dtype)
 
@@ -637,11 +600,10 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
         block_m, block_n, num_warps, num_stages = tile
         _attn_bwd_dq_kernel[(cdiv(q_len, block_m), num_heads, batch)](
             q, k, v, dout, lse, delta, dq, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
-            dropout.seed, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), masks.stride_b,
-            masks.stride_n, num_heads, q_len, k_len, past_len, sm_scale * LOG2E, sm_scale, dropout.p,
-            dropout.scale, **common, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+            dropout.seed, **strides("dq", dq, "bhmd"), **common_args,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
-    launch_dq(_tile("dq", q, k, causal, masks, dropout, launch_dq))
+    launch_dq(attention_tile("dq", q, k, causal, masks, dropout, launch_dq))
 
     if masks.has_kv_index:
         index = masks.kv_batch_index.long()
@@ -652,6 +614,9 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     return dq, dk, dv
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd and public API
+# ----------------------------------------------------------------------------------------------------------------
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, past_len, sm_scale, key_padding_mask, kv_batch_index, dropout):
@@ -703,8 +668,7 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    # Triton launches on the current CUDA device: make it q's
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with device_context(q.device):
         if q_len <= DECODE_MAX_QUERY_LEN and not needs_grad and dropout_p == 0.0:
             return decode_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
                                     sm_scale=sm_scale, kv_batch_index=kv_batch_index)
@@ -719,25 +683,14 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_
                                      dropout)
 
 
-@triton.jit(do_not_specialize=LENGTH_ARGS)
-def _dropout_mask_kernel(seed_ptr, keep_ptr, q_len, k_len, dropout_p,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """keep[bh, i, j] (uint8) for a [B * Hq, Lq, Lk] contiguous output: the attention kernels' dropout mask."""
-    pid_m, pid_n, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(tl.load(seed_ptr), pid_bh, offs_m[:, None], offs_n[None, :], q_len, k_len, dropout_p)
-    offsets = (pid_bh.to(tl.int64) * q_len + offs_m[:, None]) * k_len + offs_n[None, :]
-    tl.store(keep_ptr + offsets, keep.to(tl.uint8), mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
-
-
 def dropout_keep_mask(seed, batch, num_heads, q_len, k_len, dropout_p):
     """The dropout mask the attention kernels apply for ``seed`` (from ``draw_dropout_seed``), as a bool
     tensor ``[B, Hq, Lq, Lk]`` on the seed's device (True = kept). For tests and debugging only: it is the
     one place the mask is ever materialised."""
     keep = torch.empty(batch, num_heads, q_len, k_len, device=seed.device, dtype=torch.uint8)
-    block = 16 if seed.device.type != "cuda" else 64
+    block = elementwise_rows(seed.device)
     grid = (cdiv(q_len, block), cdiv(k_len, block), batch * num_heads)
-    with torch.cuda.device(seed.device) if seed.is_cuda else contextlib.nullcontext():
-        _dropout_mask_kernel[grid](seed, keep, q_len, k_len, float(dropout_p), BLOCK_M=block, BLOCK_N=block)
+    with device_context(seed.device):
+        _dropout_mask_kernel[grid](seed, keep, q_len=q_len, k_len=k_len, dropout_p=float(dropout_p),
+                                   BLOCK_M=block, BLOCK_N=block)
     return keep.bool()

@@ -5,9 +5,10 @@ query rows the usual "one program per block of queries" launch would leave most 
 key axis is split instead (flash-decoding):
 
 1. ``_decode_split_kernel``: one program per (row block, key split, batch x kv head). It loads each K/V block
-   of its split once and multiplies it with *all* query rows that share the kv head (``group = Hq // Hkv`` heads
-   x Lq rows, GQA/MQA without ``repeat_interleave``), keeping an online softmax in the exp2 domain. It writes
-   its unnormalised fp32 output, running max and running sum.
+   of its split once and multiplies it with *all* query rows that share the kv head (``GROUP_SIZE = Hq // Hkv``
+   heads x Lq rows, GQA/MQA without ``repeat_interleave``), keeping an online softmax in the exp2 domain
+   (``kernels/online_softmax.py``, shared with the attention kernels). It writes its unnormalised fp32 output,
+   running max and running sum.
 2. ``_decode_combine_kernel``: one program per query row merges the splits:
    ``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s`` with ``M = max_s m_s``.
 
@@ -21,7 +22,6 @@ the loop bounds, so whole splits of left padding, right padding or the causal fu
 
 The arguments are assumed validated by ``fusedformers.kernels.checks.check_attention_inputs`` (the caller does it).
 """
-import functools
 import math
 import weakref
 
@@ -29,85 +29,90 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedformers.kernels.launch import cdiv, next_power_of_2
-
-# log2(e): softmax(x) = 2^(x * log2(e) - max) / sum(...), so the scale and log2(e) fold into one multiply
-LOG2E = 1.4426950408889634
-
-# upper bound on the number of key splits (bounds the fp32 partial buffers and the combine's work per row)
-MAX_SPLITS = 128
-# the combine kernel reduces over splits in chunks of this many (one compiled variant for any split count)
-COMBINE_SPLIT_CHUNK = 16
+from fusedformers.kernels.launch import cdiv, strides
+from fusedformers.kernels.online_softmax import LOG2E, online_softmax_step
+from fusedformers.kernels.tiles import COMBINE_SPLIT_CHUNK, decode_plan, dot_precision
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+# lengths and split sizes change from one decode step to the next: one compiled split kernel serves them all
 @triton.jit(do_not_specialize=["q_len", "k_len", "past_len", "split_size", "num_splits", "num_row_blocks"])
 def _decode_split_kernel(
-    Q, K, V, Out, PartAcc, PartMax, PartSum,
-    Mask, KeyStart, KeyEnd, KvIndex,
+    # tensors
+    q_ptr, k_ptr, v_ptr, out_ptr,                    # q [B, Hq, Lq, D]; k, v [B or Bkv, Hkv, Lk, D]; out like q
+    part_acc_ptr, part_max_ptr, part_sum_ptr,        # [B, Hq, Lq, num_splits, D], [B, Hq, Lq, num_splits] fp32
+    mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr,  # [B, Lk] padding mask; int32 [B]; int [B]
+    # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mask_b, stride_mask_n,
-    num_kv_heads, q_len, k_len, past_len, qk_scale,
+    # sizes
+    num_kv_heads, q_len, k_len, past_len,
+    # scalars
+    qk_scale,                                        # sm_scale * log2(e)
+    # split of the key axis
     split_size, num_splits, num_row_blocks,
-    GROUP: tl.constexpr,
+    # constexprs
+    GROUP_SIZE: tl.constexpr,                        # Hq // Hkv
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_PADDING: tl.constexpr,
     HAS_KV_INDEX: tl.constexpr,
     WRITE_OUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Partial attention of one key split for BLOCK_M of the ``GROUP * Lq`` query rows of one (batch, kv head).
+    """Partial attention of one key split for BLOCK_M of the ``GROUP_SIZE * Lq`` query rows of one (batch, kv
+    head).
 
-    Q ``[B, Hq, Lq, D]``, K/V ``[B or Bkv, Hkv, Lk, D]`` (any strides), Mask ``[B, Lk]`` (any int type),
-    KeyStart/KeyEnd ``[B]`` int32 (first valid key, last valid key + 1), KvIndex ``[B]``.
-    WRITE_OUT (single split): Out ``[B, Hq, Lq, D]`` gets the normalised result.
-    Otherwise PartAcc ``[B, Hq, Lq, num_splits, D]`` fp32 gets the unnormalised output of this split, and
-    PartMax / PartSum ``[B, Hq, Lq, num_splits]`` fp32 its running max (log2 domain) and running sum.
+    kv_start / kv_end: first valid key and last valid key + 1 of each batch row (``key_padding_range``).
+    WRITE_OUT (single split): out gets the normalised result. Otherwise part_acc gets the unnormalised output
+    of this split, and part_max / part_sum its running max (log2 domain) and running sum.
     """
     # flat 1-D grid: row blocks of one (split, batch x kv head) are adjacent, so they share K/V through L2,
     # and no grid axis can exceed its 65535 limit
     pid = tl.program_id(0)
     row_block = pid % num_row_blocks
     split = (pid // num_row_blocks) % num_splits
-    bh = pid // (num_row_blocks * num_splits)  # = b * Hkv + kv head
-    b = bh // num_kv_heads
-    kv_head = bh % num_kv_heads
+    pid_bkv = pid // (num_row_blocks * num_splits)  # = b * Hkv + kv_h
+    b = pid_bkv // num_kv_heads
+    kv_h = pid_bkv % num_kv_heads
 
-    # ---- query rows: row r of this kv head is query head kv_head * GROUP + r // Lq, query position r % Lq
+    # ---- query rows: row r of this kv head is query head kv_h * GROUP_SIZE + r // Lq, query position r % Lq
     offs_r = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    num_rows = GROUP * q_len
-    row_valid = offs_r < num_rows  # rows past GROUP * Lq pad the block up to BLOCK_M >= 16 for tl.dot
-    q_head = (kv_head * GROUP + offs_r // q_len).to(tl.int64)
+    num_rows = GROUP_SIZE * q_len
+    row_valid = offs_r < num_rows  # rows past GROUP_SIZE * Lq pad the block up to BLOCK_M >= 16 for tl.dot
+    q_head = (kv_h * GROUP_SIZE + offs_r // q_len).to(tl.int64)
     q_pos = offs_r % q_len
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM  # BLOCK_D = next power of 2 >= D (D = 80, 96, ...)
 
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + q_head[:, None] * stride_qh
+    q_ptrs = (q_ptr + b.to(tl.int64) * stride_qb + q_head[:, None] * stride_qh
               + q_pos.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
 
     # ---- K/V base of this (kv batch row, kv head); batch/head offsets in int64 (B*H*L*D may exceed 2^31)
     if HAS_KV_INDEX:
-        kv_b = tl.load(KvIndex + b).to(tl.int64)  # beam search: several query rows share one K/V row
+        kv_b = tl.load(kv_batch_index_ptr + b).to(tl.int64)  # beam search: several query rows share one K/V row
     else:
         kv_b = b.to(tl.int64)
-    k_base = K + kv_b * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = V + kv_b * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k_base = k_ptr + kv_b * stride_kb + kv_h.to(tl.int64) * stride_kh
+    v_base = v_ptr + kv_b * stride_vb + kv_h.to(tl.int64) * stride_vh
 
     # ---- key range of this program: its split, cut to the valid keys of batch row b and the causal limit
     lo = split * split_size  # split_size is a multiple of BLOCK_N
     hi = tl.minimum(lo + split_size, k_len)
-    if HAS_MASK:
-        key_start = tl.load(KeyStart + b)  # = Lk for a fully padded row (and key_end = 0): empty range
-        key_end = tl.load(KeyEnd + b)
-        lo = tl.maximum(lo, (key_start // BLOCK_N) * BLOCK_N)  # stay block aligned
-        hi = tl.minimum(hi, key_end)
+    if HAS_PADDING:
+        kv_start = tl.load(kv_start_ptr + b)  # = Lk for a fully padded row (and kv_end = 0): empty range
+        kv_end = tl.load(kv_end_ptr + b)
+        lo = tl.maximum(lo, (kv_start // BLOCK_N) * BLOCK_N)  # stay block aligned
+        hi = tl.minimum(hi, kv_end)
     if CAUSAL:
         # the last query position in this row block sees keys j <= past_len + q_pos
         max_pos = tl.max(tl.where(row_valid, q_pos, 0), axis=0)
@@ -133,53 +138,51 @@ def _decode_split_kernel(
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
 
         # scores in log2 units: q.k * sm_scale * log2(e), fp32 accumulation
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
 
         visible = key_in[None, :] & row_valid[:, None]
-        if HAS_MASK:
-            # holes inside [key_start, key_end), and the keys of the first block that precede key_start
-            pad = tl.load(Mask + b.to(tl.int64) * stride_mask_b + offs_n.to(tl.int64) * stride_mask_n,
+        if HAS_PADDING:
+            # holes inside [kv_start, kv_end), and the keys of the first block that precede kv_start
+            pad = tl.load(mask_ptr + b.to(tl.int64) * stride_mask_b + offs_n.to(tl.int64) * stride_mask_n,
                           mask=key_in, other=0)
             visible = visible & (pad != 0)[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= past_len + q_pos[:, None])
-        qk = tl.where(visible, qk, float("-inf"))
+        scores = tl.where(visible, scores, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        # a row with no visible key so far keeps m = -inf; subtract 0 instead so that 2^(-inf - (-inf)) = NaN
-        # never appears (its p and alpha are then 2^-inf = 0)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)  # rescales what was accumulated under the old max
-        p = tl.math.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
+        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, scores)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
 
     if WRITE_OUT:
         # single split: normalise here; a row that saw no key has l = 0 and acc = 0, so it outputs 0
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        out_ptrs = (Out + b.to(tl.int64) * stride_ob + q_head[:, None] * stride_oh
+        out_ptrs = (out_ptr + b.to(tl.int64) * stride_ob + q_head[:, None] * stride_oh
                     + q_pos.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od)
-        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
     else:
-        # partial row index: ((b * Hq + q_head) * Lq + q_pos) = bh * GROUP * Lq + r, since q_head = kv_head *
-        # GROUP + r // Lq; the split is the second-fastest axis, D the fastest
-        part_row = bh.to(tl.int64) * num_rows + offs_r
+        # partial row index: ((b * Hq + q_head) * Lq + q_pos) = pid_bkv * GROUP_SIZE * Lq + r, since q_head =
+        # kv_h * GROUP_SIZE + r // Lq; the split is the second-fastest axis, D the fastest
+        part_row = pid_bkv.to(tl.int64) * num_rows + offs_r
         part_idx = part_row * num_splits + split
-        tl.store(PartMax + part_idx, m_i, mask=row_valid)
-        tl.store(PartSum + part_idx, l_i, mask=row_valid)
-        tl.store(PartAcc + part_idx[:, None] * HEAD_DIM + offs_d[None, :], acc,
+        tl.store(part_max_ptr + part_idx, m_i, mask=row_valid)
+        tl.store(part_sum_ptr + part_idx, l_i, mask=row_valid)
+        tl.store(part_acc_ptr + part_idx[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=row_valid[:, None] & d_valid[None, :])
 
 
 # lengths and split counts change from one decode step to the next: one compiled combine kernel serves them all
 @triton.jit(do_not_specialize=["num_heads", "q_len", "num_rows", "num_splits"])
 def _decode_combine_kernel(
-    Out, PartAcc, PartMax, PartSum,
+    # tensors
+    out_ptr,                                         # [B, Hq, Lq, D], any strides
+    part_acc_ptr, part_max_ptr, part_sum_ptr,        # [B, Hq, Lq, num_splits, D], [B, Hq, Lq, num_splits] fp32
+    # strides
     stride_ob, stride_oh, stride_om, stride_od,
+    # sizes
     num_heads, q_len, num_rows, num_splits,
+    # constexprs
     HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -187,8 +190,7 @@ def _decode_combine_kernel(
 ):
     """Merge the splits of BLOCK_R query rows: ``out = sum_s w_s acc_s / sum_s w_s l_s``, ``w_s = 2^(m_s - M)``.
 
-    PartAcc ``[B, Hq, Lq, num_splits, D]``, PartMax / PartSum ``[B, Hq, Lq, num_splits]`` (fp32);
-    Out ``[B, Hq, Lq, D]`` (any strides). Row ``(b * Hq + h) * Lq + i`` of ``num_rows = B * Hq * Lq``.
+    Row ``(b * Hq + h) * Lq + i`` of ``num_rows = B * Hq * Lq``.
     Splits are reduced BLOCK_S at a time, as a ``[BLOCK_R, BLOCK_S, BLOCK_D]`` tile.
     """
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -196,13 +198,13 @@ def _decode_combine_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
-    stat_base = offs_r * num_splits  # [BLOCK_R]: first split of each row in PartMax / PartSum
+    stat_base = offs_r * num_splits  # [BLOCK_R]: first split of each row in part_max / part_sum
 
     # pass 1: each row's largest split max M (-inf when no split saw a key)
     m_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
         stat_mask = row_valid[:, None] & (s0 + offs_s < num_splits)[None, :]
-        m = tl.load(PartMax + stat_base[:, None] + s0 + offs_s[None, :], mask=stat_mask, other=float("-inf"))
+        m = tl.load(part_max_ptr + stat_base[:, None] + s0 + offs_s[None, :], mask=stat_mask, other=float("-inf"))
         m_max = tl.maximum(m_max, tl.max(m, axis=1))
     # no split saw a key: subtract 0 so that every weight is 2^-inf = 0 (not NaN) and the row outputs 0
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
@@ -213,11 +215,11 @@ def _decode_combine_kernel(
     for s0 in range(0, num_splits, BLOCK_S):
         stat_mask = row_valid[:, None] & (s0 + offs_s < num_splits)[None, :]
         stat_idx = stat_base[:, None] + s0 + offs_s[None, :]  # [BLOCK_R, BLOCK_S]
-        m = tl.load(PartMax + stat_idx, mask=stat_mask, other=float("-inf"))
-        part_sum = tl.load(PartSum + stat_idx, mask=stat_mask, other=0.0)
+        m = tl.load(part_max_ptr + stat_idx, mask=stat_mask, other=float("-inf"))
+        part_sum = tl.load(part_sum_ptr + stat_idx, mask=stat_mask, other=0.0)
         w = tl.math.exp2(m - m_max[:, None])
         total += tl.sum(w * part_sum, axis=1)
-        part = tl.load(PartAcc + stat_idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+        part = tl.load(part_acc_ptr + stat_idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
                        mask=stat_mask[:, :, None] & d_valid[None, None, :], other=0.0)
         acc += tl.sum(w[:, :, None] * part, axis=1)
     out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
@@ -226,79 +228,14 @@ def _decode_combine_kernel(
     q_pos = offs_r % q_len
     head = (offs_r // q_len) % num_heads
     b = offs_r // (q_len * num_heads)
-    out_ptrs = (Out + (b * stride_ob + head * stride_oh + q_pos * stride_om)[:, None]
+    out_ptrs = (out_ptr + (b * stride_ob + head * stride_oh + q_pos * stride_om)[:, None]
                 + offs_d[None, :] * stride_od)
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# launcher
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, *, causal=True, past_len=None,
-                device="cpu", num_splits=None, dtype=torch.bfloat16):
-    """Block sizes and the key split for one launch; returns a dict.
-
-    Splits: the key range a causal query can see (``min(Lk, past_len + Lq)`` keys) is cut into ``num_splits``
-    equal runs of whole BLOCK_N blocks. On a GPU the split count targets about 4 programs per SM when
-    ``B * Hkv * row blocks`` alone is below 2 per SM (capped by the number of key blocks and MAX_SPLITS);
-    on CPU (Triton's interpreter) 2 splits whenever there are 2 key blocks, so the combine path is exercised.
-    ``num_splits`` overrides the choice (clamped to [1, min(number of key blocks, MAX_SPLITS)]).
-    """
-    device = torch.device(device)
-    on_gpu = device.type == "cuda"
-    group = num_heads // num_kv_heads
-    num_rows = group * q_len  # query rows that share one kv head
-    block_d = max(16, next_power_of_2(head_dim))
-    # rows padded to >= 16 for tl.dot; more than 64 rows (MQA with many speculative tokens) -> row blocks
-    block_m = min(64, max(16, next_power_of_2(num_rows)))
-    num_row_blocks = cdiv(num_rows, block_m)
-    if on_gpu and dtype == torch.float32:
-        # exact (ieee) fp32 dots run on the CUDA cores: 16 x 16 tiles keep them in registers (no ptxas spills)
-        block_m, block_n = 16, 16
-        num_row_blocks = cdiv(num_rows, block_m)
-    elif on_gpu:
-        block_n = 64 if block_d <= 128 else 32
-    else:
-        block_n = 32  # the interpreter's cost is per block: few, mid-sized blocks
-    if past_len is None:
-        past_len = k_len - q_len
-    # keys past past_len + Lq - 1 are invisible to every causal query
-    k_visible = max(1, min(k_len, past_len + q_len)) if causal else k_len
-    num_key_blocks = cdiv(k_visible, block_n)
-
-    if num_splits is None:
-        if on_gpu:
-            sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-            base_programs = batch * num_kv_heads * num_row_blocks
-            if base_programs >= 2 * sms:
-                num_splits = 1
-            else:
-                num_splits = cdiv(4 * sms, base_programs)
-        else:
-            num_splits = 2
-    num_splits = max(1, min(num_splits, num_key_blocks, MAX_SPLITS))
-    # equal splits of whole blocks; drop splits that would start past the visible range
-    blocks_per_split = cdiv(num_key_blocks, num_splits)
-    num_splits = cdiv(num_key_blocks, blocks_per_split)
-
-    # the combine merges this many query rows per program: one on a GPU (B * Hq * Lq programs), many in the
-    # interpreter (its cost is per program)
-    combine_rows = 1 if on_gpu else min(64, next_power_of_2(batch * num_heads * q_len))
-
-    num_warps = 8 if block_m * block_d >= 64 * 128 else 4
-    num_stages = 3 if block_d <= 128 else 2
-    if on_gpu and dtype == torch.float32:
-        num_warps, num_stages = 4, 2
-    return dict(block_m=block_m, block_n=block_n, block_d=block_d, num_row_blocks=num_row_blocks,
-                num_splits=num_splits, split_size=blocks_per_split * block_n, num_warps=num_warps,
-                num_stages=num_stages, combine_rows=combine_rows)
-
+# Launcher
+# ----------------------------------------------------------------------------------------------------------------
 
 def key_padding_range(key_padding_mask):
     """Per batch row, the first valid key and the last valid key + 1, as int32 ``[B]`` tensors.
@@ -318,9 +255,9 @@ def key_padding_range(key_padding_mask):
     valid = key_padding_mask != 0
     k_len = valid.shape[1]
     positions = torch.arange(k_len, device=valid.device, dtype=torch.int32)
-    key_start = torch.where(valid, positions, k_len).amin(dim=1)
-    key_end = torch.where(valid, positions + 1, 0).amax(dim=1)
-    result = (key_start.to(torch.int32).contiguous(), key_end.to(torch.int32).contiguous())
+    kv_start = torch.where(valid, positions, k_len).amin(dim=1)
+    kv_end = torch.where(valid, positions + 1, 0).amax(dim=1)
+    result = (kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous())
     if cacheable:
         _last_key_range = (weakref.ref(key_padding_mask), key_padding_mask._version, result)
     return result
@@ -344,7 +281,6 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
     """
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, k_len = k.shape[1], k.shape[2]
-    group = num_heads // num_kv_heads
     if past_len is None:
         past_len = k_len - q_len
     if sm_scale is None:
@@ -359,17 +295,17 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
                        device=q.device, num_splits=num_splits, dtype=q.dtype)
     splits = plan["num_splits"]
 
-    has_mask = key_padding_mask is not None
-    if has_mask:
-        key_start, key_end = key_range if key_range is not None else key_padding_range(key_padding_mask)
+    has_padding = key_padding_mask is not None
+    if has_padding:
+        kv_start, kv_end = key_range if key_range is not None else key_padding_range(key_padding_mask)
         # bool loads as a byte (zero-copy view); other int types are compared with 0 in the kernel
         mask = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
         stride_mask_b, stride_mask_n = mask.stride()
     else:
-        key_start = key_end = mask = q  # placeholders, never read (HAS_MASK=False)
+        kv_start = kv_end = mask = q  # placeholders, never read (HAS_PADDING=False)
         stride_mask_b = stride_mask_n = 0
     has_kv_index = kv_batch_index is not None
-    kv_index = kv_batch_index.contiguous() if has_kv_index else q  # placeholder when unused
+    kv_batch_index = kv_batch_index.contiguous() if has_kv_index else q  # placeholder when unused
 
     if splits == 1:
         part_acc = part_max = part_sum = out  # placeholders, never written (WRITE_OUT=True)
@@ -380,16 +316,16 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
 
     grid = (plan["num_row_blocks"] * splits * batch * num_kv_heads,)
     _decode_split_kernel[grid](
-        q, k, v, out, part_acc, part_max, part_sum,
-        mask, key_start, key_end, kv_index,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        stride_mask_b, stride_mask_n,
-        num_kv_heads, q_len, k_len, past_len, sm_scale * LOG2E,
-        plan["split_size"], splits, plan["num_row_blocks"],
-        GROUP=group, HEAD_DIM=head_dim,
+        q, k, v, out, part_acc, part_max, part_sum, mask, kv_start, kv_end, kv_batch_index,
+        **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
+        **strides("o", out, "bhmd"), stride_mask_b=stride_mask_b, stride_mask_n=stride_mask_n,
+        num_kv_heads=num_kv_heads, q_len=q_len, k_len=k_len, past_len=past_len,
+        qk_scale=sm_scale * LOG2E,
+        split_size=plan["split_size"], num_splits=splits, num_row_blocks=plan["num_row_blocks"],
+        GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_D=plan["block_d"],
-        CAUSAL=causal, HAS_MASK=has_mask, HAS_KV_INDEX=has_kv_index, WRITE_OUT=splits == 1,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        CAUSAL=causal, HAS_PADDING=has_padding, HAS_KV_INDEX=has_kv_index, WRITE_OUT=splits == 1,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
     if splits > 1:
@@ -397,10 +333,10 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
         block_r = plan["combine_rows"]
         _decode_combine_kernel[(cdiv(num_rows, block_r),)](
             out, part_acc, part_max, part_sum,
-            *out.stride(),
-            num_heads, q_len, num_rows, splits,
+            **strides("o", out, "bhmd"),
+            num_heads=num_heads, q_len=q_len, num_rows=num_rows, num_splits=splits,
             HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_S=COMBINE_SPLIT_CHUNK,  # fixed: no variant per split count
             BLOCK_D=plan["block_d"],
-            num_warps=4,
+            num_warps=plan["combine_num_warps"],
         )
     return out

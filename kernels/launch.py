@@ -1,9 +1,12 @@
-"""Host-side integer helpers for the launchers.
+"""Host-side helpers for the launchers: integer arithmetic, the CUDA device guard, named strides.
 
 triton 3.6 makes ``triton.cdiv`` and ``triton.next_power_of_2`` constexpr functions, whose Python call unwraps
 every argument (~1-2 µs each); a decode step calls a launcher per layer, and the launchers use them several times
 per call, so plain versions are used on the host instead.
 """
+import contextlib
+
+import torch
 
 
 def cdiv(a, b):
@@ -14,3 +17,15 @@ def cdiv(a, b):
 def next_power_of_2(n):
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def device_context(device):
+    """Triton launches on the current CUDA device: this makes it ``device`` (nothing to do off CUDA)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def strides(name, t, dims):
+    """``t``'s strides as named kernel arguments, so that a launch cannot pass two of them in the wrong order:
+    ``strides("q", q, "bhmd")`` is ``{"stride_qb": q.stride(0), "stride_qh": ..., "stride_qm": ...,
+    "stride_qd": q.stride(3)}``; ``dims`` names every dimension of ``t``."""
+    return {f"stride_{name}{dim}": stride for dim, stride in zip(dims, t.stride(), strict=True)}

@@ -10,7 +10,6 @@ Semantics are those of Hugging Face (see ``fusedformers.kernels.reference.rms_no
     hn  = h.float() * rsqrt(mean(h.float() ** 2, -1) + eps)
     out = weight * hn.to(x.dtype)            # PyTorch type promotion of weight and x
 """
-import contextlib
 import numbers
 
 import torch
@@ -18,31 +17,27 @@ import triton
 import triton.language as tl
 
 from fusedformers.kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
-from fusedformers.kernels.launch import cdiv, next_power_of_2
+from fusedformers.kernels.launch import cdiv, device_context, next_power_of_2
+from fusedformers.kernels.tiles import rms_norm_backward_programs, rms_norm_num_warps
 
 # Largest hidden size handled: a whole row lives in registers (BLOCK_N = next_power_of_2(N)).
 MAX_HIDDEN_SIZE = 65536
 
 
-def _num_warps(block_n):
-    """Warps per program for a row block of ``block_n`` elements (about 256 elements per warp, 1 to 16 warps)."""
-    return min(max(block_n // 256, 1), 16)
-
-
-def _num_backward_programs(rows, device):
-    """Programs of the backward kernel: a few per SM on a GPU (each keeps a float32 dweight partial sum)."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 8  # Triton's interpreter: every program is run in turn, keep the dweight partials few
-    return max(1, min(rows, target))
-
-
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, R, W, Y, H, RSTD,  # pointers: x, residual, weight, out, h = x + residual, rstd per row
-    stride_x_row, stride_r_row, stride_y_row, stride_h_row,  # row strides (the column stride is 1)
-    N, eps,
+    # tensors: x, residual, out, h = x + residual [M, N]; weight [N]; rstd [M] fp32 (one per row)
+    x_ptr, residual_ptr, weight_ptr, out_ptr, h_ptr, rstd_ptr,
+    # strides: the rows' (the column stride is 1)
+    stride_x_row, stride_residual_row, stride_out_row, stride_h_row,
+    # sizes
+    N,
+    # scalars
+    eps,
+    # constexprs
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -50,31 +45,35 @@ def _rms_norm_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N  # BLOCK_N is N rounded up to a power of two: the tail lanes are masked off
-    x = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0)
+    x = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r_row + cols, mask=mask, other=0.0)
+        r = tl.load(residual_ptr + row * stride_residual_row + cols, mask=mask, other=0.0)
         # add in float32, then round once to x's dtype: the result of PyTorch's `residual + hidden_states`
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-        tl.store(H + row * stride_h_row + cols, x, mask=mask)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * stride_h_row + cols, x, mask=mask)
     h = x.to(tl.float32)
     # masked lanes were loaded as 0 and add nothing to the sum of squares; divide by the true N
     variance = tl.sum(h * h, axis=0) / N
     rstd = tl.rsqrt(variance + eps)
-    tl.store(RSTD + row, rstd)
+    tl.store(rstd_ptr + row, rstd)
     # HF rounds the normalised value to x's dtype before it multiplies by the weight
-    normed = (h * rstd).to(X.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    # the product of two 16-bit floats is exact in float32, so one rounding to Y's dtype matches PyTorch's
+    normed = (h * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # the product of two 16-bit floats is exact in float32, so one rounding to out's dtype matches PyTorch's
     y = w * normed
-    tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_out_row + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, H, W, RSTD, DH, DX, DW_PARTIAL,  # pointers: grad of out, normalised input h, weight, rstd per row,
-                                         # grad of the returned h (residual path), grad of h, dweight partials
-    stride_dy_row, stride_h_row, stride_dh_row, stride_dx_row,  # row strides (the column stride is 1)
+    # tensors: grad of out, the normalised input h, weight, rstd per row, grad of the returned h (residual
+    # path), grad of h, dweight partials [num_programs, N] fp32
+    dout_ptr, h_ptr, weight_ptr, rstd_ptr, dh_ptr, dx_ptr, dweight_partial_ptr,
+    # strides: the rows' (the column stride is 1)
+    stride_dout_row, stride_h_row, stride_dh_row, stride_dx_row,
+    # sizes
     M, N,
+    # constexprs
     HAS_DH: tl.constexpr,
     ROWS_PER_PROGRAM: tl.constexpr,  # a power of two, so that few variants get compiled
     BLOCK_N: tl.constexpr,
@@ -82,7 +81,7 @@ def _rms_norm_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N  # BLOCK_N is N rounded up to a power of two: the tail lanes are masked off
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)  # this program's share of dweight, summed in float32
     # this program handles rows [row_start, row_start + ROWS_PER_PROGRAM); the last block may run past M,
     # so each row is masked with row < M (a masked row loads zeros and adds nothing to dweight)
@@ -91,24 +90,27 @@ def _rms_norm_bwd_kernel(
         row = row_start + i
         row_ok = row < M
         row_mask = mask & row_ok
-        dy = tl.load(DY + row * stride_dy_row + cols, mask=row_mask, other=0.0).to(tl.float32)
-        h = tl.load(H + row * stride_h_row + cols, mask=row_mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row, mask=row_ok, other=0.0)
+        dy = tl.load(dout_ptr + row * stride_dout_row + cols, mask=row_mask, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + row * stride_h_row + cols, mask=row_mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row, mask=row_ok, other=0.0)
         h_hat = h * rstd  # normalised value before rounding
         # out = weight * round(h_hat): dweight sees the rounded value, as in the forward pass
-        dw_acc += dy * h_hat.to(H.dtype.element_ty).to(tl.float32)
+        dw_acc += dy * h_hat.to(h_ptr.dtype.element_ty).to(tl.float32)
         # the rounding passes gradients through unchanged; d(h * rstd(h))/dh applied to g:
         #   rstd * (g - h_hat * mean(g * h_hat))
         g = dy * w
         dx = rstd * (g - h_hat * (tl.sum(g * h_hat, axis=0) / N))
         if HAS_DH:
             # h was also returned (fused residual add): its own gradient adds to the one through the norm
-            dx += tl.load(DH + row * stride_dh_row + cols, mask=row_mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * stride_dx_row + cols, dx.to(DX.dtype.element_ty), mask=row_mask)
+            dx += tl.load(dh_ptr + row * stride_dh_row + cols, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + row * stride_dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=row_mask)
     # row pid of the [num_programs, N] float32 partials; summed over programs by the launcher
-    tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, dw_acc, mask=mask)
+    tl.store(dweight_partial_ptr + pid.to(tl.int64) * N + cols, dw_acc, mask=mask)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
 def _as_rows(t, n):
     """View ``t`` as ``[rows, n]`` with a unit column stride; copies only when the strides do not allow it."""
     if t.stride(-1) != 1:
@@ -139,12 +141,12 @@ def _rms_norm_forward(x, weight, eps, residual=None, out=None, h_out=None, rstd=
     _rms_norm_fwd_kernel[(rows,)](
         x, residual if residual is not None else x, weight, out,
         h_out if residual is not None else out, rstd,
-        x.stride(0), residual.stride(0) if residual is not None else 0,
-        out.stride(0), h_out.stride(0) if residual is not None else 0,
-        n, eps,
+        stride_x_row=x.stride(0), stride_residual_row=residual.stride(0) if residual is not None else 0,
+        stride_out_row=out.stride(0), stride_h_row=h_out.stride(0) if residual is not None else 0,
+        N=n, eps=eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK_N=block_n,
-        num_warps=num_warps or _num_warps(block_n),
+        num_warps=num_warps or rms_norm_num_warps(block_n),
     )
     return out, h_out, rstd
 
@@ -164,19 +166,19 @@ def _rms_norm_backward(dy, h, weight, rstd, dh=None, dx=None, num_programs=None,
     if rows == 0:
         return dx, torch.zeros_like(weight)
     if num_programs is None:
-        num_programs = _num_backward_programs(rows, h.device)
+        num_programs = rms_norm_backward_programs(rows, h.device)
     # rows per program rounded up to a power of two (it is a constexpr: this bounds the compiled variants)
     rows_per_program = next_power_of_2(cdiv(rows, num_programs))
     num_programs = cdiv(rows, rows_per_program)  # every program gets at least one row
     dw_partial = torch.empty((num_programs, n), dtype=torch.float32, device=h.device)
     _rms_norm_bwd_kernel[(num_programs,)](
         dy, h, weight, rstd, dh if dh is not None else dy, dx, dw_partial,
-        dy.stride(0), h.stride(0), dh.stride(0) if dh is not None else 0, dx.stride(0),
-        rows, n,
+        stride_dout_row=dy.stride(0), stride_h_row=h.stride(0), stride_dh_row=dh.stride(0) if dh is not None else 0,
+        stride_dx_row=dx.stride(0), M=rows, N=n,
         HAS_DH=dh is not None,
         ROWS_PER_PROGRAM=rows_per_program,
         BLOCK_N=block_n,
-        num_warps=num_warps or _num_warps(block_n),
+        num_warps=num_warps or rms_norm_num_warps(block_n),
     )
     dweight = dw_partial.sum(dim=0).to(weight.dtype)
     return dx, dweight
@@ -194,6 +196,9 @@ def _forward_in_shape(x, weight, eps, residual):
     return out.view(shape), h.view(shape), rstd, h
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd and public API
+# ----------------------------------------------------------------------------------------------------------------
 class RMSNormFunction(torch.autograd.Function):
     """Autograd wrapper; ``forward(x, weight, eps, residual)`` returns ``out`` or ``(out, h)``."""
 
@@ -275,8 +280,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     _check_inputs(x, weight, eps, residual)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (residual is not None and residual.requires_grad))
-    # Triton launches on the current CUDA device: make it x's
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_context(x.device):
         if not needs_grad:  # inference: no autograd Function (its bookkeeping costs more than the launch)
             out, h, _, _ = _forward_in_shape(x, weight.contiguous(), float(eps), residual)
             return (out, h) if residual is not None else out

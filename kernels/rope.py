@@ -11,23 +11,30 @@ The backward is the same kernel with sin's halves swapped and negated: the gradi
 ``dx1 = g1 * cos1 + g2 * sin2`` and ``dx2 = g2 * cos2 - g1 * sin1`` (for HF's RoPE the halves are equal, and this
 is the rotation by the opposite angle).
 """
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from fusedformers.kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
-from fusedformers.kernels.launch import cdiv, next_power_of_2
+from fusedformers.kernels.launch import cdiv, device_context
+from fusedformers.kernels.tiles import rope_plan
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _rope_kernel(
-    X, COS, SIN, OUT,
-    stride_xb, stride_xl, stride_xh,   # x [B, L, H, D] (unit stride along D)
-    stride_cb, stride_cl,              # cos, sin [B, L, D] (unit stride along D, same strides)
-    stride_ob, stride_ol, stride_oh,   # out [B, L, H, D]
+    # tensors
+    x_ptr, cos_ptr, sin_ptr, out_ptr,  # x, out [B, L, H, D]; cos, sin [B, L, D]
+    # strides (all with unit stride along D; cos and sin share theirs)
+    stride_xb, stride_xl, stride_xh,
+    stride_cb, stride_cl,
+    stride_ob, stride_ol, stride_oh,
+    # sizes
     seq_len, num_heads,
+    # constexprs
     BACKWARD: tl.constexpr,            # rotate by -sin with its halves swapped (the gradient)
     HALF: tl.constexpr,                # D / 2
     BLOCK_HALF: tl.constexpr,          # HALF rounded up to a power of two
@@ -42,26 +49,29 @@ def _rope_kernel(
     tile_ok = (heads[:, None] < num_heads) & col_ok[None, :]
 
     cs = b * stride_cb + pos * stride_cl
-    cos1 = tl.load(COS + cs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    cos2 = tl.load(COS + cs + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    sin1 = tl.load(SIN + cs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    sin2 = tl.load(SIN + cs + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    cos1 = tl.load(cos_ptr + cs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(cos_ptr + cs + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    sin1 = tl.load(sin_ptr + cs + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(sin_ptr + cs + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if BACKWARD:
         sin1, sin2 = -sin2, -sin1
 
-    x_row = X + b * stride_xb + pos * stride_xl + heads[:, None].to(tl.int64) * stride_xh
+    x_row = x_ptr + b * stride_xb + pos * stride_xl + heads[:, None].to(tl.int64) * stride_xh
     x1 = tl.load(x_row + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)          # [BLOCK_H, BLOCK_HALF]
     x2 = tl.load(x_row + HALF + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    dtype = OUT.dtype.element_ty
+    dtype = out_ptr.dtype.element_ty
     # products of two 16-bit floats are exact in fp32, so rounding each to the dtype reproduces PyTorch's
     # x * cos and rotate_half(x) * sin; the sum is then rounded once more, as PyTorch's addition
     out1 = (x1 * cos1).to(dtype).to(tl.float32) + (-x2 * sin1).to(dtype).to(tl.float32)
     out2 = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
-    out_row = OUT + b * stride_ob + pos * stride_ol + heads[:, None].to(tl.int64) * stride_oh
+    out_row = out_ptr + b * stride_ob + pos * stride_ol + heads[:, None].to(tl.int64) * stride_oh
     tl.store(out_row + cols[None, :], out1.to(dtype), mask=tile_ok)
     tl.store(out_row + HALF + cols[None, :], out2.to(dtype), mask=tile_ok)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------------
 def _rotate(x, cos, sin, backward=False, out=None):
     """Launch the kernel: x ``[B, L, H, D]`` (unit stride along D), cos/sin ``[B, L, D]``. Returns ``out`` (a new
     contiguous ``[B, L, H, D]`` tensor in x's dtype unless given)."""
@@ -72,21 +82,24 @@ def _rotate(x, cos, sin, backward=False, out=None):
         out = torch.empty((batch, seq_len, num_heads, head_dim), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_h = min(next_power_of_2(num_heads), 64)
-    block_half = next_power_of_2(head_dim // 2)
+    block_h, block_half, num_warps = rope_plan(num_heads, head_dim)
     grid = (batch * seq_len, cdiv(num_heads, block_h))
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with device_context(x.device):
         _rope_kernel[grid](
             x, cos, sin, out,
-            x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
-            out.stride(0), out.stride(1), out.stride(2),
-            seq_len, num_heads,
+            stride_xb=x.stride(0), stride_xl=x.stride(1), stride_xh=x.stride(2),
+            stride_cb=cos.stride(0), stride_cl=cos.stride(1),
+            stride_ob=out.stride(0), stride_ol=out.stride(1), stride_oh=out.stride(2),
+            seq_len=seq_len, num_heads=num_heads,
             BACKWARD=backward, HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h,
-            num_warps=4 if block_h * block_half >= 1024 else 1,
+            num_warps=num_warps,
         )
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd and public API
+# ----------------------------------------------------------------------------------------------------------------
 class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):

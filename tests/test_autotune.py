@@ -3,7 +3,7 @@ that fail, and every candidate tile is one the sm_90 compile check covers (tests
 import pytest
 
 from fusedformers.kernels import autotune
-from fusedformers.kernels.attention import _GPU_TILE_CANDIDATES, _GPU_TILES, tile_candidates
+from fusedformers.kernels.tiles import _GPU_TILE_CANDIDATES, _GPU_TILES, tile_candidates
 
 
 @pytest.fixture(autouse=True)

@@ -30,7 +30,7 @@ attention_mod = importlib.import_module("fusedformers.kernels.attention")
 decode_mod = importlib.import_module("fusedformers.kernels.decode_attention")
 rms_norm_mod = importlib.import_module("fusedformers.kernels.rms_norm")
 rope_mod = importlib.import_module("fusedformers.kernels.rope")
-launch = importlib.import_module("fusedformers.kernels.launch")
+tiles = importlib.import_module("fusedformers.kernels.tiles")
 
 SM90_MAX_SHARED_BYTES = 232448  # 227 KB: the most dynamic shared memory one block may use on sm_90
 CUDA = torch.device("cuda")
@@ -96,40 +96,42 @@ def check_attention_kernels(dtype, head_dim, dropout=False):
     block_d = triton.next_power_of_2(head_dim)
     for name, kernel in (("fwd", attention_mod._attn_fwd_kernel), ("dkdv", attention_mod._attn_bwd_dkdv_kernel),
                          ("dq", attention_mod._attn_bwd_dq_kernel)):
-        block_m, block_n, num_warps, num_stages = attention_mod._block_config(name, head_dim, dtype, CUDA, dropout)
+        block_m, block_n, num_warps, num_stages = tiles._block_config(name, head_dim, dtype, CUDA, dropout)
         common = dict(GROUP_SIZE=4, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
                       CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False, HAS_DROPOUT=dropout,
-                      DOT_PRECISION=attention_mod._dot_precision(dtype))
+                      DOT_PRECISION=tiles.dot_precision(dtype))
         compiled = compile_sm90(kernel, pointers, common, num_warps, num_stages)
         assert_fits_sm90(f"{kernel.__name__} {dtype} D={head_dim}{' dropout' if dropout else ''}", compiled)
     compiled = compile_sm90(attention_mod._bwd_preprocess_kernel, pointers,
-                            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64), 4, 1)
+                            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.elementwise_rows(CUDA)), 4, 1)
     assert_fits_sm90("_bwd_preprocess_kernel", compiled)
 
 
 def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len):
-    plan = decode_mod.decode_plan(2, num_heads, num_kv_heads, q_len, 4096, head_dim, device=CUDA, num_splits=8,
+    plan = tiles.decode_plan(2, num_heads, num_kv_heads, q_len, 4096, head_dim, device=CUDA, num_splits=8,
                                   dtype=dtype)
     element = "*" + TRITON_DTYPE[dtype]
-    pointers = dict(Q=element, K=element, V=element, Out=element, PartAcc="*fp32", PartMax="*fp32",
-                    PartSum="*fp32", Mask="*u8", KeyStart="*i32", KeyEnd="*i32", KvIndex="*i64")
+    pointers = dict(q_ptr=element, k_ptr=element, v_ptr=element, out_ptr=element, part_acc_ptr="*fp32",
+                    part_max_ptr="*fp32", part_sum_ptr="*fp32", mask_ptr="*u8", kv_start_ptr="*i32",
+                    kv_end_ptr="*i32", kv_batch_index_ptr="*i64")
     compiled = compile_sm90(decode_mod._decode_split_kernel, pointers, dict(
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"],
-        BLOCK_D=plan["block_d"], CAUSAL=True, HAS_MASK=True, HAS_KV_INDEX=False, WRITE_OUT=False,
-        INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32"), plan["num_warps"], plan["num_stages"])
+        GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"],
+        BLOCK_D=plan["block_d"], CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False, WRITE_OUT=False,
+        DOT_PRECISION=tiles.dot_precision(dtype)), plan["num_warps"], plan["num_stages"])
     assert_fits_sm90("_decode_split_kernel", compiled)
     compiled = compile_sm90(decode_mod._decode_combine_kernel, pointers, dict(
-        HEAD_DIM=head_dim, BLOCK_R=plan["combine_rows"], BLOCK_S=decode_mod.COMBINE_SPLIT_CHUNK,
-        BLOCK_D=plan["block_d"]), 4, 1)
+        HEAD_DIM=head_dim, BLOCK_R=plan["combine_rows"], BLOCK_S=tiles.COMBINE_SPLIT_CHUNK,
+        BLOCK_D=plan["block_d"]), plan["combine_num_warps"], 1)
     assert_fits_sm90("_decode_combine_kernel", compiled)
 
 
 def check_rms_norm_kernels(dtype, hidden):
     block_n = triton.next_power_of_2(hidden)
-    num_warps = rms_norm_mod._num_warps(block_n)
+    num_warps = tiles.rms_norm_num_warps(block_n)
     element = "*" + TRITON_DTYPE[dtype]
-    pointers = dict(X=element, R=element, W=element, Y=element, H=element, RSTD="*fp32", DY=element,
-                    DH=element, DX=element, DW_PARTIAL="*fp32", DW="*fp32")
+    pointers = dict(x_ptr=element, residual_ptr=element, weight_ptr=element, out_ptr=element, h_ptr=element,
+                    rstd_ptr="*fp32", dout_ptr=element, dh_ptr=element, dx_ptr=element,
+                    dweight_partial_ptr="*fp32")
     compiled = compile_sm90(rms_norm_mod._rms_norm_fwd_kernel, pointers,
                             dict(HAS_RESIDUAL=True, BLOCK_N=block_n), num_warps, 1)
     assert_fits_sm90("_rms_norm_fwd_kernel", compiled)
@@ -140,16 +142,16 @@ def check_rms_norm_kernels(dtype, hidden):
 
 def check_rope_kernel(dtype, num_heads, head_dim):
     element = "*" + TRITON_DTYPE[dtype]
-    block_h = min(launch.next_power_of_2(num_heads), 64)
-    block_half = launch.next_power_of_2(head_dim // 2)
-    compiled = compile_sm90(rope_mod._rope_kernel, dict(X=element, COS=element, SIN=element, OUT=element),
+    block_h, block_half, num_warps = tiles.rope_plan(num_heads, head_dim)
+    pointers = dict(x_ptr=element, cos_ptr=element, sin_ptr=element, out_ptr=element)
+    compiled = compile_sm90(rope_mod._rope_kernel, pointers,
                             dict(BACKWARD=True, HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h),
-                            4 if block_h * block_half >= 1024 else 1, 1)
+                            num_warps, 1)
     assert_fits_sm90(f"_rope_kernel {dtype} H={num_heads} D={head_dim}", compiled)
 
 
 def check_autotune_candidates(dtype, kernel_name):
-    """Every tile autotuning may pick (kernels/attention.py _GPU_TILE_CANDIDATES) for this kernel."""
+    """Every tile autotuning may pick (kernels/tiles.py _GPU_TILE_CANDIDATES) for this kernel."""
     element = "*" + TRITON_DTYPE[dtype]
     pointers = dict(q_ptr=element, k_ptr=element, v_ptr=element, out_ptr=element, dout_ptr=element,
                     dk_ptr=element, dv_ptr=element, dq_ptr=element, lse_ptr="*fp32", delta_ptr="*fp32",
@@ -157,8 +159,8 @@ def check_autotune_candidates(dtype, kernel_name):
                     seed_ptr="*i64")
     kernel = {"fwd": attention_mod._attn_fwd_kernel, "dkdv": attention_mod._attn_bwd_dkdv_kernel,
               "dq": attention_mod._attn_bwd_dq_kernel}[kernel_name]
-    for head_dim, tiles in attention_mod._GPU_TILE_CANDIDATES[kernel_name].items():
-        for block_m, block_n, num_warps, num_stages in tiles:
+    for head_dim in tiles._GPU_TILE_CANDIDATES[kernel_name]:
+        for block_m, block_n, num_warps, num_stages in tiles.tile_candidates(kernel_name, head_dim):
             constexprs = dict(GROUP_SIZE=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
                               CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False, HAS_DROPOUT=False,
                               DOT_PRECISION="tf32")
