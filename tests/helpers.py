@@ -42,6 +42,11 @@ def params(values, id, slow=None):
 DTYPE_PARAMS = params(DTYPES, id=dtype_id, slow=lambda dtype: dtype != torch.float16)
 
 
+def kwargs_id(kwargs):
+    """A test id for a dict of keyword arguments: ``max_length=11-min_length=14``."""
+    return "-".join(f"{key}={value}" for key, value in kwargs.items())
+
+
 def causal_id(causal):
     return "causal" if causal else "noncausal"
 

@@ -188,6 +188,7 @@ def test_generate_matches_hf_eager(setting, hf_checkpoint, models, source_batch)
     assert actual.shape == expected.shape and torch.equal(actual, expected), f"\nours {actual}\nHF   {expected}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["greedy", "beam4-ngram-min-bos-eos"])
 def test_generate_matches_hf_fused(setting, hf_checkpoint, models, source_batch):
     _, hf = hf_checkpoint
@@ -322,6 +323,7 @@ def test_embeddings_and_lm_head_are_one_parameter(models, hf_checkpoint, source_
     assert torch.equal(looked_up, shared[token] * model.model.encoder.embed_tokens.embed_scale)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_same_gradients(hf_checkpoint, source_batch, target_batch):
     """Train mode with dropout 0.1 (fused attention): same seed -> same gradients with and without
     checkpointing, and the layers really are recomputed."""
@@ -350,6 +352,7 @@ def test_gradient_checkpointing_same_gradients(hf_checkpoint, source_batch, targ
         assert_close(f"grad {name}", ckpt_grads[name], grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_attention_dropout_runs_in_the_kernel(tmp_path, monkeypatch, source_batch, target_batch):
     """attention_dropout 0.1 in training: the fused model gives the loss and gradients of the eager model whose
     reference attention uses the kernel's own dropout masks (same RNG draws, same masks), with no warning;
@@ -468,7 +471,7 @@ def test_aliases_of_the_shared_embedding_must_agree(tmp_path, hf_checkpoint):
 
 
 @pytest.mark.parametrize("dtype,expected", [("bfloat16", torch.bfloat16), ("auto", torch.float32),
-                                            (None, torch.float32)])
+                                            (None, torch.float32)], ids=["bfloat16", "auto", "default"])
 def test_dtype_names_and_auto(dtype, expected, hf_checkpoint):
     path, _ = hf_checkpoint
     kwargs = {} if dtype is None else {"dtype": dtype}
@@ -507,7 +510,7 @@ def test_unsupported_generation_settings_are_errors(setting, models, source_batc
     ({"tie_word_embeddings": False}, "untied"),
     ({"activation_function": "swiglu_unknown"}, "activation_function"),
     ({"encoder_attention_heads": 5}, "divisible"),
-])
+], ids=["mbart", "normalize_before", "add_final_layer_norm", "untied", "unknown_activation", "heads_not_dividing"])
 def test_config_rejects_unsupported_variants(change, message, hf_checkpoint):
     path, _ = hf_checkpoint
     config = json.loads((path / "config.json").read_text())

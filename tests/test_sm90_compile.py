@@ -188,6 +188,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_kernels_compile_for_sm90(family):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

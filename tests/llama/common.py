@@ -1,4 +1,8 @@
-"""Shared pieces of the LLaMA tests: a tiny HF config, checkpoints HF writes, padded batches, HF references."""
+"""Shared pieces of the LLaMA tests: a tiny HF config, checkpoints HF writes, padded batches, HF references.
+
+Without a GPU the fused kernels run through Triton's interpreter (tests/conftest.py), so sequences stay short
+(<= 24) and few tokens are generated; the checkpoint is shared per module (tests/llama/conftest.py).
+"""
 import json
 import os
 

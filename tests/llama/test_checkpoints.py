@@ -1,9 +1,5 @@
-"""fusedformers.models.llama against Hugging Face transformers (a test-only reference) on tiny random checkpoints
-that HF writes: config variants, loading, saving and bad checkpoints.
-
-Without a GPU the fused kernels run through Triton's interpreter (tests/conftest.py), so sequences stay short
-(<= 24) and few tokens are generated; the checkpoint is shared per module (tests/llama/conftest.py).
-"""
+"""LLaMA against HF transformers on tiny checkpoints HF writes (shared fixtures: tests/llama/conftest.py):
+config variants, loading, saving and bad checkpoints."""
 import json
 import os
 import shutil
@@ -65,6 +61,7 @@ for _name, _rope in ROPES.items():
     VARIANTS[f"rope_{_name}_legacy"] = dict(rope_parameters=_rope, **_extra, _legacy=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_config_variant_logits(tmp_path, variant):
     overrides = dict(VARIANTS[variant])
@@ -111,7 +108,8 @@ def test_sharded_checkpoint_and_dtype(tmp_path, base):
 
 
 @pytest.mark.parametrize("dtype,expected", [("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
-                                            ("auto", torch.bfloat16), (None, torch.bfloat16)])
+                                            ("auto", torch.bfloat16), (None, torch.bfloat16)],
+                         ids=["bfloat16", "torch.float16", "auto", "default"])
 def test_dtype_names_and_auto(tmp_path, base, dtype, expected):
     """dtype by name, or "auto" (the default, as in HF 5): the checkpoint's own dtype (here bf16)."""
     hf16 = transformers.LlamaForCausalLM.from_pretrained(base[0], dtype=torch.bfloat16)
@@ -141,7 +139,7 @@ def test_tied_config_with_a_different_stored_lm_head_loads_untied_as_hf(tmp_path
 
 # ----------------------------------------------------------------------------------------------- save / load
 
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_save_pretrained_loads_in_hf(tmp_path, base, tied):
     path = base[0]
     if tied:

@@ -1,9 +1,5 @@
-"""fusedformers.models.llama against Hugging Face transformers (a test-only reference) on tiny random checkpoints
-that HF writes: logits against HF (padded, unpadded, bf16) and the KV cache.
-
-Without a GPU the fused kernels run through Triton's interpreter (tests/conftest.py), so sequences stay short
-(<= 24) and few tokens are generated; the checkpoint is shared per module (tests/llama/conftest.py).
-"""
+"""LLaMA against HF transformers on tiny checkpoints HF writes (shared fixtures: tests/llama/conftest.py):
+logits against HF (padded, unpadded, bf16) and the KV cache."""
 
 import pytest
 import torch

@@ -1,9 +1,5 @@
-"""fusedformers.models.llama against Hugging Face transformers (a test-only reference) on tiny random checkpoints
-that HF writes: greedy, sampling and static-cache generation, generation settings.
-
-Without a GPU the fused kernels run through Triton's interpreter (tests/conftest.py), so sequences stay short
-(<= 24) and few tokens are generated; the checkpoint is shared per module (tests/llama/conftest.py).
-"""
+"""LLaMA against HF transformers on tiny checkpoints HF writes (shared fixtures: tests/llama/conftest.py):
+greedy, sampling and static-cache generation, generation settings."""
 import json
 import os
 import shutil
@@ -16,6 +12,7 @@ import transformers
 from fusedformers.models.generation import SAMPLING_SEARCH, pick_next_token, process_scores, resolve_settings
 from fusedformers.models.llama import LlamaForCausalLM
 from tests.conftest import DEVICE
+from tests.helpers import kwargs_id
 from tests.llama.common import (
     PAD,
     edit_config,
@@ -33,6 +30,7 @@ def test_greedy_generation_matches_hf(base, fused):
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["fused", "eager"])
 def test_static_cache_generation_matches_hf(base, fused, eager, impl):
     """cache_implementation="static": fixed-shape steps over the whole cache (a CUDA graph on the GPU) give
@@ -96,6 +94,7 @@ def test_static_cache_records_one_cuda_graph(fused, monkeypatch):
     assert len(recorded) == 1 and recorded[0] is not None
 
 
+@pytest.mark.slow
 def test_generation_finished_rows_pad_and_eos_list(base, fused):
     """A row that emits an eos continues with pad; generation stops once every row has finished."""
     ids, mask = left_padded_batch([8, 5], 8, seed=4)
@@ -115,6 +114,7 @@ def test_generation_finished_rows_pad_and_eos_list(base, fused):
     assert int(ours[0, 9]) != eos[0]
 
 
+@pytest.mark.slow
 def test_generation_stops_when_every_row_finished(base, fused):
     """All rows finish long before max_new_tokens (past the stop-check interval): output ends where HF's does."""
     from fusedformers.models.generation import STOP_CHECK_INTERVAL
@@ -143,7 +143,7 @@ def test_generation_defaults_from_generation_config(tmp_path, base):
                                              pad_token_id=PAD))
 
 
-@pytest.mark.parametrize("prompt_len", [6, 24])
+@pytest.mark.parametrize("prompt_len", [6, 24], ids=lambda n: f"prompt{n}")
 def test_default_length_is_20_new_tokens_as_hf(base, eager, prompt_len):
     """No max_new_tokens / max_length anywhere: HF generates 20 new tokens (capped by the position table),
     whatever the prompt length."""
@@ -155,7 +155,7 @@ def test_default_length_is_20_new_tokens_as_hf(base, eager, prompt_len):
 
 @pytest.mark.parametrize("kwargs", [dict(max_length=11), dict(min_length=14, max_new_tokens=9),
                                     dict(min_new_tokens=3, min_length=9, max_new_tokens=6),
-                                    dict(min_new_tokens=1, min_length=14, max_new_tokens=8)])
+                                    dict(min_new_tokens=1, min_length=14, max_new_tokens=8)], ids=kwargs_id)
 def test_max_and_min_length_count_the_prompt(base, eager, kwargs):
     """eos among the likely tokens, so that min_length / min_new_tokens really suppress it."""
     ids, mask = left_padded_batch([8, 5], 8, seed=14)
@@ -166,7 +166,7 @@ def test_max_and_min_length_count_the_prompt(base, eager, kwargs):
 
 
 @pytest.mark.parametrize("setting", [dict(repetition_penalty=1.3), dict(num_beams=2), dict(no_repeat_ngram_size=2),
-                                     dict(forced_eos_token_id=5), dict(num_return_sequences=2)])
+                                     dict(forced_eos_token_id=5), dict(num_return_sequences=2)], ids=kwargs_id)
 def test_unsupported_generation_settings_are_errors(tmp_path, base, eager, setting):
     """HF would apply them: an error, not silently different tokens; from the call or the generation config."""
     ids, mask = left_padded_batch([5, 5], 5, seed=15)
@@ -203,6 +203,7 @@ def test_generation_keys_of_a_legacy_config_json(tmp_path, base):
     assert torch.equal(ours, hf_greedy(hf, ids, mask, eos_token_id=None))
 
 
+@pytest.mark.slow
 def test_sampling_seeded_and_top_k_top_p(fused):
     ids, mask = left_padded_batch([6, 4], 6, seed=5)
     kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=True, temperature=1.5, top_k=0)

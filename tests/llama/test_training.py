@@ -1,9 +1,5 @@
-"""fusedformers.models.llama against Hugging Face transformers (a test-only reference) on tiny random checkpoints
-that HF writes: loss, gradients, gradient checkpointing, attention dropout.
-
-Without a GPU the fused kernels run through Triton's interpreter (tests/conftest.py), so sequences stay short
-(<= 24) and few tokens are generated; the checkpoint is shared per module (tests/llama/conftest.py).
-"""
+"""LLaMA against HF transformers on tiny checkpoints HF writes (shared fixtures: tests/llama/conftest.py):
+loss, gradients, gradient checkpointing, attention dropout."""
 
 import warnings
 
@@ -69,6 +65,7 @@ def test_gradient_checkpointing_same_gradients(base, trained):
         torch.testing.assert_close(p.grad, plain[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.slow
 def test_attention_dropout_runs_in_the_kernel(tmp_path, monkeypatch):
     """config.attention_dropout in training: the fused model gives the loss and gradients of the eager model
     whose reference attention uses the kernel's own dropout masks; masks follow torch.manual_seed, also through
