@@ -1,6 +1,4 @@
 """Argument checks shared by the kernel wrappers: every error names the argument and what was expected."""
-import weakref
-
 import torch
 
 from fusedformers.kernels.interpreter import interpreter_on
@@ -82,26 +80,18 @@ def check_attention_inputs(q, k, v, key_padding_mask, kv_batch_index, past_len):
     return batch, num_heads, q_len, head_dim, num_kv_heads, k_len
 
 
-_last_checked_index = None  # (weak reference, version counter, kv_batch) of the last index found in range
-
-
 def check_kv_batch_index_range(kv_batch_index, kv_batch):
     """Every entry of kv_batch_index must be in [0, Bkv): an index outside would make the kernels read outside
-    K/V. On CPU a ValueError; on CUDA an asynchronous device assert (no host sync). Beam search passes the same
-    index tensor to every layer of a step, so it is checked once while it stays the same, unmodified object."""
-    global _last_checked_index
-    last = _last_checked_index
-    if (last is not None and last[0]() is kv_batch_index and last[1] == kv_batch_index._version
-            and last[2] == kv_batch):
-        return
-    in_range = ((kv_batch_index >= 0) & (kv_batch_index < kv_batch)).all()
+    K/V. Checked on every call, never from a remembered verdict (a write through ``.numpy()`` or ``.data`` does
+    not move the version counter): on CPU a ValueError; on CUDA an asynchronous device assert (no host sync;
+    one min/max reduction per call)."""
+    lowest, highest = torch.aminmax(kv_batch_index)
+    in_range = (lowest >= 0) & (highest < kv_batch)
     if kv_batch_index.is_cuda:
         torch._assert_async(in_range, f"kv_batch_index entries must be in [0, {kv_batch}) (k's batch)")
     elif not in_range:
         raise ValueError(f"kv_batch_index entries must be in [0, {kv_batch}) (k's batch), "
                          f"got {kv_batch_index.tolist()}")
-    if not kv_batch_index.is_inference():  # inference tensors have no version counter
-        _last_checked_index = (weakref.ref(kv_batch_index), kv_batch_index._version, kv_batch)
 
 
 # read once: triton reads it when it is imported (before this module), and it cannot change after that

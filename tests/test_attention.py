@@ -395,12 +395,25 @@ def test_kv_batch_index_out_of_range(bad_index, device):
         with pytest.raises(ValueError, match=r"kv_batch_index entries must be in \[0, 2\)"):
             kernels.attention(q, k, v, kv_batch_index=index)
         return
-    script = ("import torch, kernels; q = torch.randn(2, 2, 8, 16, device='cuda', dtype=torch.float16); "
-              f"fusedformers.kernels.attention(q, q, q, kv_batch_index=torch.tensor({bad_index}, device='cuda')); "
+    script = ("import torch; from fusedformers import kernels; "
+              "q = torch.randn(2, 2, 8, 16, device='cuda', dtype=torch.float16); "
+              f"kernels.attention(q, q, q, kv_batch_index=torch.tensor({bad_index}, device='cuda')); "
               "torch.cuda.synchronize()")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode != 0 and "kv_batch_index entries must be in" in result.stderr, result.stderr[-2000:]
+
+
+def test_kv_batch_index_checked_on_every_call():
+    """The range check is never skipped on a remembered verdict: a write that does not move the version counter
+    (through ``.numpy()``) after a checked call is caught by the next call instead of reading K/V row 1000.
+    CPU only: the write goes through numpy (on CUDA the check is the device assert of the test above)."""
+    q, k, v = _good("cpu")
+    index = torch.tensor([0, 1])
+    kernels.attention(q, k, v, kv_batch_index=index)
+    index.numpy()[1] = 1000
+    with pytest.raises(ValueError, match=r"kv_batch_index entries must be in \[0, 2\)"):
+        kernels.attention(q, k, v, kv_batch_index=index)
 
 
 def test_bad_input_devices(device):

@@ -12,7 +12,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BARE_IMPORT = re.compile(r"^\s*(from|import)\s+(kernels|models|bench)\b"
-                         r"|import_module\(f?[\"'](kernels|models|bench)\.|-m\s+(bench|kernels|models)\b", re.M)
+                         r"|import_module\(f?[\"'](kernels|models|bench)\.|-m\s+(bench|kernels|models)\b"
+                         # a bare import in a script string too (e.g. import torch, kernels), not from-imports
+                         r"|(?:^|[;(\"'])\s*import\s+(?:[\w.]+\s*,\s*)*(kernels|models|bench)\b(?!\.)", re.M)
 IMPORT_ALL = ("import sys, fusedformers.kernels, fusedformers.models.llama, fusedformers.models.bart; "
               "assert not {'kernels', 'models', 'bench'} & set(sys.modules), sorted(sys.modules); "
               "print(fusedformers.kernels.__file__)")
