@@ -187,11 +187,50 @@ def assign_state_dict(module, state_dict, aliases=None, tied=()):
     return module
 
 
+def _json_text(obj, file_name):
+    """``obj`` as the text of ``file_name``; TypeError naming the file for a value JSON cannot hold (before any
+    file is written)."""
+    try:
+        return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{file_name} cannot be written: {e}; config values must be JSON types (int, float, str, "
+                        f"bool, None, lists and dicts of them). Nothing was written.") from e
+
+
+def _fsync(path):
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _superseded_files(model_dir, writes_generation_config):
+    """Files of a previous checkpoint in ``model_dir`` that a new single-file save replaces: the shards named by
+    its index and the index itself, and a generation_config.json the new save does not write."""
+    index_path = os.path.join(model_dir, WEIGHTS_INDEX_NAME)
+    stale = []
+    if os.path.isfile(index_path):
+        try:
+            weight_map = read_json(index_path).get("weight_map") or {}
+            shards = {name for name in weight_map.values() if isinstance(name, str)}
+        except (ValueError, AttributeError):
+            shards = set()  # an unreadable index: it goes, the files it might name stay
+        stale += [os.path.join(model_dir, name) for name in sorted(shards)
+                  if name != WEIGHTS_NAME and os.path.basename(name) == name]
+        stale.append(index_path)
+    if not writes_generation_config:
+        stale.append(os.path.join(model_dir, GENERATION_CONFIG_NAME))
+    return [path for path in stale if os.path.isfile(path)]
+
+
 def save_safetensors(module_state_dict, model_dir, config_dict, generation_config=None, skip=()):
     """Write ``model.safetensors`` (contiguous CPU tensors, each shared tensor once, names in ``skip`` left out,
-    e.g. a tied ``lm_head.weight``) and ``config.json`` (+ ``generation_config.json`` when given)."""
+    e.g. a tied ``lm_head.weight``) and ``config.json`` (+ ``generation_config.json`` when given).
+
+    Atomic per file and all-or-nothing for the save: everything is serialised first (a config value JSON cannot
+    hold is a TypeError naming the file, before anything is written), each file is written to a temporary file
+    in ``model_dir``, flushed to disk and only then moved over the old one (``os.replace``). A failure leaves the
+    previous checkpoint as it was. Files of the previous checkpoint that this one supersedes (shards and their
+    index, a generation_config.json not written now) are removed only after the new files are in place."""
     model_dir = os.fspath(model_dir)
-    os.makedirs(model_dir, exist_ok=True)
     skip = set(skip)
     tensors, seen = {}, {}
     for name, tensor in module_state_dict.items():
@@ -205,11 +244,31 @@ def save_safetensors(module_state_dict, model_dir, config_dict, generation_confi
         if key is not None:
             seen[key] = name
         tensors[name] = tensor.to("cpu").contiguous()
-    save_file(tensors, os.path.join(model_dir, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(model_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config_dict, f, indent=2, sort_keys=True)
-        f.write("\n")
+    texts = {CONFIG_NAME: _json_text(config_dict, CONFIG_NAME)}
     if generation_config:
-        with open(os.path.join(model_dir, GENERATION_CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(generation_config, f, indent=2, sort_keys=True)
-            f.write("\n")
+        texts[GENERATION_CONFIG_NAME] = _json_text(generation_config, GENERATION_CONFIG_NAME)
+    os.makedirs(model_dir, exist_ok=True)
+    stale = _superseded_files(model_dir, GENERATION_CONFIG_NAME in texts)
+    suffix = f".tmp-{os.getpid()}"
+    temporary = {}  # final path -> temporary path, in the order they are moved into place
+    try:
+        weights = os.path.join(model_dir, WEIGHTS_NAME)
+        temporary[weights] = weights + suffix
+        save_file(tensors, temporary[weights], metadata={"format": "pt"})
+        _fsync(temporary[weights])
+        for file_name, text in texts.items():
+            path = os.path.join(model_dir, file_name)
+            temporary[path] = path + suffix
+            with open(temporary[path], "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for path in temporary.values():
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    for path, temp in temporary.items():
+        os.replace(temp, path)
+    for path in stale:
+        os.remove(path)

@@ -5,6 +5,7 @@ import os
 import shutil
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -105,6 +106,46 @@ def test_sharded_checkpoint_and_dtype(tmp_path, base):
     assert logits.dtype == torch.bfloat16
     assert_close = (logits.float() - hf_logits(hf, ids, mask)).abs()[mask.bool()].max()
     assert assert_close < 0.1
+
+
+def _directory_bytes(path):
+    return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
+
+
+def test_failed_save_leaves_the_checkpoint_intact(tmp_path, base):
+    """A config value JSON cannot hold (numpy's int64) fails the save before anything is written: the directory
+    (here the very checkpoint the model came from) keeps its files byte for byte and still loads."""
+    shutil.copytree(base[0], tmp_path, dirs_exist_ok=True)
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE, attn_implementation="eager")
+    before = _directory_bytes(tmp_path)
+    model.config.pad_token_id = np.int64(0)
+    with pytest.raises(TypeError, match=r"config\.json cannot be written.*Nothing was written"):
+        model.save_pretrained(str(tmp_path))
+    assert _directory_bytes(tmp_path) == before
+    model.generation_config = {"pad_token_id": np.int64(0)}
+    model.config.pad_token_id = 0
+    with pytest.raises(TypeError, match=r"generation_config\.json cannot be written"):
+        model.save_pretrained(str(tmp_path))
+    assert _directory_bytes(tmp_path) == before
+    LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE, attn_implementation="eager")
+
+
+def test_save_over_a_sharded_checkpoint_replaces_it(tmp_path, base):
+    """Saving over a sharded checkpoint: the old shards and index go (after the new files are in place), so the
+    directory holds one checkpoint, which HF and we load to the same logits."""
+    hf = base[1]
+    hf.save_pretrained(str(tmp_path), max_shard_size="40KB")
+    shards = sorted(name for name in os.listdir(tmp_path) if name.startswith("model-"))
+    assert len(shards) > 1
+    model = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE, attn_implementation="eager")
+    model.save_pretrained(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
+    ids, mask = left_padded_batch([6, 4], 6, seed=12)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).to(DEVICE).eval()
+    ours = LlamaForCausalLM.from_pretrained(str(tmp_path), device=DEVICE, attn_implementation="eager")
+    with torch.no_grad():
+        assert_logits_close(ours(ids, attention_mask=mask).logits, hf_logits(hf, ids, mask), mask)
+    assert_logits_close(hf_logits(reloaded, ids, mask), hf_logits(hf, ids, mask), mask)
 
 
 @pytest.mark.parametrize("dtype,expected", [("bfloat16", torch.bfloat16), ("torch.float16", torch.float16),
