@@ -451,7 +451,8 @@ class BartForConditionalGeneration(ModelBase):
             BartConfig, model_dir, dtype, device, attn_implementation)
         _check_tied_aliases_agree(state_dict)
         if "final_logits_bias" not in state_dict:  # optional in HF checkpoints: zeros
-            dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())
+            # the checkpoint's float dtype (float32 for one with no float tensor: strict loading reports them)
+            dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
             state_dict["final_logits_bias"] = torch.zeros(1, config.vocab_size, device=device, dtype=dtype)
         with torch.device("meta"):
             model = cls(config, generation_config)

@@ -1,5 +1,6 @@
 """What both models share around their layers: the implementation switch, gradient checkpointing and the first
 steps of ``from_pretrained`` (HF's PreTrainedModel, in small)."""
+import torch
 from torch import nn
 
 from fusedformers.models.checkpoint import (
@@ -40,6 +41,9 @@ class ModelBase(nn.Module):
         generation config). The generation config is generation_config.json, else config.json's generation
         keys (HF's fallback)."""
         check_implementation(attn_implementation)
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but CUDA is not available on this machine (torch "
+                             f"{torch.__version__}); load with device='cpu'")
         config_dict = load_config_dict(model_dir)
         config = config_class.from_dict(config_dict)
         config.attn_implementation = attn_implementation

@@ -66,18 +66,29 @@ DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
                "float": torch.float32, "half": torch.float16}
 
 
+def _model_dtype(value, source):
+    """A torch dtype or its name -> one of the dtypes the models run in (the kernels' float32, float16,
+    bfloat16); ValueError naming ``source`` (the argument or the config.json field) otherwise."""
+    if isinstance(value, str) and value.removeprefix("torch.") in DTYPE_NAMES:
+        return DTYPE_NAMES[value.removeprefix("torch.")]
+    if isinstance(value, torch.dtype) and value in DTYPE_NAMES.values():
+        return value
+    raise ValueError(f"dtype must be float32, float16 or bfloat16 (a torch dtype or its name; the argument also "
+                     f"takes 'auto'): {source} is {value!r}")
+
+
 def resolve_dtype(dtype, config_dict):
-    """``from_pretrained``'s dtype: a torch dtype, its name ("bfloat16", "torch.float16"), or "auto" / None
-    (as HF: the checkpoint's own dtype, from config.json's ``dtype`` / ``torch_dtype``; None when the config
-    does not say, meaning the stored tensors' dtype)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    """``from_pretrained``'s dtype: float32, float16 or bfloat16 as a torch dtype or its name ("bfloat16",
+    "torch.float16"), or "auto" / None (as HF: the checkpoint's own dtype, from config.json's ``dtype`` /
+    ``torch_dtype``; None when the config does not say, meaning the stored tensors' dtype). ValueError names the
+    argument or the config.json field for anything else (float64, integer dtypes, unknown names)."""
     if dtype is None or dtype == "auto":
-        stored = config_dict.get("dtype") or config_dict.get("torch_dtype")
-        return resolve_dtype(stored, {}) if stored not in (None, "auto") else None
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPE_NAMES:
-        return DTYPE_NAMES[dtype.removeprefix("torch.")]
-    raise ValueError(f"dtype must be a torch dtype, 'auto' or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+        for field_name in ("dtype", "torch_dtype"):
+            stored = config_dict.get(field_name)
+            if stored not in (None, "auto"):
+                return _model_dtype(stored, f"config.json's {field_name!r}")
+        return None
+    return _model_dtype(dtype, "the dtype argument")
 
 
 def load_safetensors_state_dict(model_dir, device="cpu", dtype=None):

@@ -206,15 +206,15 @@ class LlamaForCausalLM(ModelBase):
         """Load an HF LLaMA directory (config.json + model.safetensors or sharded safetensors). Built on the meta
         device, then each checkpoint tensor is loaded straight to ``device`` in ``dtype`` and becomes the
         parameter (one copy). ``dtype``: a torch dtype, its name, or "auto" (as HF 5: the checkpoint's dtype).
-        ``lm_head`` is tied to ``embed_tokens`` (one Parameter) when the config says so or the checkpoint has no
-        ``lm_head.weight``; a checkpoint whose stored lm_head differs from the embedding is loaded untied, with a
-        warning, as HF does. Generation defaults: generation_config.json, else config.json's generation keys."""
+        ``lm_head`` is tied to ``embed_tokens`` (one Parameter) when the config says so; a checkpoint whose stored
+        lm_head differs from the embedding is loaded untied, with a warning, as HF does. An untied config without
+        ``lm_head.weight`` is an error naming the missing tensor (HF reports it missing).
+        Generation defaults: generation_config.json, else config.json's generation keys."""
         config, config_dict, state_dict, generation_config = cls.load_pretrained_parts(
             LlamaConfig, model_dir, dtype, device, attn_implementation)
-        if "lm_head.weight" not in state_dict:
-            config.tie_word_embeddings = True
-        elif config.tie_word_embeddings and not torch.equal(state_dict["lm_head.weight"],
-                                                            state_dict["model.embed_tokens.weight"]):
+        stored_head, embedding = state_dict.get("lm_head.weight"), state_dict.get("model.embed_tokens.weight")
+        if (config.tie_word_embeddings and stored_head is not None and embedding is not None
+                and not torch.equal(stored_head, embedding)):
             warnings.warn("the config ties lm_head to embed_tokens but the checkpoint stores a different "
                           "lm_head.weight: loading them untied (as HF does)", stacklevel=2)
             config.tie_word_embeddings = False

@@ -162,6 +162,28 @@ def test_dtype_names_and_auto(tmp_path, base, dtype, expected):
         LlamaForCausalLM.from_pretrained(str(tmp_path), dtype="bf16")
 
 
+@pytest.mark.parametrize("where,value", [("argument", torch.float64), ("argument", torch.int32),
+                                         ("argument", "int8"), ("config", "float64"), ("config", "int64")],
+                         ids=["arg-float64", "arg-int32", "arg-int8-name", "config-float64", "config-int64"])
+def test_unsupported_dtypes_name_their_source(tmp_path, base, where, value):
+    """float64 and integer dtypes are refused the same way whether passed as a torch dtype or a name, and the
+    error names where the value came from (the argument, or config.json's field) instead of a wall of errors."""
+    shutil.copytree(base[0], tmp_path, dirs_exist_ok=True)
+    if where == "config":
+        edit_config(str(tmp_path), lambda c: c.update(dtype=value))
+        with pytest.raises(ValueError, match=f"dtype must be .*config.json's 'dtype' is '{value}'"):
+            LlamaForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager")
+    else:
+        with pytest.raises(ValueError, match="dtype must be .*the dtype argument is"):
+            LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=value, attn_implementation="eager")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA on a machine without it")
+def test_cuda_device_without_cuda_is_a_clear_error(base):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        LlamaForCausalLM.from_pretrained(base[0], device="cuda", attn_implementation="eager")
+
+
 def test_tied_config_with_a_different_stored_lm_head_loads_untied_as_hf(tmp_path, base):
     def untie_values(sd):
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"] + 0.5
@@ -204,12 +226,18 @@ def test_save_pretrained_loads_in_hf(tmp_path, base, tied):
         assert torch.equal(p, q), name
 
 
-def test_untied_config_without_lm_head_ties(tmp_path, base):
+def test_missing_lm_head_is_tied_only_when_the_config_ties(tmp_path, base):
+    """No lm_head.weight in the checkpoint: with tie_word_embeddings false that is a missing tensor (HF reports
+    it; tying silently gave logits off by ~6 and a later save wrote tie_word_embeddings: true); with true the
+    head is the embedding (one Parameter)."""
     shutil.copytree(base[0], tmp_path, dirs_exist_ok=True)
     state_dict = load_safetensors_state_dict(str(tmp_path), "cpu", torch.float32)
     del state_dict["lm_head.weight"]
     from safetensors.torch import save_file
     save_file(state_dict, str(tmp_path / "model.safetensors"))
+    with pytest.raises(KeyError, match="lm_head.weight"):
+        LlamaForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager")
+    edit_config(str(tmp_path), lambda c: c.update(tie_word_embeddings=True))
     model = LlamaForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager")
     assert model.lm_head.weight is model.embed_tokens.weight
 
