@@ -28,6 +28,7 @@ from fusedformers.models.checkpoint import (
 )
 from fusedformers.models.generation import (
     BEAM_SEARCH,
+    STOP_CHECK_INTERVAL,
     decoder_prompt,
     generation_defaults_from_model_config,
     resolve_settings,
@@ -572,4 +573,6 @@ class BartForConditionalGeneration(ModelBase):
         if resolved.num_beams > 1:
             return beam_search.beam_search(step, prompt.repeat_interleave(expand, dim=0), resolved,
                                            reorder_cache=state.self_cache.reorder)
-        return sample_loop(step, prompt, resolved)
+        # a decoder position past the learned table is an error: check for finished rows every step near it
+        near_the_end = resolved.max_length > self.config.max_position_embeddings
+        return sample_loop(step, prompt, resolved, stop_check_interval=1 if near_the_end else STOP_CHECK_INTERVAL)

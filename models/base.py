@@ -17,6 +17,7 @@ from fusedformers.models.ops import check_implementation
 class ModelBase(nn.Module):
     """Base of the models: ``self.config`` holds ``attn_implementation``, a name of the op registry
     ``fusedformers.models.ops.OPS`` that every module reads at call time."""
+    gradient_checkpointing = False
 
     @property
     def attn_implementation(self):
@@ -31,9 +32,16 @@ class ModelBase(nn.Module):
     def gradient_checkpointing_enable(self):
         """Recompute each layer in the backward pass (torch.utils.checkpoint, non-reentrant; training only)."""
         set_gradient_checkpointing(self, True)
+        self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self):
         set_gradient_checkpointing(self, False)
+        self.gradient_checkpointing = False
+
+    def checkpointing_now(self):
+        """The layers recompute in backward in this call: checkpointing is on, the model trains, autograd
+        records."""
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
     @staticmethod
     def load_pretrained_parts(config_class, model_dir, dtype, device, attn_implementation):

@@ -8,7 +8,8 @@ and runs :func:`sample_loop` (greedy or sampling) or ``beam_search.beam_search``
 HF semantics reproduced here:
 - settings: call arguments > generation_config.json (or config.json's generation keys) > the model config's
   token ids > HF's global defaults; an argument passed explicitly, even as None, overrides the config (None
-  then means HF's global default: e.g. ``forced_eos_token_id=None`` turns it off);
+  then turns that feature off, as in HF: ``forced_eos_token_id=None``, ``eos_token_id=None``, ``top_k=None``;
+  ``max_length=None`` leaves the default length rule);
 - lengths count the prompt (the decoder prompt for encoder-decoder models): ``max_new_tokens``, else
   ``max_length``, else 20 new tokens capped at max_position_embeddings; ``min_new_tokens``, when set, replaces
   ``min_length``; pad falls back to the first eos token;
@@ -29,16 +30,19 @@ HF_DEFAULTS = {"max_length": 20, "min_length": 0, "do_sample": False, "temperatu
                "num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0, "early_stopping": False,
                "no_repeat_ngram_size": 0}
 
-# every setting of HF's generate that changes the tokens, with the value that means "off". A search lists the
-# ones it implements; a call or a generation config that sets another one raises NotImplementedError.
+# every setting of HF's generate that changes the tokens, with the value that means "off" (None is off too). A
+# search lists the ones it implements; a call or a generation config that sets another one raises
+# NotImplementedError.
 OFF_VALUES = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "no_repeat_ngram_size": 0,
               "forced_bos_token_id": None, "forced_eos_token_id": None, "repetition_penalty": 1.0,
               "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
-              "suppress_tokens": None, "begin_suppress_tokens": None, "min_p": None, "typical_p": 1.0,
+              "suppress_tokens": None, "begin_suppress_tokens": None, "min_p": 0.0, "typical_p": 1.0,
               "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "num_beam_groups": 1, "diversity_penalty": 0.0,
               "exponential_decay_length_penalty": None, "sequence_bias": None, "renormalize_logits": False,
               "remove_invalid_values": False, "force_words_ids": None, "constraints": None, "penalty_alpha": 0.0,
-              "guidance_scale": None, "watermarking_config": None}
+              "guidance_scale": 1.0, "watermarking_config": None}
+# what an explicit None means where it is not HF's global default: HF keeps the None and skips the processor
+EXPLICIT_NONE = {"top_k": 0}
 # settings of the implemented features that are not on/off switches
 TUNING_SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "temperature", "top_k", "top_p",
                    "length_penalty", "early_stopping", "eos_token_id", "pad_token_id", "bos_token_id",
@@ -54,14 +58,6 @@ BEAM_SEARCH = frozenset({"num_beams", "num_return_sequences", "no_repeat_ngram_s
 
 # generation keys read from config.json when a checkpoint has no generation_config.json (HF's legacy fallback)
 GENERATION_KEYS = tuple(sorted(KNOWN_SETTINGS - {"use_cache"}))
-
-
-class _Unset:
-    def __repr__(self):
-        return "UNSET"
-
-
-UNSET = _Unset()  # "not passed" (None passed explicitly means HF's global default, as in HF)
 
 
 def generation_defaults_from_model_config(config_dict):
@@ -117,10 +113,6 @@ class GenerationSettings:
     pad_token_id: int | None
     decoder_start_token_id: int | None = None
 
-    @property
-    def max_new_tokens(self):
-        return self.max_length - self.prompt_len
-
 
 def _strict_int(name, value):
     """An integer setting (HF: TypeError for ``max_new_tokens=2.5``); numpy and torch integers are accepted."""
@@ -145,8 +137,10 @@ def resolve_settings(generation_config, given, *, implemented, what, prompt_len=
     model_defaults = model_defaults or {}
 
     def pick(name):
-        if name in given:  # passed explicitly; None falls back to HF's global default (if it has one)
-            return given[name] if given[name] is not None else HF_DEFAULTS.get(name)
+        if name in given:  # passed explicitly; None: that feature off (HF's global default, or EXPLICIT_NONE)
+            if given[name] is not None:
+                return given[name]
+            return EXPLICIT_NONE.get(name, HF_DEFAULTS.get(name))
         for source in (generation_config, model_defaults):
             if source.get(name) is not None:
                 return source[name]
@@ -163,7 +157,8 @@ def resolve_settings(generation_config, given, *, implemented, what, prompt_len=
 
     if pick("max_new_tokens") is not None:
         max_length = _strict_int("max_new_tokens", pick("max_new_tokens")) + prompt_len
-    elif given.get("max_length") is not None or generation_config.get("max_length") is not None:
+    elif given.get("max_length") is not None or ("max_length" not in given
+                                                  and generation_config.get("max_length") is not None):
         max_length = _strict_int("max_length", pick("max_length"))
     else:  # HF: 20 new tokens by default, capped at the position table
         max_length = HF_DEFAULTS["max_length"] + prompt_len
@@ -323,13 +318,13 @@ def pick_next_token(scores, do_sample=False, generator=None):
 # ----------------------------------------------------------------------------------------------------------------
 # The greedy / sampling loop
 # ----------------------------------------------------------------------------------------------------------------
-def sample_loop(step, prompt, settings, generator=None):
+def sample_loop(step, prompt, settings, generator=None, stop_check_interval=STOP_CHECK_INTERVAL):
     """Greedy or sampled continuation of ``prompt [N, P]``: returns ``[N, P + generated]``.
 
     ``step(tokens [N, n]) -> logits [N, V]`` feeds the prompt first, then one token per step. A row that produced
     eos continues with pad; the loop stops early once every row has finished (asking the device once per
-    :data:`STOP_CHECK_INTERVAL` steps, since a host sync stalls the launch queue) and the result is cut at the
-    step where the last row finished, as HF's."""
+    ``stop_check_interval`` steps, since a host sync stalls the launch queue; the extra steps only produce pad)
+    and the result is cut at the step where the last row finished, as HF's."""
     batch, prompt_len = prompt.shape
     total = settings.max_length
     pad = settings.pad_token_id if settings.pad_token_id is not None else 0  # pad is only written after an eos
@@ -353,7 +348,7 @@ def sample_loop(step, prompt, settings, generator=None):
             unfinished &= ~just_finished
         if length == total:
             break
-        if (num_generated + 1) % STOP_CHECK_INTERVAL == 0 and not bool(unfinished.any()):
+        if (num_generated + 1) % stop_check_interval == 0 and not bool(unfinished.any()):
             break
         logits = step(next_token[:, None])
     if eos.numel() and not bool(unfinished.any()):

@@ -51,8 +51,9 @@ class KVCache:
         if kv_len is not None and kv_len > self.max_len:
             raise ValueError(f"KVCache overflow: attending over {kv_len} positions exceeds max_len {self.max_len}; "
                              f"allocate the cache for prompt + max_new_tokens")
-        k_cache.index_copy_(2, cache_position, k_new)
-        v_cache.index_copy_(2, cache_position, v_new)
+        # in the cache's dtype: under autocast the projections come out in the autocast dtype
+        k_cache.index_copy_(2, cache_position, k_new.to(k_cache.dtype))
+        v_cache.index_copy_(2, cache_position, v_new.to(v_cache.dtype))
         if kv_len is None:
             return k_cache, v_cache
         return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]

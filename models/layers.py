@@ -27,7 +27,14 @@ ACTIVATIONS = {
     "mish": F.mish,
 }
 
-_warned_cache = False
+_warned = set()
+
+
+def warn_once(key, message):
+    """``warnings.warn(message)`` the first time ``key`` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
 class CheckpointedLayer(nn.Module):
@@ -40,14 +47,12 @@ class CheckpointedLayer(nn.Module):
     gradient_checkpointing = False
 
     def __call__(self, *args, **kwargs):
+        # subclasses take `cache` keyword-only, so a cached call is always seen here
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             if kwargs.get("cache") is None:
                 return checkpoint(super().__call__, *args, use_reentrant=False, **kwargs)
-            global _warned_cache
-            if not _warned_cache:
-                _warned_cache = True
-                warnings.warn("gradient checkpointing is skipped for calls with a KV cache (the layers run "
-                              "normally and keep their activations; the result is exact)", stacklevel=3)
+            warn_once("cache", "gradient checkpointing is skipped for calls with a KV cache (the layers run "
+                               "normally and keep their activations; the result is exact)")
         return super().__call__(*args, **kwargs)
 
 

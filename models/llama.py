@@ -35,7 +35,7 @@ from fusedformers.models.generation import (
     sample_loop,
 )
 from fusedformers.models.kv_cache import KVCache
-from fusedformers.models.layers import ACTIVATIONS, CheckpointedLayer
+from fusedformers.models.layers import ACTIVATIONS, CheckpointedLayer, warn_once
 from fusedformers.models.llama_config import LlamaConfig, rope_cos_sin, rope_inv_freq
 from fusedformers.models.ops import check_implementation, ops_for
 
@@ -83,7 +83,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x, cos, sin, key_padding_mask, cache=None, cache_position=None, past_len=0):
+    def forward(self, x, cos, sin, key_padding_mask, *, cache=None, cache_position=None, past_len=0):
         """x ``[B, L, hidden]``; cos/sin ``[B, L, D]``; key_padding_mask ``[B, past_len + L]`` or None.
 
         cache: a KVCache that this call's K/V are written into, at the device positions ``cache_position [L]``.
@@ -132,7 +132,7 @@ class DecoderLayer(CheckpointedLayer):
         self.post_attention_layernorm = RMSNorm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, residual, cos, sin, key_padding_mask, cache=None, cache_position=None, past_len=0):
+    def forward(self, x, residual, cos, sin, key_padding_mask, *, cache=None, cache_position=None, past_len=0):
         """x: previous sublayer's output ``[B, L, hidden]``; residual: the residual stream before adding x (None
         in the first layer, where x is the embedding); the cache arguments as ``Attention.forward``'s.
         Returns (this layer's MLP output, residual stream)."""
@@ -140,7 +140,8 @@ class DecoderLayer(CheckpointedLayer):
             residual, normed = x, self.input_layernorm(x)
         else:
             normed, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(normed, cos, sin, key_padding_mask, cache, cache_position, past_len)
+        x = self.self_attn(normed, cos, sin, key_padding_mask, cache=cache, cache_position=cache_position,
+                           past_len=past_len)
         normed, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(normed), residual
 
@@ -266,13 +267,18 @@ class LlamaForCausalLM(ModelBase):
         that this call appends to (in place; it grows when continued past its size); use_cache without one
         allocates a KVCache of ``max_cache_len`` (default L) positions; labels ``[B, L]`` → mean cross-entropy
         of token t+1 given tokens ≤ t, -100 ignored; logits_to_keep > 0 computes logits of the last that many
-        positions only (a 1-D tensor: of those positions). With gradient checkpointing in training, a call with
-        a cache runs its layers without checkpointing (exact; one warning).
+        positions only (a 1-D tensor: of those positions). With gradient checkpointing in training, use_cache
+        makes no cache (as HF; one warning) and a call given past_key_values runs its layers without
+        checkpointing (exact; one warning).
         Returns CausalLMOutput(logits ``[B, L, vocab]``, loss, past_key_values)."""
         batch, q_len = input_ids.shape
         cache = past_key_values
         if cache is None and use_cache:
-            cache = self.new_kv_cache(batch, max_cache_len or q_len)
+            if self.checkpointing_now():  # as HF: no new cache while checkpointing (it would keep activations)
+                warn_once("use_cache", "use_cache=True is incompatible with gradient checkpointing in training: "
+                                       "no KV cache is made (as HF)")
+            else:
+                cache = self.new_kv_cache(batch, max_cache_len or q_len)
         past_len = cache.length if cache is not None else 0
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_len + q_len):
             raise ValueError(f"attention_mask must be [B, past + L] = [{batch}, {past_len + q_len}], "

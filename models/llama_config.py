@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fusedformers.models.generation import GENERATION_KEYS
 from fusedformers.models.layers import ACTIVATIONS
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -15,21 +16,17 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ROPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
-# config.json fields that do not change the computation: HF bookkeeping, training-time init, and the generation
-# defaults that old transformers versions stored in config.json. Any other unknown field is an error.
-IGNORED_CONFIG_KEYS = frozenset({
+# config.json fields that do not change the model's computation: HF bookkeeping, training-time init, and the
+# generation settings that config.json may carry (read as generation defaults when a checkpoint has no
+# generation_config.json). Any other unknown field is an error.
+IGNORED_CONFIG_KEYS = frozenset(GENERATION_KEYS) | frozenset({
     "architectures", "transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype",
     "initializer_range", "use_cache", "pretraining_tp", "auto_map", "_attn_implementation",
     "_attn_implementation_autoset", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
     "use_bfloat16", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder",
     "is_decoder", "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "finetuning_task",
     "id2label", "label2id", "num_labels", "task_specific_params", "problem_type", "tokenizer_class", "prefix",
-    "sep_token_id", "decoder_start_token_id",
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
-    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
-    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
-    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
-    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    "sep_token_id", "output_scores", "return_dict_in_generate",
 })
 
 

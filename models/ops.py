@@ -9,11 +9,11 @@ warning per process, where Triton cannot run (CPU tensors without ``TRITON_INTER
 Every attention function takes ``(q, k, v, *, causal, key_padding_mask, past_len, sm_scale, kv_batch_index,
 dropout_p, scale_before_matmul)`` with the shapes of :func:`fusedformers.kernels.attention`.
 """
-import warnings
 from collections import namedtuple
 
 from fusedformers.kernels import attention, attention_reference, rms_norm, rms_norm_reference, rope, rope_reference
 from fusedformers.kernels.checks import triton_can_run
+from fusedformers.models.layers import warn_once
 
 Ops = namedtuple("Ops", "attention rms_norm rope")
 
@@ -35,9 +35,6 @@ OPS = {
     "eager": Ops(eager_attention, rms_norm_reference, rope_reference),
 }
 
-_warned_fallback = False
-
-
 def check_implementation(name):
     """ValueError unless ``name`` is registered in :data:`OPS`."""
     if name not in OPS:
@@ -47,11 +44,8 @@ def check_implementation(name):
 def ops_for(name, device):
     """The :class:`Ops` registered under ``name``; ``"fused"`` on a device where Triton cannot run gives the eager
     ops, with one warning per process."""
-    global _warned_fallback
     if name == "fused" and not triton_can_run(device):
-        if not _warned_fallback:
-            _warned_fallback = True
-            warnings.warn(f"the fused Triton kernels need CUDA (or TRITON_INTERPRET=1); tensors are on {device}, "
-                          "so the models run the eager PyTorch references", stacklevel=3)
+        warn_once("cpu fallback", f"the fused Triton kernels need CUDA (or TRITON_INTERPRET=1); tensors are on "
+                                  f"{device}, so the models run the eager PyTorch references")
         name = "eager"
     return OPS[name]

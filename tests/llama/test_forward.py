@@ -60,6 +60,18 @@ def test_kv_cache_decode_matches_full_forward(fused):
     assert_logits_close(torch.cat(steps, dim=1), full, mask)
 
 
+def test_kv_cache_under_autocast(base):
+    """Under autocast the projections come out in the autocast dtype; the cache keeps the model's dtype and
+    takes them (as HF's cache does), for forward(use_cache=True) and generate."""
+    model = LlamaForCausalLM.from_pretrained(base[0], device=DEVICE, attn_implementation="eager")
+    ids, mask = left_padded_batch([6, 4], 6, seed=9)
+    with torch.no_grad(), torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        out = model(ids, attention_mask=mask, use_cache=True)
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[])
+    assert out.past_key_values.k[0].dtype == torch.float32 and out.past_key_values.length == 6
+    assert tokens.shape == (2, 9)
+
+
 def test_kv_cache_grows_when_continued_past_its_size(fused):
     """As with HF's dynamic cache: forward(use_cache=True) then more tokens through out.past_key_values."""
     ids, mask = left_padded_batch([9, 5], 9, seed=3)

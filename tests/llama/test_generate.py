@@ -228,6 +228,20 @@ def test_sampling_matches_hf_under_global_seed(base, fused):
     assert torch.equal(fused.generate(ids, **kwargs), ref)
 
 
+def test_explicit_none_turns_a_setting_off_as_hf(base, fused):
+    """An argument passed as None overrides the config and means "off", as in HF: top_k=None samples from the
+    whole vocabulary (not HF's default top-k of 50); max_length=None leaves the default length rule."""
+    ids, mask = left_padded_batch([6, 4], 6, seed=26)
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=True, temperature=3.0, top_k=None)
+    torch.manual_seed(12)
+    ref = base[1].generate(ids, pad_token_id=PAD, **kwargs)
+    torch.manual_seed(12)
+    assert torch.equal(fused.generate(ids, **kwargs), ref)
+    settings = resolve_settings({"max_length": 12}, {"max_length": None}, implemented=SAMPLING_SEARCH, what="test",
+                                prompt_len=5)
+    assert settings.max_length == 5 + 20
+
+
 def test_logits_processing_matches_hf_processors():
     from transformers.generation.logits_process import (
         MinNewTokensLengthLogitsProcessor,

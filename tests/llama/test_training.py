@@ -105,7 +105,7 @@ def test_gradient_checkpointing_with_a_kv_cache_is_exact(base, monkeypatch):
     logits equal a full forward's; the cache is neither dropped nor advanced without its keys."""
     model = LlamaForCausalLM.from_pretrained(base[0], device=DEVICE, attn_implementation="eager").train()
     ids, mask = left_padded_batch([9, 6], 9, seed=31)
-    monkeypatch.setattr(layers, "_warned_cache", False)
+    monkeypatch.setattr(layers, "_warned", set())
 
     def run():
         model.zero_grad()
@@ -134,3 +134,23 @@ def test_gradient_checkpointing_with_a_kv_cache_is_exact(base, monkeypatch):
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
     assert_logits_close(logits, full, mask)
+
+    # use_cache=True without a cache while checkpointing: as HF, no cache is made (one warning), and the layers
+    # really are checkpointed (fewer tensors kept for backward than without checkpointing)
+    def saved_bytes(**kwargs):
+        total = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            out = model(ids, attention_mask=mask, **kwargs)
+        return out, sum(total)
+
+    model.gradient_checkpointing_enable()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, checkpointed_bytes = saved_bytes(use_cache=True)
+    finally:
+        model.gradient_checkpointing_disable()
+    assert out.past_key_values is None
+    assert any("use_cache=True is incompatible" in str(w.message) for w in caught)
+    assert checkpointed_bytes < saved_bytes()[1] / 2
