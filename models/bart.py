@@ -29,6 +29,7 @@ from fusedformers.models.checkpoint import (
 from fusedformers.models.generation import (
     BEAM_SEARCH,
     STOP_CHECK_INTERVAL,
+    check_prompt,
     decoder_prompt,
     generation_defaults_from_model_config,
     resolve_settings,
@@ -559,6 +560,9 @@ class BartForConditionalGeneration(ModelBase):
 
         input_ids/attention_mask ``[B, Ls]``. Returns ``[B * num_return_sequences, P + generated]`` token ids,
         P the decoder prompt length (1: decoder_start_token_id); finished rows are padded with pad_token_id."""
+        check_prompt(input_ids, attention_mask, "input_ids")
+        if decoder_input_ids is not None:
+            check_prompt(decoder_input_ids, None, "decoder_input_ids")
         resolved = resolve_settings(self.generation_config, settings, implemented=BEAM_SEARCH,
                                     what="BART generate (greedy and beam search)",
                                     max_position_embeddings=self.config.max_position_embeddings,

@@ -92,6 +92,22 @@ def check_settings(generation_config, given, implemented, what):
                                       f"set it to {off!r}")
 
 
+def check_prompt(input_ids, attention_mask, name="input_ids"):
+    """ValueError unless ``input_ids`` is a non-empty ``[B, P]`` integer tensor and ``attention_mask`` is None or
+    ``[B, P]`` like it (never broadcast: a ``[1, P]`` mask for a batch of B would silently mask every row alike)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"{name} must be an integer tensor [B, P], got {shape}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"{name} must hold at least one token per row and one row, got shape "
+                         f"{tuple(input_ids.shape)}")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or tuple(attention_mask.shape) != tuple(input_ids.shape)):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"attention_mask must have the shape of {name} {tuple(input_ids.shape)} ([B, P], 1 = token, "
+                         f"0 = padding), got {shape}")
+
+
 @dataclass
 class GenerationSettings:
     """Resolved settings. Lengths count the prompt (``prompt_len`` tokens; the decoder prompt for BART)."""

@@ -30,6 +30,7 @@ from fusedformers.models.checkpoint import (
 from fusedformers.models.cuda_graph import StepGraph
 from fusedformers.models.generation import (
     SAMPLING_SEARCH,
+    check_prompt,
     make_generator,
     resolve_settings,
     sample_loop,
@@ -343,6 +344,7 @@ class LlamaForCausalLM(ModelBase):
         it is recorded once as a CUDA graph and replayed (``static_step``); same tokens."""
         if cache_implementation not in (None, "dynamic", "static"):
             raise ValueError(f"cache_implementation must be None, 'dynamic' or 'static', got {cache_implementation!r}")
+        check_prompt(input_ids, attention_mask)
         batch, prompt_len = input_ids.shape
         token_ids = {k: getattr(self.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         resolved = resolve_settings(self.generation_config, settings, implemented=SAMPLING_SEARCH,

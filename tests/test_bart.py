@@ -548,3 +548,13 @@ def test_bf16_logits_within_hf_bf16_error(hf_checkpoint, source_batch, target_ba
     ours_error = (our_logits[real].double() - reference[real]).abs().max().item()
     hf_error = (hf_logits[real].double() - reference[real]).abs().max().item()
     assert ours_error <= 2 * hf_error + 1e-2, f"bf16 logits error {ours_error:.3e} vs HF bf16's {hf_error:.3e}"
+
+
+def test_generate_checks_its_inputs(models, source_batch):
+    ids, mask = source_batch
+    with pytest.raises(ValueError, match="input_ids must hold at least one token"):
+        models["eager"].generate(ids[:0], attention_mask=mask[:0], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids"):
+        models["eager"].generate(ids, attention_mask=mask[:1], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"decoder_input_ids must be an integer tensor \[B, P\]"):
+        models["eager"].generate(ids, attention_mask=mask, decoder_input_ids=ids[0, :2], max_new_tokens=2)

@@ -272,3 +272,21 @@ def test_logits_processing_matches_hf_processors():
     torch.testing.assert_close(process_scores(generated, logits, settings), expected)
     torch.testing.assert_close(process_scores(torch.zeros(4, 7, dtype=torch.long), logits, settings), logits)
     assert torch.equal(pick_next_token(logits), logits.argmax(-1))
+
+
+def test_generate_checks_its_inputs(eager):
+    """A mask is never broadcast or sliced to fit: wrong shapes, a 1-D mask, an empty batch and a fractional
+    length are clear errors naming the argument (before: silent broadcast, 'expanded size', IndexError, or a
+    silently truncated max_new_tokens)."""
+    ids, mask = left_padded_batch([5, 3], 5, seed=27)
+    bad_masks = {"one row for two": mask[:1], "one position too many": torch.cat([mask, mask[:, :1]], 1),
+                 "1-D": mask[0]}
+    for what, bad in bad_masks.items():
+        with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(2, 5\)"):
+            eager.generate(ids, attention_mask=bad, max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids must hold at least one token"):
+        eager.generate(ids[:0], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"input_ids must be an integer tensor \[B, P\]"):
+        eager.generate(ids[0], max_new_tokens=2)
+    with pytest.raises(TypeError, match="max_new_tokens must be an int, got 2.5"):
+        eager.generate(ids, attention_mask=mask, max_new_tokens=2.5)
