@@ -264,7 +264,8 @@ class LlamaForCausalLM(ModelBase):
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
                 use_cache=False, logits_to_keep=0, max_cache_len=None):
         """input_ids ``[B, L]``; attention_mask ``[B, past + L]`` (HF's 1 = token, 0 = padding; left padding);
-        position_ids ``[B, L]`` (default: from the mask, see ``positions_from_mask``); past_key_values: a KVCache
+        position_ids ``[B, L]`` (default ``past + 0 … L-1`` whatever the mask, as HF's forward; ``generate``
+        passes the mask's positions, ``positions_from_mask``, as HF's generate does); past_key_values: a KVCache
         that this call appends to (in place; it grows when continued past its size); use_cache without one
         allocates a KVCache of ``max_cache_len`` (default L) positions; labels ``[B, L]`` → mean cross-entropy
         of token t+1 given tokens ≤ t, -100 ignored; logits_to_keep > 0 computes logits of the last that many
@@ -287,7 +288,7 @@ class LlamaForCausalLM(ModelBase):
         if attention_mask is not None and attention_mask.dtype.is_floating_point:
             attention_mask = attention_mask != 0  # HF also takes 1.0 / 0.0 masks; the kernels read bool or int
         if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, past_len, q_len, batch, input_ids.device)
+            position_ids = positions_from_mask(None, past_len, q_len, batch, input_ids.device)
         cache_position = None
         if cache is not None:
             cache.reserve(past_len + q_len)  # a cache continued past its size grows, like HF's dynamic cache

@@ -54,7 +54,7 @@ def hf_positions(mask):
 
 def hf_logits(hf, ids, mask):
     with torch.no_grad():
-        return hf(ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
+        return hf(ids, attention_mask=mask).logits  # HF's forward: positions 0 ... L-1, as ours
 
 
 def assert_logits_close(ours, ref, mask):

@@ -13,6 +13,7 @@ from tests.llama.common import (
     TINY,
     assert_logits_close,
     hf_logits,
+    hf_positions,
     left_padded_batch,
 )
 
@@ -24,10 +25,27 @@ def test_logits_match_hf_left_padded(base, impl):
     model = LlamaForCausalLM.from_pretrained(path, device=DEVICE, attn_implementation=impl)
     ids, mask = left_padded_batch([12, 9, 4], 12)
     with torch.no_grad():
-        ours = model(ids, attention_mask=mask).logits  # positions from the mask, as HF's generate
+        ours = model(ids, attention_mask=mask).logits  # positions 0 ... L-1, as HF's forward
     assert ours.shape == (3, 12, TINY["vocab_size"])
     assert torch.isfinite(ours).all()
     assert_logits_close(ours, hf_logits(hf, ids, mask), mask)
+
+
+def test_default_positions_are_hfs_whatever_the_mask(base):
+    """forward's default position ids are 0 ... L-1 (HF's forward), not the mask's running count: a mask with a
+    hole or with values of 2 gives HF's logits (before: off by up to 4.2); explicit position_ids still rule."""
+    path, hf = base
+    model = LlamaForCausalLM.from_pretrained(path, device=DEVICE, attn_implementation="eager")
+    ids, mask = left_padded_batch([10, 10], 10, seed=28)
+    mask[0, 4:6] = 0   # a hole
+    mask[1, 3] = 2     # HF reads any nonzero value as a token
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+        reference = hf(ids, attention_mask=mask).logits
+        assert_logits_close(ours, reference, mask != 0)
+        positions = hf_positions((mask != 0).long())
+        assert_logits_close(model(ids, attention_mask=mask, position_ids=positions).logits,
+                            hf(ids, attention_mask=mask, position_ids=positions).logits, mask != 0)
 
 
 def test_mask_dtypes_give_the_same_logits(fused):

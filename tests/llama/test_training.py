@@ -14,7 +14,6 @@ from tests.llama.common import (
     PAD,
     assert_logits_close,
     hf_grads,
-    hf_positions,
     left_padded_batch,
     loss_inputs,
     make_checkpoint,
@@ -28,7 +27,7 @@ def trained(base):
     path, hf = base
     ids, mask, labels = loss_inputs()
     hf.zero_grad()
-    ref = hf(ids, attention_mask=mask, position_ids=hf_positions(mask), labels=labels).loss
+    ref = hf(ids, attention_mask=mask, labels=labels).loss
     ref.backward()
     ref_grads = {k: g.clone() for k, g in hf_grads(hf).items()}
     hf.zero_grad()
