@@ -24,6 +24,7 @@ from fusedformers.models import beam_search
 from fusedformers.models.base import ModelBase
 from fusedformers.models.checkpoint import (
     assign_state_dict,
+    check_config_values,
     save_safetensors,
 )
 from fusedformers.models.generation import (
@@ -79,6 +80,12 @@ class BartConfig:
     attn_implementation: str = "fused"
 
     def __post_init__(self):
+        check_config_values(vars(self), positive_ints=("vocab_size", "d_model", "encoder_attention_heads",
+                                                       "decoder_attention_heads", "encoder_ffn_dim",
+                                                       "decoder_ffn_dim", "max_position_embeddings"),
+                            nonnegative_ints=("encoder_layers", "decoder_layers"),
+                            probabilities=("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop",
+                                           "decoder_layerdrop"))
         if self.activation_function not in ACTIVATIONS:
             raise ValueError(f"unsupported activation_function {self.activation_function!r}; "
                              f"supported: {sorted(ACTIVATIONS)}")

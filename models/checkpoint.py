@@ -29,37 +29,75 @@ def read_json(path):
             raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
+def read_json_object(path):
+    """A JSON file that must hold an object (a dict); ValueError naming the file otherwise."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object ({{...}}), got a {type(value).__name__}")
+    return value
+
+
 def load_config_dict(model_dir):
     """The model's config.json as a dict."""
     path = os.path.join(os.fspath(model_dir), CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{CONFIG_NAME} not found: looked for {path}")
-    return read_json(path)
+    return read_json_object(path)
 
 
 def load_generation_config(model_dir):
     """generation_config.json as a dict, or {} when the directory has none."""
     path = os.path.join(os.fspath(model_dir), GENERATION_CONFIG_NAME)
-    return read_json(path) if os.path.isfile(path) else {}
+    return read_json_object(path) if os.path.isfile(path) else {}
 
 
 def safetensors_files(model_dir):
-    """Paths of the weight files: model.safetensors, or the shards named in model.safetensors.index.json."""
+    """(paths of the weight files, weight_map): model.safetensors and None, or the shards named in
+    model.safetensors.index.json and its ``weight_map`` ({tensor name: shard file name})."""
     model_dir = os.fspath(model_dir)
     single = os.path.join(model_dir, WEIGHTS_NAME)
     if os.path.isfile(single):
-        return [single]
+        return [single], None
     index_path = os.path.join(model_dir, WEIGHTS_INDEX_NAME)
     if os.path.isfile(index_path):
-        weight_map = read_json(index_path).get("weight_map")
+        weight_map = read_json_object(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index_path} has no 'weight_map'")
-        shards = [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
+        names = set(weight_map.values())
+        if not all(isinstance(name, str) and name == os.path.basename(name) for name in names):
+            raise ValueError(f"{index_path}: weight_map values must be shard file names in {model_dir}")
+        shards = [os.path.join(model_dir, name) for name in sorted(names)]
         missing = [s for s in shards if not os.path.isfile(s)]
         if missing:
             raise FileNotFoundError(f"shards listed in {index_path} are missing: {missing}")
-        return shards
+        return shards, weight_map
     raise FileNotFoundError(f"no weights in {model_dir}: looked for {WEIGHTS_NAME} and {WEIGHTS_INDEX_NAME}")
+
+
+def check_config_values(values, positive_ints=(), nonnegative_ints=(), probabilities=(), positive_numbers=()):
+    """ValueError naming the config.json field whose value has the wrong type or range (``values``: field ->
+    value; fields absent from it are not checked): before a wrong value reaches ``torch.empty`` or a division."""
+    def fail(name, what):
+        raise ValueError(f"config.json field {name!r} must be {what}, got {values[name]!r}")
+
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for name in positive_ints:
+        if name in values and not (is_int(values[name]) and values[name] > 0):
+            fail(name, "a positive integer")
+    for name in nonnegative_ints:
+        if name in values and not (is_int(values[name]) and values[name] >= 0):
+            fail(name, "an integer >= 0")
+    for name in probabilities:
+        if name in values and not (is_number(values[name]) and 0.0 <= values[name] <= 1.0):
+            fail(name, "a number in [0, 1]")
+    for name in positive_numbers:
+        if name in values and not (is_number(values[name]) and values[name] > 0):
+            fail(name, "a positive number")
 
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -94,20 +132,30 @@ def resolve_dtype(dtype, config_dict):
 def load_safetensors_state_dict(model_dir, device="cpu", dtype=None):
     """Read every tensor of the checkpoint, each loaded directly on ``device``; floating tensors cast to ``dtype``
     (when given; else to the dtype of the first floating tensor, so that the model has one dtype),
-    integer/bool tensors kept as stored. Returns ``{name: tensor}``."""
+    integer/bool tensors kept as stored. A sharded checkpoint's index must say where every tensor is: a tensor
+    in another shard than its ``weight_map`` entry, or an entry no shard holds, is a ValueError naming the index.
+    Returns ``{name: tensor}``."""
     device = str(torch.device(device))
     state_dict = {}
-    for path in safetensors_files(model_dir):
+    paths, weight_map = safetensors_files(model_dir)
+    index_path = os.path.join(os.fspath(model_dir), WEIGHTS_INDEX_NAME)
+    for path in paths:
         with safe_open(path, framework="pt", device=device) as f:
             for name in f.keys():
                 if name in state_dict:
                     raise ValueError(f"tensor {name!r} appears in more than one shard ({path})")
+                if weight_map is not None and weight_map.get(name) != os.path.basename(path):
+                    raise ValueError(f"{index_path}: weight_map puts {name!r} in {weight_map.get(name)!r}, but "
+                                     f"{os.path.basename(path)} holds it")
                 tensor = f.get_tensor(name)
                 if dtype is None and tensor.is_floating_point():
                     dtype = tensor.dtype
                 if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                     tensor = tensor.to(dtype)
                 state_dict[name] = tensor
+    if weight_map is not None and set(weight_map) - set(state_dict):
+        raise ValueError(f"{index_path}: weight_map lists tensors no shard holds: "
+                         f"{sorted(set(weight_map) - set(state_dict))}")
     return state_dict
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fusedformers.models.checkpoint import check_config_values
 from fusedformers.models.generation import GENERATION_KEYS
 from fusedformers.models.layers import ACTIVATIONS
 
@@ -72,6 +73,10 @@ class LlamaConfig:
         if absent:
             raise ValueError(f"config.json lacks required fields {absent}")
         args = {k: d.pop(k) for k in required}
+        check_config_values({**args, **{k: d[k] for k in ("num_key_value_heads", "head_dim") if d.get(k) is not None}},
+                            positive_ints=required[:2] + ["intermediate_size", "num_attention_heads",
+                                                          "num_key_value_heads", "head_dim"],
+                            nonnegative_ints=["num_hidden_layers"])
         num_heads = args["num_attention_heads"]
         args["num_key_value_heads"] = d.pop("num_key_value_heads", None) or num_heads
         args["head_dim"] = d.pop("head_dim", None) or args["hidden_size"] // num_heads
@@ -85,6 +90,8 @@ class LlamaConfig:
                 value = d.pop(name)
                 if value is not None or name.endswith("token_id"):
                     args[name] = value
+        check_config_values(args, positive_ints=["max_position_embeddings"], probabilities=["attention_dropout"],
+                            positive_numbers=["rms_norm_eps"])
         if args.get("hidden_act", "silu") not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {args['hidden_act']!r}; supported: {sorted(ACTIVATIONS)}")
         args["rope_parameters"] = parse_rope(d.pop("rope_parameters", None), d.pop("rope_scaling", None),

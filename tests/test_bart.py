@@ -510,7 +510,11 @@ def test_unsupported_generation_settings_are_errors(setting, models, source_batc
     ({"tie_word_embeddings": False}, "untied"),
     ({"activation_function": "swiglu_unknown"}, "activation_function"),
     ({"encoder_attention_heads": 5}, "divisible"),
-], ids=["mbart", "normalize_before", "add_final_layer_norm", "untied", "unknown_activation", "heads_not_dividing"])
+    ({"d_model": "64"}, "config.json field 'd_model' must be a positive integer"),
+    ({"decoder_attention_heads": 0}, "config.json field 'decoder_attention_heads' must be a positive integer"),
+    ({"dropout": -0.1}, r"config.json field 'dropout' must be a number in \[0, 1\]"),
+], ids=["mbart", "normalize_before", "add_final_layer_norm", "untied", "unknown_activation", "heads_not_dividing",
+        "d_model-str", "heads-zero", "dropout-negative"])
 def test_config_rejects_unsupported_variants(change, message, hf_checkpoint):
     path, _ = hf_checkpoint
     config = json.loads((path / "config.json").read_text())

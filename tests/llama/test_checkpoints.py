@@ -338,3 +338,53 @@ def test_assign_state_dict_reports_everything_at_once():
     renamed = {"first." + k[2:] if k.startswith("0.") else k: v for k, v in good.items()}
     assign_state_dict(module, renamed, aliases={"first.weight": "0.weight", "first.bias": "0.bias"})
     assert module[0].weight is not None and module[0].weight.data_ptr() == good["0.weight"].data_ptr()
+
+
+def _shard(tmp_path, base):
+    base[1].save_pretrained(str(tmp_path), max_shard_size="40KB")
+    index_path = tmp_path / "model.safetensors.index.json"
+    return index_path, json.loads(index_path.read_text())
+
+
+def test_index_weight_map_must_match_the_shards(tmp_path, base):
+    """A sharded checkpoint's index is checked against the shards (before: ignored): a tensor listed in the
+    wrong shard, or listed and held by none, is an error naming the index."""
+    index_path, index = _shard(tmp_path, base)
+    held = {}
+    for tensor_name, shard in index["weight_map"].items():
+        held.setdefault(shard, []).append(tensor_name)
+    crowded = next(shard for shard, names in sorted(held.items()) if len(names) > 1)  # still read once moved
+    other = next(shard for shard in sorted(held) if shard != crowded)
+    name = held[crowded][0]
+    wrong = json.loads(json.dumps(index))
+    wrong["weight_map"][name] = other
+    index_path.write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match=rf"weight_map puts '{name}' in '{other}', but {crowded} holds it"):
+        LlamaForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager")
+    extra = json.loads(json.dumps(index))
+    extra["weight_map"]["model.layers.9.mlp.up_proj.weight"] = crowded
+    index_path.write_text(json.dumps(extra))
+    with pytest.raises(ValueError, match=r"weight_map lists tensors no shard holds: \['model.layers.9"):
+        LlamaForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager")
+
+
+@pytest.mark.parametrize("file_name", ["config.json", "generation_config.json"])
+def test_json_files_must_hold_objects(broken, file_name):
+    (broken / file_name).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=rf"{file_name} must hold a JSON object"):
+        LlamaForCausalLM.from_pretrained(str(broken), attn_implementation="eager")
+
+
+@pytest.mark.parametrize("field,value,what", [("hidden_size", "64", "a positive integer"),
+                                              ("num_attention_heads", 0, "a positive integer"),
+                                              ("num_key_value_heads", 2.0, "a positive integer"),
+                                              ("num_hidden_layers", -1, "an integer >= 0"),
+                                              ("rms_norm_eps", 0, "a positive number"),
+                                              ("attention_dropout", 1.5, r"a number in \[0, 1\]")],
+                         ids=["hidden_size-str", "heads-zero", "kv_heads-float", "layers-negative", "eps-zero",
+                              "dropout-above-1"])
+def test_config_values_of_the_wrong_type_or_range(broken, field, value, what):
+    """Before: errors from torch.empty or a ZeroDivisionError; now the field, what it must be and its value."""
+    edit_config(str(broken), lambda c: c.update({field: value}))
+    with pytest.raises(ValueError, match=rf"config.json field '{field}' must be {what}, got {value!r}"):
+        LlamaForCausalLM.from_pretrained(str(broken), attn_implementation="eager")
