@@ -63,6 +63,12 @@ def main(argv=None):
     if not has_gpu and not args.dry_run:
         print("No CUDA GPU: no timings. Running the CPU smoke check (Triton interpreter, tiny shapes); "
               "the sweep needs a GPU (or try --dry-run to exercise its code paths on CPU).", flush=True)
+        ignored = [flag for flag, value in (("--quick", args.quick), ("--only", args.only),
+                                             ("--autotune", args.autotune), ("--budget-s", args.budget_s),
+                                             ("--results-dir", args.results_dir)) if value]
+        if ignored:
+            print(f"note: {', '.join(ignored)} apply to the GPU sweep and --dry-run; the smoke check ignores them",
+                  flush=True)
         from fusedformers.bench import smoke
         return 0 if smoke.run() else 1
     return sweep(args, "cuda" if has_gpu else "cpu")
