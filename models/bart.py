@@ -29,6 +29,7 @@ from fusedformers.models.checkpoint import (
 )
 from fusedformers.models.generation import (
     BEAM_SEARCH,
+    INITIAL_ROOM,
     STOP_CHECK_INTERVAL,
     check_prompt,
     decoder_prompt,
@@ -354,7 +355,10 @@ class BartDecoder(_Stack):
         if encoder_attention_mask is not None and encoder_attention_mask.dtype != torch.bool:
             encoder_attention_mask = encoder_attention_mask != 0
         past_len = cache.length if cache is not None else 0
-        cache_position = cache.next_positions(input_ids.shape[1]) if cache is not None else None
+        cache_position = None
+        if cache is not None:
+            cache.reserve(past_len + input_ids.shape[1])  # a cache continued past its size grows
+            cache_position = cache.next_positions(input_ids.shape[1])
         hidden = self._embed(input_ids, past_len)
         for layer in self.layers:
             if self._skip_layer():
@@ -576,7 +580,9 @@ class BartForConditionalGeneration(ModelBase):
                                     decoder_input_ids=decoder_input_ids)
         prompt = decoder_prompt(resolved, input_ids.shape[0], decoder_input_ids, input_ids.device)
         expand = max(resolved.num_beams, resolved.num_return_sequences)
-        state = self.prepare_decoding(input_ids, attention_mask, expand, resolved.max_length)
+        # the self-attention cache starts with room for a first stretch of tokens and grows (doubling)
+        state = self.prepare_decoding(input_ids, attention_mask, expand,
+                                      min(resolved.max_length, prompt.shape[1] + INITIAL_ROOM))
 
         def step(tokens):
             return self.decode_step(tokens, state)

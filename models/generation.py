@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import torch
 
 STOP_CHECK_INTERVAL = 8  # the loop asks the GPU whether every row has finished once per this many steps
+# generation buffers (KV caches, tokens, masks) start with room for the prompt and this many new tokens and
+# double as needed, so max_new_tokens=10**6 with an early eos does not allocate for a million positions
+INITIAL_ROOM = 64
 
 # HF GenerationConfig's global defaults for the settings implemented here
 HF_DEFAULTS = {"max_length": 20, "min_length": 0, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
@@ -331,6 +334,16 @@ def pick_next_token(scores, do_sample=False, generator=None):
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
+def with_room(buffer, length, fill):
+    """``buffer [B, C]`` itself when ``C >= length``, else a copy at least twice as wide (and at least
+    ``length``) whose new columns hold ``fill``."""
+    if buffer.shape[1] >= length:
+        return buffer
+    grown = buffer.new_full((buffer.shape[0], max(length, 2 * buffer.shape[1])), fill)
+    grown[:, :buffer.shape[1]] = buffer
+    return grown
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The greedy / sampling loop
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,7 +357,8 @@ def sample_loop(step, prompt, settings, generator=None, stop_check_interval=STOP
     batch, prompt_len = prompt.shape
     total = settings.max_length
     pad = settings.pad_token_id if settings.pad_token_id is not None else 0  # pad is only written after an eos
-    sequences = torch.full((batch, total), pad, dtype=prompt.dtype, device=prompt.device)
+    sequences = torch.full((batch, min(total, prompt_len + INITIAL_ROOM)), pad, dtype=prompt.dtype,
+                           device=prompt.device)  # grows (with_room) as tokens come
     sequences[:, :prompt_len] = prompt
     eos = torch.tensor(settings.eos_token_ids, dtype=prompt.dtype, device=prompt.device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=prompt.device)
@@ -356,6 +370,7 @@ def sample_loop(step, prompt, settings, generator=None, stop_check_interval=STOP
         next_token = pick_next_token(scores, settings.do_sample, generator)
         if eos.numel():
             next_token = torch.where(unfinished, next_token, torch.full_like(next_token, pad))
+        sequences = with_room(sequences, length + 1, pad)
         sequences[:, length] = next_token
         length += 1
         if eos.numel():

@@ -29,11 +29,13 @@ from fusedformers.models.checkpoint import (
 )
 from fusedformers.models.cuda_graph import StepGraph
 from fusedformers.models.generation import (
+    INITIAL_ROOM,
     SAMPLING_SEARCH,
     check_prompt,
     make_generator,
     resolve_settings,
     sample_loop,
+    with_room,
 )
 from fusedformers.models.kv_cache import KVCache
 from fusedformers.models.layers import ACTIVATIONS, CheckpointedLayer, warn_once
@@ -360,22 +362,26 @@ class LlamaForCausalLM(ModelBase):
             else:
                 attention_mask = torch.ones_like(input_ids)
         total = resolved.max_length
-        mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=input_ids.device)
-        mask[:, :prompt_len] = attention_mask
         # one host sync here instead of one per step: without padding the kernels need no mask at all
         padded = bool((attention_mask == 0).any())
-        static = self._static_decoding(batch, total, mask, prompt_len) if cache_implementation == "static" else None
-        cache = static.cache if static is not None else self.new_kv_cache(batch, total)
+        if cache_implementation == "static":  # fixed shapes: the whole length up front
+            static = self._static_decoding(batch, total, attention_mask)
+            cache = static.cache
+        else:  # room for the prompt and a first stretch of tokens; forward grows it (doubling)
+            static = None
+            cache = self.new_kv_cache(batch, min(total, prompt_len + INITIAL_ROOM))
+        mask = attention_mask  # [B, length]: the prompt's mask, then 1 for every generated token
         positions = positions_from_mask(attention_mask, 0, prompt_len, batch, input_ids.device)
 
         def step(tokens):
-            nonlocal positions
+            nonlocal positions, mask
             if cache.length == 0:
-                return self.prefill(tokens, mask[:, :prompt_len] if padded else None, positions, cache)
+                return self.prefill(tokens, mask if padded else None, positions, cache)
             positions = positions[:, -1:] + 1
             if static is not None:
                 return self.static_step(static, tokens, positions)
             length = cache.length + 1
+            mask = with_room(mask, length, 1)
             return self.decode_step(tokens, mask[:, :length] if padded else None, positions, cache)
 
         return sample_loop(step, input_ids, resolved, generator)
@@ -412,7 +418,7 @@ class LlamaForCausalLM(ModelBase):
         x, _ = self.norm(x, residual)
         return self.lm_head(x)[:, -1]
 
-    def _static_decoding(self, batch, total, mask, prompt_len):
+    def _static_decoding(self, batch, total, attention_mask):
         """The :class:`StaticDecoding` of ``cache_implementation="static"``, kept on the model and reused by the
         next ``generate`` with the same batch size, length, dtype, device, implementation and parameter storage
         (HF keeps its static cache too; ``release_static_cache()`` frees it). On CUDA the step is a replayed
@@ -433,7 +439,8 @@ class LlamaForCausalLM(ModelBase):
             state.step = StepGraph(lambda: self._fixed_shape_step(state), graph_device)
             self._static_state = state
         state.cache.reset()
-        state.key_mask.copy_(mask != 0)
+        prompt_len = attention_mask.shape[1]
+        state.key_mask[:, :prompt_len] = attention_mask != 0
         state.key_mask[:, prompt_len:] = False  # positions not generated yet
         return state
 

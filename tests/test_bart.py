@@ -562,3 +562,21 @@ def test_generate_checks_its_inputs(models, source_batch):
         models["eager"].generate(ids, attention_mask=mask[:1], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"decoder_input_ids must be an integer tensor \[B, P\]"):
         models["eager"].generate(ids, attention_mask=mask, decoder_input_ids=ids[0, :2], max_new_tokens=2)
+
+
+def test_growing_decoder_cache_matches_hf(hf_checkpoint, models, source_batch, monkeypatch):
+    """The decoder's self-attention cache starts with room for a few tokens and doubles (here from 2), for
+    greedy and beams: HF's tokens; a huge max_new_tokens does not allocate for all of it up front."""
+    monkeypatch.setattr("fusedformers.models.bart.INITIAL_ROOM", 2)
+    _, hf = hf_checkpoint
+    ids, mask = source_batch
+    sizes = []
+    model = models["eager"]
+    new_kv_cache = model.new_kv_cache
+    monkeypatch.setattr(model, "new_kv_cache", lambda batch, max_len: sizes.append(max_len) or
+                        new_kv_cache(batch, max_len))
+    for kwargs in (dict(max_new_tokens=8), dict(num_beams=3, max_new_tokens=8, length_penalty=2.0)):
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+        actual = model.generate(ids, attention_mask=mask, **kwargs)
+        assert torch.equal(actual, expected), f"{kwargs}\nours {actual}\nHF   {expected}"
+    assert sizes == [3, 3]

@@ -17,6 +17,7 @@ from tests.llama.common import (
     PAD,
     edit_config,
     hf_greedy,
+    hf_positions,
     left_padded_batch,
 )
 
@@ -290,3 +291,30 @@ def test_generate_checks_its_inputs(eager):
         eager.generate(ids[0], max_new_tokens=2)
     with pytest.raises(TypeError, match="max_new_tokens must be an int, got 2.5"):
         eager.generate(ids, attention_mask=mask, max_new_tokens=2.5)
+
+
+def test_a_huge_max_new_tokens_allocates_as_it_goes(base, eager, monkeypatch):
+    """max_new_tokens=10**6 with an eos at the first step: the KV cache is made for the prompt and a first
+    stretch (and would double as needed), not for a million positions (before: 1.37 GB for this tiny model);
+    the tokens are HF's. The growth itself: test_growing_generation_matches_hf."""
+    sizes = []
+    new_kv_cache = eager.new_kv_cache
+    monkeypatch.setattr(eager, "new_kv_cache", lambda batch, max_len: sizes.append(max_len) or
+                        new_kv_cache(batch, max_len))
+    ids, mask = left_padded_batch([6, 4], 6, seed=29)
+    with torch.no_grad():
+        first = eager(ids, attention_mask=mask, position_ids=hf_positions(mask)).logits[:, -1].argmax(-1)
+    eos = sorted(set(first.tolist()))
+    ours = eager.generate(ids, attention_mask=mask, max_new_tokens=10**6, eos_token_id=eos, pad_token_id=PAD)
+    assert ours.shape == (2, 7) and sizes and max(sizes) <= 6 + 64
+    assert torch.equal(ours, hf_greedy(base[1], ids, mask, eos_token_id=eos, max_new_tokens=10**6))
+
+
+def test_growing_generation_matches_hf(base, eager, monkeypatch):
+    """Buffers that start small and double (here from room for 2 new tokens) give HF's tokens."""
+    from fusedformers.models import generation
+    monkeypatch.setattr(generation, "INITIAL_ROOM", 2)
+    monkeypatch.setattr("fusedformers.models.llama.INITIAL_ROOM", 2)
+    ids, mask = left_padded_batch([7, 4], 7, seed=30)
+    ours = eager.generate(ids, attention_mask=mask, max_new_tokens=11, eos_token_id=[], pad_token_id=PAD)
+    assert torch.equal(ours, hf_greedy(base[1], ids, mask, eos_token_id=None, max_new_tokens=11))
