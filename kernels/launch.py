@@ -5,6 +5,7 @@ every argument (~1-2 µs each); a decode step calls a launcher per layer, and th
 per call, so plain versions are used on the host instead.
 """
 import contextlib
+import functools
 
 import torch
 
@@ -24,8 +25,18 @@ def device_context(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=None)
+def _stride_names(name, dims):
+    return tuple(f"stride_{name}{dim}" for dim in dims)
+
+
 def strides(name, t, dims):
     """``t``'s strides as named kernel arguments, so that a launch cannot pass two of them in the wrong order:
     ``strides("q", q, "bhmd")`` is ``{"stride_qb": q.stride(0), "stride_qh": ..., "stride_qm": ...,
-    "stride_qd": q.stride(3)}``; ``dims`` names every dimension of ``t``."""
-    return {f"stride_{name}{dim}": stride for dim, stride in zip(dims, t.stride(), strict=True)}
+    "stride_qd": q.stride(3)}``; ``dims`` names every dimension of ``t``. The names are built once per
+    (name, dims): a launcher calls this several times per launch, on the decode path's host budget."""
+    names = _stride_names(name, dims)
+    values = t.stride()
+    if len(values) != len(names):
+        raise ValueError(f"strides({name!r}): {len(names)} dimension names {dims!r} for a {len(values)}-D tensor")
+    return dict(zip(names, values))
