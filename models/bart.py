@@ -25,6 +25,7 @@ from fusedformers.models.base import ModelBase
 from fusedformers.models.checkpoint import (
     assign_state_dict,
     check_config_values,
+    refuse_unknown_fields,
     save_safetensors,
 )
 from fusedformers.models.generation import (
@@ -42,6 +43,11 @@ from fusedformers.models.layers import ACTIVATIONS, CheckpointedLayer
 from fusedformers.models.ops import check_implementation, ops_for
 
 POSITION_OFFSET = 2  # BART's learned positions are stored shifted by 2 (a fairseq legacy)
+# BART's own bookkeeping fields in HF and fairseq-converted config.json files (see checkpoint.IGNORED_CONFIG_KEYS
+# for those of every model): classification-head and legacy training settings, the extra_pos_embeddings and
+# num_hidden_layers aliases (checked in from_dict)
+BART_IGNORED_KEYS = ("classifier_dropout", "classif_dropout", "output_past", "extra_pos_embeddings",
+                     "num_hidden_layers")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,7 +57,8 @@ POSITION_OFFSET = 2  # BART's learned positions are stored shifted by 2 (a fairs
 class BartConfig:
     """The fields of HF's config.json that the model uses (defaults: HF's ``BartConfig`` defaults).
 
-    ``extra`` keeps every other key of config.json so that :meth:`to_dict` writes them back unchanged.
+    ``extra`` keeps config.json's bookkeeping fields so that :meth:`to_dict` writes them back unchanged; any other
+    field is refused (``checkpoint.refuse_unknown_fields``, the rule LLaMA follows too).
     """
     vocab_size: int = 50265
     d_model: int = 1024
@@ -97,7 +104,8 @@ class BartConfig:
 
     @classmethod
     def from_dict(cls, config_dict):
-        """Build from an HF config.json dict; rejects other model types and the pre-LN / untied variants."""
+        """Build from an HF config.json dict; rejects other model types, the pre-LN / untied variants and fields it
+        does not know."""
         model_type = config_dict.get("model_type")
         if model_type != "bart":
             raise ValueError(f"config.json has model_type {model_type!r}; fusedformers.models.bart loads only 'bart'")
@@ -107,15 +115,25 @@ class BartConfig:
             "static_position_embeddings": (True, "sinusoidal positions (static_position_embeddings=true)"),
             "normalize_embedding": (False, "no embedding LayerNorm (normalize_embedding=false)"),
             "add_bias_logits": (True, "add_bias_logits=true"),
+            "force_bos_token_to_be_generated": (True, "the legacy force_bos_token_to_be_generated=true (set "
+                                                      "generation's forced_bos_token_id instead)"),
             "tie_word_embeddings": (False, "an lm_head untied from the token embedding (tie_word_embeddings=false)"),
         }
         for key, (bad_value, what) in unsupported.items():
             if config_dict.get(key, not bad_value) == bad_value:
                 raise ValueError(f"this BART variant is not supported: {what}; only the post-LN BART of "
                                  f"HF's BartForConditionalGeneration with tied embeddings is implemented")
+        if config_dict.get("extra_pos_embeddings", POSITION_OFFSET) != POSITION_OFFSET:
+            raise ValueError(f"config.json's extra_pos_embeddings must be {POSITION_OFFSET} (BART's learned position "
+                             f"offset), got {config_dict['extra_pos_embeddings']!r}")
+        if config_dict.get("num_hidden_layers", config_dict.get("encoder_layers")) != config_dict.get("encoder_layers"):
+            raise ValueError(f"config.json's num_hidden_layers ({config_dict['num_hidden_layers']!r}) is HF's alias of "
+                             f"encoder_layers ({config_dict.get('encoder_layers')!r}) and must equal it")
         names = {f.name for f in fields(cls)} - {"extra", "attn_implementation"}
         known = {k: v for k, v in config_dict.items() if k in names}
-        extra = {k: v for k, v in config_dict.items() if k not in names}
+        # the variant switches checked above are understood too (at their supported values), and kept
+        extra = refuse_unknown_fields(config_dict, names | {"model_type"}, "BartConfig",
+                                      also_ignored=(*unsupported, *BART_IGNORED_KEYS))
         return cls(**known, extra=extra)
 
     def to_dict(self):

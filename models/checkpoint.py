@@ -11,6 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fusedformers.models.generation import GENERATION_KEYS
+
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -72,6 +74,33 @@ def safetensors_files(model_dir):
             raise FileNotFoundError(f"shards listed in {index_path} are missing: {missing}")
         return shards, weight_map
     raise FileNotFoundError(f"no weights in {model_dir}: looked for {WEIGHTS_NAME} and {WEIGHTS_INDEX_NAME}")
+
+
+# config.json fields that never change a model's computation: HF bookkeeping, training-time settings, and the
+# generation settings config.json may carry (read as generation defaults when a checkpoint has no
+# generation_config.json). Both models keep them (to_dict writes them back) and refuse every other field they do
+# not read: an unknown field might change the model, and a silently different model is worse than an error.
+IGNORED_CONFIG_KEYS = frozenset(GENERATION_KEYS) | frozenset({
+    "architectures", "transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype",
+    "initializer_range", "init_std", "use_cache", "auto_map", "_attn_implementation",
+    "_attn_implementation_autoset", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
+    "use_bfloat16", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder",
+    "is_decoder", "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "finetuning_task",
+    "id2label", "label2id", "num_labels", "_num_labels", "task_specific_params", "problem_type", "tokenizer_class",
+    "prefix", "sep_token_id", "output_scores", "return_dict_in_generate", "gradient_checkpointing",
+})
+
+
+def refuse_unknown_fields(config_dict, understood, model_name, also_ignored=()):
+    """The one rule of both models for config.json fields: those in ``understood`` (read by the model) and the
+    bookkeeping fields (``IGNORED_CONFIG_KEYS``, ``also_ignored``) pass; any other field raises a ValueError
+    naming it, since it might change the computation. Returns the ignored fields (kept and written back)."""
+    ignored = IGNORED_CONFIG_KEYS | frozenset(also_ignored)
+    unknown = sorted(k for k in config_dict if k not in understood and k not in ignored)
+    if unknown:
+        raise ValueError(f"{CONFIG_NAME} fields not understood by fusedformers {model_name}: {unknown} (known "
+                         f"bookkeeping fields are ignored; these might change the model, so they are refused)")
+    return {k: v for k, v in config_dict.items() if k not in understood}
 
 
 def check_config_values(values, positive_ints=(), nonnegative_ints=(), probabilities=(), positive_numbers=()):

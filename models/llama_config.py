@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fusedformers.models.checkpoint import check_config_values
-from fusedformers.models.generation import GENERATION_KEYS
+from fusedformers.models.checkpoint import check_config_values, refuse_unknown_fields
 from fusedformers.models.layers import ACTIVATIONS
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -17,18 +16,8 @@ ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ROPE_KEYS = {"default": (), "linear": ("factor",), "dynamic": ("factor",),
              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
-# config.json fields that do not change the model's computation: HF bookkeeping, training-time init, and the
-# generation settings that config.json may carry (read as generation defaults when a checkpoint has no
-# generation_config.json). Any other unknown field is an error.
-IGNORED_CONFIG_KEYS = frozenset(GENERATION_KEYS) | frozenset({
-    "architectures", "transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype",
-    "initializer_range", "use_cache", "pretraining_tp", "auto_map", "_attn_implementation",
-    "_attn_implementation_autoset", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
-    "use_bfloat16", "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder",
-    "is_decoder", "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "finetuning_task",
-    "id2label", "label2id", "num_labels", "task_specific_params", "problem_type", "tokenizer_class", "prefix",
-    "sep_token_id", "output_scores", "return_dict_in_generate",
-})
+# LLaMA's own bookkeeping fields (see checkpoint.IGNORED_CONFIG_KEYS for those of every model)
+LLAMA_IGNORED_KEYS = ("pretraining_tp",)
 
 
 @dataclass
@@ -99,11 +88,9 @@ class LlamaConfig:
                                              args.get("max_position_embeddings", 2048))
         if d.pop("partial_rotary_factor", 1.0) not in (None, 1.0):
             raise ValueError("partial_rotary_factor != 1 is not supported for LLaMA")
-        unknown = sorted(k for k in d if k not in IGNORED_CONFIG_KEYS)
-        if unknown:
-            raise ValueError(f"config.json fields not understood by fusedformers LlamaConfig: {unknown} (known "
-                             f"bookkeeping fields are ignored; these might change the model, so they are refused)")
-        return cls(**args, extra=d)
+        # every field read above was popped from d: what is left must be bookkeeping
+        extra = refuse_unknown_fields(d, (), "LlamaConfig", also_ignored=LLAMA_IGNORED_KEYS)
+        return cls(**args, extra=extra)
 
     def to_dict(self):
         """HF config.json; RoPE in both spellings (``rope_parameters``, and ``rope_theta`` + ``rope_scaling``)."""

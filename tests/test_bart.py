@@ -513,8 +513,14 @@ def test_unsupported_generation_settings_are_errors(setting, models, source_batc
     ({"d_model": "64"}, "config.json field 'd_model' must be a positive integer"),
     ({"decoder_attention_heads": 0}, "config.json field 'decoder_attention_heads' must be a positive integer"),
     ({"dropout": -0.1}, r"config.json field 'dropout' must be a number in \[0, 1\]"),
+    # one rule with LLaMA: a field the model does not read might change it, so it is refused, named
+    ({"layernorm_embedding_eps": 1e-3}, r"not understood by fusedformers BartConfig: \['layernorm_embedding_eps'\]"),
+    ({"extra_pos_embeddings": 0}, "extra_pos_embeddings must be 2"),
+    ({"num_hidden_layers": 7}, "num_hidden_layers .* must equal"),
+    ({"force_bos_token_to_be_generated": True}, "force_bos_token_to_be_generated"),
 ], ids=["mbart", "normalize_before", "add_final_layer_norm", "untied", "unknown_activation", "heads_not_dividing",
-        "d_model-str", "heads-zero", "dropout-negative"])
+        "d_model-str", "heads-zero", "dropout-negative", "unknown-field", "position-offset", "layers-alias",
+        "legacy-force-bos"])
 def test_config_rejects_unsupported_variants(change, message, hf_checkpoint):
     path, _ = hf_checkpoint
     config = json.loads((path / "config.json").read_text())
@@ -522,9 +528,20 @@ def test_config_rejects_unsupported_variants(change, message, hf_checkpoint):
         BartConfig.from_dict({**config, **change})
 
 
+# the fields of a fairseq-converted BART config.json on the Hub (facebook/bart-large-cnn) that transformers 5 no
+# longer writes: bookkeeping, or variant switches at BART's values; they load and are written back
+LEGACY_BART_FIELDS = {"_num_labels": 3, "add_bias_logits": False, "add_final_layer_norm": False,
+                      "classif_dropout": 0.0, "extra_pos_embeddings": 2, "force_bos_token_to_be_generated": False,
+                      "gradient_checkpointing": False, "normalize_before": False, "normalize_embedding": True,
+                      "output_past": True, "static_position_embeddings": False, "num_hidden_layers": 2,
+                      "no_repeat_ngram_size": 3, "num_beams": 4, "length_penalty": 2.0, "min_length": 56,
+                      "max_length": 142, "early_stopping": True, "prefix": " ",
+                      "task_specific_params": {"summarization": {"num_beams": 4}}}
+
+
 def test_config_round_trip_keeps_hf_fields(hf_checkpoint):
     path, _ = hf_checkpoint
-    config_dict = json.loads((path / "config.json").read_text())
+    config_dict = {**json.loads((path / "config.json").read_text()), **LEGACY_BART_FIELDS}
     config = BartConfig.from_dict(config_dict)
     assert (config.d_model, config.encoder_layers, config.decoder_ffn_dim) == (64, 2, 128)
     assert (config.pad_token_id, config.eos_token_id, config.forced_eos_token_id) == (PAD, EOS, EOS)
