@@ -44,6 +44,9 @@ def parse_args(argv):
                         help="measure the spill-free tile candidates of the attention kernels on the first call of "
                              "each shape class and keep the fastest (FUSEDFORMERS_AUTOTUNE=1); results are "
                              "written as <part>[-quick]-autotune.json with the tiles chosen")
+    parser.add_argument("--proof", action="store_true",
+                        help="the fixed shapes of the one-call GPU proof (bash bench/gpu_check.sh proof) instead of "
+                             "the sweep; results as <part>-proof.json")
     parser.add_argument("--dry-run", action="store_true",
                         help="run every part's code paths once at tiny shapes and print meaningless timings "
                              "(without a GPU: on CPU through Triton's interpreter); checks the sweep itself")
@@ -65,6 +68,7 @@ def main(argv=None):
               "the sweep needs a GPU (or try --dry-run to exercise its code paths on CPU).", flush=True)
         ignored = [flag for flag, value in (("--quick", args.quick), ("--only", args.only),
                                              ("--autotune", args.autotune), ("--budget-s", args.budget_s),
+                                             ("--proof", args.proof),
                                              ("--results-dir", args.results_dir)) if value]
         if ignored:
             print(f"note: {', '.join(ignored)} apply to the GPU sweep and --dry-run; the smoke check ignores them",
@@ -78,7 +82,7 @@ def sweep(args, device):
     from fusedformers.bench import common
     common.raise_compile_limits()
     runner = common.Runner(device, dry_run=args.dry_run, wall_reps=3)
-    meta = common.environment(device, args.quick, args.dry_run, args.autotune)
+    meta = dict(common.environment(device, args.quick, args.dry_run, args.autotune), proof=args.proof)
     results_dir = args.results_dir or (tempfile.mkdtemp(prefix="bench-dry-run-") if args.dry_run
                                        else os.path.join(ROOT, "bench", "results"))
     out_dir = os.path.join(results_dir, common.slug(meta["device"]))
@@ -92,7 +96,10 @@ def sweep(args, device):
     failed, tables = [], []
     for part in args.only or PARTS:
         module = importlib.import_module(f"fusedformers.bench.{part}")
-        shapes = module.DRY_RUN_SHAPES if args.dry_run else module.shapes(args.quick)
+        if args.proof:
+            shapes = [common.dry_run_size(module, s) if args.dry_run else s for s in module.PROOF_SHAPES]
+        else:
+            shapes = module.DRY_RUN_SHAPES if args.dry_run else module.shapes(args.quick)
         writer = common.PartWriter(out_dir, part, meta)
         start = time.perf_counter()
         print(f"\n=== {part}: {len(shapes) * len(module.MODES)} cases", flush=True)

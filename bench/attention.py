@@ -45,6 +45,11 @@ def shapes(quick):
 
 
 DRY_RUN_SHAPES = [dict(dtype="bf16", B=2, H=2, L=48, D=32), dict(dtype="bf16", B=2, H=2, L=48, D=32, dropout=0.1)]
+# the one-call GPU proof (bash bench/gpu_check.sh proof): LLaMA's D=128 at 4k and 16k, BART's D=64 at 4k, against
+# SDPA with HF's mask and FlexAttention (``impls``: the alternatives timed; the others cost minutes to compile)
+PROOF_SHAPES = [dict(dtype="bf16", B=4, H=HEADS, L=4096, D=128, impls=("ours", "sdpa_mask", "flex")),
+                dict(dtype="bf16", B=1, H=HEADS, L=16384, D=128, impls=("ours", "sdpa_mask", "flex")),
+                dict(dtype="bf16", B=2, H=HEADS, L=4096, D=64, impls=("ours", "sdpa_mask", "flex"))]
 
 
 # ------------------------------------------------------------------------------------------ the alternatives

@@ -220,7 +220,7 @@ def make_record(case, ms, notes, checks):
 
 
 # ---------------------------------------------------------------------------------------------------- printing
-def _figure(v):
+def format_figure(v):
     if v is None:
         return "-"
     if v >= 100:
@@ -234,7 +234,7 @@ def progress_line(record, index, total):
     ms, value, ratio = record["ms"], record["value"], record["ratio"]
     parts = [f"[{record['part']} {index}/{total}] {record['label']}"]
     ours = ms.get("ours")
-    head = f"ours {ours:.4g} ms {_figure(value['ours'])} {record['unit']}" if ours else \
+    head = f"ours {ours:.4g} ms {format_figure(value['ours'])} {record['unit']}" if ours else \
         f"ours {record['notes'].get('ours', 'failed')}"
     if record["ours_fraction_of_floor"]:
         head += f" ({100 * record['ours_fraction_of_floor']:.0f}% of floor)"
@@ -246,7 +246,7 @@ def progress_line(record, index, total):
             parts.append(f"{name} {record['notes'].get(name, '-')[:60]}")
         else:
             r = f" (ours x{ratio[name]:.2f})" if ratio[name] else ""
-            parts.append(f"{name} {t:.4g} ms {_figure(value[name])}{r}")
+            parts.append(f"{name} {t:.4g} ms {format_figure(value[name])}{r}")
     if record["checks"]:
         parts.append(" ".join(f"{k}={_check_value(v)}" for k, v in record["checks"].items()))
     return " | ".join(parts)
@@ -267,7 +267,7 @@ def table_rows(records):
     rows = []
     for record in records:
         ours = record["ms"].get("ours")
-        row = [record["label"], f"{ours:.4g}" if ours else "failed", _figure(record["value"].get("ours")),
+        row = [record["label"], f"{ours:.4g}" if ours else "failed", format_figure(record["value"].get("ours")),
                f"{100 * record['ours_fraction_of_floor']:.0f}" if record["ours_fraction_of_floor"] else "-"]
         for name in names:
             if name not in record["ms"]:
@@ -276,7 +276,8 @@ def table_rows(records):
                 row.append(record["notes"].get(name, "-").split(":")[0])
             else:
                 r = record["ratio"][name]
-                row.append(f"{_figure(record['value'][name])} ({r:.2f}x)" if r else _figure(record["value"][name]))
+                figure = format_figure(record["value"][name])
+                row.append(f"{figure} ({r:.2f}x)" if r else figure)
         rows.append(row)
     return header, rows
 
@@ -326,12 +327,13 @@ def environment(device, quick, dry_run, autotune=False):
 
 
 class PartWriter:
-    """Writes ``<dir>/<part>[-quick][-autotune].json`` after every case (a run cut short keeps what it
+    """Writes ``<dir>/<part>[-proof][-quick][-autotune].json`` after every case (a run cut short keeps what it
     measured) and the plot at the end. When $OUT is set (the GPU device tool brings back only $OUT), both are
     also written to ``$OUT/bench-results/<device-slug>/`` as they are made."""
 
     def __init__(self, out_dir, part, meta):
-        self.stem = part + ("-quick" if meta["quick"] else "") + ("-autotune" if meta.get("autotune") else "")
+        self.stem = (part + ("-proof" if meta.get("proof") else "") + ("-quick" if meta["quick"] else "")
+                     + ("-autotune" if meta.get("autotune") else ""))
         self.meta = dict(meta, part=part)
         self.records = []
         self.dirs = [out_dir]
@@ -408,7 +410,7 @@ def plot_records(records, path, title):
         elif len(members) == 1:
             values = [members[0]["value"].get(name) or 0 for name in names]
             bars = ax.bar(names, values, color=[colors[name] for name in names])
-            ax.bar_label(bars, labels=[_figure(v) if v else "n/a" for v in values], fontsize=8)
+            ax.bar_label(bars, labels=[format_figure(v) if v else "n/a" for v in values], fontsize=8)
             ax.tick_params(axis="x", labelsize=8)
         else:
             width = 0.8 / max(1, len(names))
@@ -431,6 +433,17 @@ def plot_records(records, path, title):
     return True
 
 
+def dry_run_size(module, shape):
+    """``shape`` with the sizes (its int fields) of the part's first dry-run shape of the same kind (the same
+    string fields: dtype, model, task, cache): a GPU shape's code paths at a size the CPU can run."""
+    def kind(s):
+        return {k: v for k, v in s.items() if isinstance(v, str)}
+    for small in module.DRY_RUN_SHAPES:
+        if kind(small) == kind(shape):
+            return dict(shape, **{k: v for k, v in small.items() if isinstance(v, int)})
+    raise ValueError(f"{module.NAME}: no dry-run shape of the kind of {shape}")
+
+
 def run_part(module, shapes, runner, writer, budget_s=None):
     """Build and run every case of a part, printing a line per case. A shape whose cases cannot be built (say,
     a model that fails to load) is reported and the next one runs; with ``budget_s``, no new shape starts once
@@ -447,6 +460,13 @@ def run_part(module, shapes, runner, writer, budget_s=None):
             continue
         try:
             for case in module.cases(shape, runner):
+                if "impls" in shape:  # the shape names the alternatives to time (ours always)
+                    unknown = set(shape["impls"]) - set(case.impls)
+                    if unknown:
+                        raise ValueError(f"impls {sorted(unknown)} are not alternatives of {case.label}: "
+                                         f"{sorted(case.impls)}")
+                    case.impls = {name: fn for name, fn in case.impls.items()
+                                  if name == "ours" or name in shape["impls"]}
                 index += 1
                 record = run_case(case, runner)
                 writer.add(record)

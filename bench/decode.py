@@ -42,6 +42,7 @@ def shapes(quick):
 
 
 DRY_RUN_SHAPES = [dict(dtype="bf16", B=2, Hq=4, Hkv=2, S=80, D=32)]
+PROOF_SHAPES = [_shape(32, 8, 1, 8192), _shape(32, 8, 16, 8192)]  # LLaMA-3-8B's heads, an 8k cache
 
 
 def repeat_kv(x, n_rep):

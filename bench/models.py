@@ -57,6 +57,11 @@ def shapes(quick):
     ]
 
 
+# the proof: Llama-3.2-1B-shaped greedy decoding, ours with its default and its static cache
+PROOF_SHAPES = [dict(model="llama", task="greedy", B=1, prompt=128, new=64),
+                dict(model="llama", task="greedy", B=1, prompt=128, new=64, ours_cache="static",
+                     impls=("ours", "hf_sdpa"))]
+
 DRY_RUN_SHAPES = [
     dict(model="llama", task="prefill", B=2, prompt=16),
     dict(model="llama", task="greedy", B=1, prompt=8, new=3),

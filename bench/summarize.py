@@ -1,6 +1,7 @@
 """Markdown summary of recorded benchmark results, for the README::
 
     python -m fusedformers.bench.summarize [RESULTS_DIR] [--readme README.md]
+    python -m fusedformers.bench.summarize [RESULTS_DIR] --proof    # the GPU proof's one table
 
 RESULTS_DIR (default ``bench/results``) holds one folder per device with the ``<part>[-quick][-autotune].json``
 files that ``python -m fusedformers.bench`` writes.
@@ -16,7 +17,7 @@ import os
 import re
 import sys
 
-from fusedformers.bench.common import table_rows
+from fusedformers.bench.common import format_figure, table_rows
 
 START, END = "<!-- bench-summary:start -->", "<!-- bench-summary:end -->"
 PART_ORDER = ("attention", "decode", "rmsnorm", "models")
@@ -53,6 +54,39 @@ def summarize(results_dir):
     return "\n\n".join([legend] + sections)
 
 
+def proof_table(results_dir, include_dry_run=False):
+    """One markdown table of every ``<part>-proof.json`` under ``results_dir/<device>/`` (what
+    ``bash bench/gpu_check.sh proof`` measured): a row per case and alternative with our time and figure, the
+    alternative's, and the ratio (alternative ms / our ms: above 1, ours is faster)."""
+    rows, devices = [], set()
+    for path in sorted(glob.glob(os.path.join(results_dir, "*", "*-proof.json")), key=_part_rank):
+        with open(path) as f:
+            result = json.load(f)
+        if result.get("dry_run") and not include_dry_run:
+            continue
+        devices.add(f"{result['device']}, {result['date'][:10]}, torch {result['versions'].get('torch')}, "
+                    f"triton {result['versions'].get('triton')}" + (" (DRY RUN: not measurements)"
+                                                                     if result.get("dry_run") else ""))
+        for record in result.get("records") or []:
+            ours_ms, unit = record["ms"].get("ours"), record["unit"]
+            ours = f"{ours_ms:.4g} ms, {format_figure(record['value'].get('ours'))} {unit}" if ours_ms else "failed"
+            for name, ms in record["ms"].items():
+                if name == "ours":
+                    continue
+                if ms is None:
+                    theirs, ratio = record["notes"].get(name, "-").split(":")[0], "-"
+                else:
+                    theirs = f"{ms:.4g} ms, {format_figure(record['value'][name])} {unit}"
+                    ratio = f"{record['ratio'][name]:.2f}x" if record["ratio"].get(name) else "-"
+                rows.append([record["part"], record["label"], ours, name, theirs, ratio])
+    if not rows:
+        return "No proof results found."
+    header = ["part", "case", "ours", "baseline", "baseline result", "ratio (baseline ms / ours)"]
+    lines = ["; ".join(sorted(devices)), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def replace_block(text, summary):
     """``text`` with the block between the START and END markers replaced by ``summary``."""
     pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
@@ -67,7 +101,12 @@ def main(argv=None):
     parser.add_argument("results_dir", nargs="?",
                         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--readme", default=None, help="replace the summary block of this file instead of printing")
+    parser.add_argument("--proof", action="store_true", help="print the one table of the GPU proof's results")
+    parser.add_argument("--include-dry-run", action="store_true", help="with --proof: dry-run results too")
     args = parser.parse_args(argv)
+    if args.proof:
+        print(proof_table(args.results_dir, args.include_dry_run))
+        return 0
     summary = summarize(args.results_dir)
     if args.readme is None:
         print(summary)

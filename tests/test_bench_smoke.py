@@ -41,8 +41,8 @@ class _MetaRunner:
 
 
 @pytest.mark.parametrize("part", ["attention", "decode", "rmsnorm"])
-@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
-def test_gpu_sweep_cases_build(part, quick, monkeypatch):
+@pytest.mark.parametrize("sweep", ["quick", "full", "proof"])
+def test_gpu_sweep_cases_build(part, sweep, monkeypatch):
     import importlib
 
     from fusedformers.bench import common
@@ -51,20 +51,23 @@ def test_gpu_sweep_cases_build(part, quick, monkeypatch):
         monkeypatch.setattr(module, "flex_block_mask", lambda mask, heads=None: None)
     runner = _MetaRunner()
     labels = []
-    for shape in module.shapes(quick):
+    shapes = module.PROOF_SHAPES if sweep == "proof" else module.shapes(sweep == "quick")
+    for shape in shapes:
         built = list(module.cases(shape, runner))
         assert [c.mode for c in built] == list(module.MODES)
         for case in built:
             labels.append(case.label)
             assert next(iter(case.impls)) == "ours" and set(case.impls) <= set(module.IMPLS)
+            # the alternatives a proof shape names exist (run_part would refuse the shape otherwise)
+            assert set(shape.get("impls", ())) <= set(case.impls), (shape, sorted(case.impls))
             assert case.amount > 0 and common.floor_ms(case.flops, case.nbytes) > 0
             if part == "attention":
                 b, h, n, d = shape["B"], shape["H"], shape["L"], shape["D"]
-                assert b * n == 16384
+                assert b * n == 16384 or sweep == "proof"
                 assert case.flops == common.attention_flops(b, h, n, n, d, True, case.mode == "fwd+bwd")
                 # HF eager's [B, H, L, L] intermediates: only fwd+bwd at L = 16k exceeds 79 GiB
                 assert ("hf_eager" in case.skipped) == (case.mode == "fwd+bwd" and n == 16384), case.label
-    assert len(labels) == len(set(labels)) == len(module.shapes(quick)) * len(module.MODES)
+    assert len(labels) == len(set(labels)) == len(shapes) * len(module.MODES)
 
 
 @pytest.mark.slow
@@ -83,6 +86,45 @@ def test_bench_dry_run_writes_results(tmp_path):
         for record in result["records"]:
             assert record["ms"]["ours"] is not None, record["notes"]
             assert list(record["ratio"]) == [n for n in record["ms"] if n != "ours"]
+
+
+@pytest.mark.slow
+def test_gpu_proof_dry_run(tmp_path):
+    """``bash bench/gpu_check.sh proof --dry-run``: every step of the one-call GPU proof (test selection, fuzzer,
+    kernel and model benchmarks at their proof shapes' code paths, the one summary table) runs on CPU."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OUT=str(tmp_path),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "proof", "--dry-run"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "proof: every step passed" in proc.stdout, proc.stdout[-5000:] + proc.stderr
+    summary = (tmp_path / "proof-summary.md").read_text()
+    assert "DRY RUN" in summary
+    rows = [line.split(" | ") for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert {row[0].strip("| ") for row in rows} == {"attention", "decode", "rmsnorm", "models"}, summary
+    baselines = {row[3] for row in rows}
+    assert {"sdpa_mask", "flex", "hf_repeat+sdpa_mask", "hf_eager", "hf_sdpa"} <= baselines, summary
+    for step in ("tests", "fuzz", "kernels", "models"):
+        assert (tmp_path / f"proof-{step}.log").stat().st_size > 0
+
+
+def test_run_part_refuses_unknown_alternatives(tmp_path):
+    """A shape naming an alternative its part does not have fails loudly instead of timing ours alone."""
+    from fusedformers.bench import common
+
+    class FakePart:
+        MODES = ("fwd",)
+
+        @staticmethod
+        def cases(shape, runner):
+            yield common.Case("fake", "fwd", "case", "g", None, {}, {"ours": lambda: None, "sdpa": lambda: None},
+                              "tok/s", 1.0)
+
+    runner = common.Runner("cpu", dry_run=True, wall_reps=1)
+    writer = common.PartWriter(str(tmp_path), "fake", dict(quick=False, dry_run=True, proof=True))
+    problems = common.run_part(FakePart, [dict(impls=("ours", "sdpa_typo"))], runner, writer)
+    assert len(problems) == 1 and "sdpa_typo" in problems[0], problems
+    assert common.run_part(FakePart, [dict(impls=("sdpa",))], runner, writer) == []
+    assert list(writer.records[0]["ms"]) == ["ours", "sdpa"] and writer.json_path.endswith("fake-proof.json")
 
 
 def test_run_part_isolates_failing_shapes_and_keeps_to_its_budget(tmp_path):
