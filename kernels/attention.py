@@ -22,9 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedformers.kernels.checks import MAX_BATCH, check_attention_inputs, check_kernel_device
+from fusedformers.kernels.checks import (
+    MAX_BATCH,
+    check_attention_inputs,
+    check_kernel_device,
+    check_kv_batch_index_range,
+)
 from fusedformers.kernels.decode_attention import decode_attention, key_padding_range
-from fusedformers.kernels.launch import cdiv, device_context, next_power_of_2, strides
+from fusedformers.kernels.launch import call_op, cdiv, custom_op, device_context, next_power_of_2, strides
 from fusedformers.kernels.online_softmax import LOG2E, online_softmax_step
 from fusedformers.kernels.tiles import (  # noqa: F401 (forced_block_sizes, tile_candidates: imported from here)
     attention_tile,
@@ -517,15 +522,15 @@ class _MaskArgs:
 
 
 class _DropoutArgs:
-    """Kernel arguments of attention dropout: the Philox seed (an int64 tensor of one element, drawn on q's
-    device from its generator, so ``torch.manual_seed`` reproduces the masks and nothing syncs with the host),
-    p and 1 / (1 - p). With p == 0 the kernels are compiled without dropout and never read the seed."""
+    """Kernel arguments of attention dropout: the Philox seed (an int64 tensor of one element from
+    ``draw_dropout_seed``, on q's device, so nothing syncs with the host), p and 1 / (1 - p). With p == 0 the
+    kernels are compiled without dropout and never read the seed."""
 
-    def __init__(self, q, dropout_p, generator=None):
+    def __init__(self, q, dropout_p, seed=None):
         self.active = dropout_p > 0.0
         self.p = float(dropout_p)
         self.scale = 1.0 / (1.0 - self.p)
-        self.seed = draw_dropout_seed(q.device, generator) if self.active else q
+        self.seed = seed if self.active else q
 
 
 def draw_dropout_seed(device, generator=None):
@@ -615,23 +620,73 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autograd and public API
+# Custom ops, autograd and public API
 # ----------------------------------------------------------------------------------------------------------------
+# The launchers as PyTorch custom ops (torch.ops.fusedformers.*), so torch.compile sees each as one graph node.
+# Their implementations check what depends on tensor values (kv_batch_index's range), since that cannot be traced.
+Tensor, OptionalTensor = torch.Tensor, torch.Tensor | None
+
+
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: OptionalTensor, kv_batch_index: OptionalTensor,
+                  dropout_seed: OptionalTensor, causal: bool, past_len: int, sm_scale: float,
+                  dropout_p: float) -> tuple[Tensor, Tensor]:
+    """The fused forward: (out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32 in log2 units)."""
+    if kv_batch_index is not None:
+        check_kv_batch_index_range(kv_batch_index, k.shape[0])
+    masks = _MaskArgs(q, key_padding_mask, kv_batch_index)
+    with device_context(q.device):
+        return _attention_forward(q, k, v, causal, past_len, sm_scale, masks, _DropoutArgs(q, dropout_p, dropout_seed))
+
+
+def _forward_fake(q, k, v, key_padding_mask, kv_batch_index, dropout_seed, causal, past_len, sm_scale, dropout_p):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   key_padding_mask: OptionalTensor, kv_batch_index: OptionalTensor, dropout_seed: OptionalTensor,
+                   causal: bool, past_len: int, sm_scale: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) with the shapes of q, k, v."""
+    masks = _MaskArgs(q, key_padding_mask, kv_batch_index)
+    with device_context(q.device):
+        return _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, masks,
+                                   _DropoutArgs(q, dropout_p, dropout_seed))
+
+
+def _backward_fake(dout, q, k, v, out, lse, key_padding_mask, kv_batch_index, dropout_seed, causal, past_len,
+                   sm_scale, dropout_p):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _decode_impl(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: OptionalTensor, kv_batch_index: OptionalTensor,
+                 causal: bool, past_len: int, sm_scale: float) -> Tensor:
+    """The split-KV decode kernel (few query rows, no gradient): out [B, Hq, Lq, D]."""
+    with device_context(q.device):
+        return decode_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
+                                sm_scale=sm_scale, kv_batch_index=kv_batch_index)
+
+
+def _decode_fake(q, k, v, key_padding_mask, kv_batch_index, causal, past_len, sm_scale):
+    return q.new_empty(q.shape)
+
+
+attention_forward_op = custom_op("attention_forward", _forward_impl, _forward_fake)
+attention_backward_op = custom_op("attention_backward", _backward_impl, _backward_fake)
+decode_attention_op = custom_op("decode_attention", _decode_impl, _decode_fake)
+
+
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, past_len, sm_scale, key_padding_mask, kv_batch_index, dropout):
-        masks = _MaskArgs(q, key_padding_mask, kv_batch_index)
-        out, lse = _attention_forward(q, k, v, causal, past_len, sm_scale, masks, dropout)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.masks, ctx.causal, ctx.past_len, ctx.sm_scale, ctx.dropout = masks, causal, past_len, sm_scale, dropout
+    def forward(ctx, q, k, v, key_padding_mask, kv_batch_index, dropout_seed, causal, past_len, sm_scale, dropout_p):
+        out, lse = call_op(attention_forward_op, _forward_impl, q, k, v, key_padding_mask, kv_batch_index,
+                           dropout_seed, causal, past_len, sm_scale, dropout_p)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, kv_batch_index, dropout_seed)
+        ctx.settings = (causal, past_len, sm_scale, dropout_p)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, ctx.causal, ctx.past_len, ctx.sm_scale,
-                                         ctx.masks, ctx.dropout)
-        return dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv = call_op(attention_backward_op, _backward_impl, dout, *ctx.saved_tensors, *ctx.settings)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_scale=None, kv_batch_index=None,
@@ -665,22 +720,21 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if past_len is None:
         past_len = k_len - q_len
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(head_dim)
+    sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    dropout_p = float(dropout_p)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    with device_context(q.device):
-        if q_len <= DECODE_MAX_QUERY_LEN and not needs_grad and dropout_p == 0.0:
-            return decode_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
-                                    sm_scale=sm_scale, kv_batch_index=kv_batch_index)
-        if batch > MAX_BATCH:
-            raise ValueError(f"q's batch size must be at most {MAX_BATCH} (a CUDA grid axis of the fused kernels; "
-                             f"decode steps without gradients have no limit), got {batch}: split the batch")
-        dropout = _DropoutArgs(q, dropout_p, generator)
-        if not needs_grad:  # inference: no autograd Function, no saved tensors
-            masks = _MaskArgs(q, key_padding_mask, kv_batch_index)
-            return _attention_forward(q, k, v, causal, past_len, float(sm_scale), masks, dropout)[0]
-        return _FusedAttention.apply(q, k, v, causal, past_len, float(sm_scale), key_padding_mask, kv_batch_index,
-                                     dropout)
+    if q_len <= DECODE_MAX_QUERY_LEN and not needs_grad and dropout_p == 0.0:
+        return call_op(decode_attention_op, _decode_impl, q, k, v, key_padding_mask, kv_batch_index, causal,
+                       past_len, sm_scale)
+    if batch > MAX_BATCH:
+        raise ValueError(f"q's batch size must be at most {MAX_BATCH} (a CUDA grid axis of the fused kernels; "
+                         f"decode steps without gradients have no limit), got {batch}: split the batch")
+    dropout_seed = draw_dropout_seed(q.device, generator) if dropout_p > 0.0 else None
+    if not needs_grad:  # inference: no autograd Function, no saved tensors
+        return call_op(attention_forward_op, _forward_impl, q, k, v, key_padding_mask, kv_batch_index,
+                       dropout_seed, causal, past_len, sm_scale, dropout_p)[0]
+    return _FusedAttention.apply(q, k, v, key_padding_mask, kv_batch_index, dropout_seed, causal, past_len,
+                                 sm_scale, dropout_p)
 
 
 def dropout_keep_mask(seed, batch, num_heads, q_len, k_len, dropout_p):

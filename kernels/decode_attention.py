@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedformers.kernels.checks import check_kv_batch_index_range
 from fusedformers.kernels.launch import cdiv, strides
 from fusedformers.kernels.online_softmax import LOG2E, online_softmax_step
 from fusedformers.kernels.tiles import COMBINE_SPLIT_CHUNK, decode_plan, dot_precision
@@ -277,10 +278,13 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
     ``j <= past_len + i`` (``past_len`` defaults to ``Lk - Lq``). ``sm_scale`` defaults to ``1/sqrt(D)``.
     Returns ``[B, Hq, Lq, D]`` in q's dtype, contiguous, or writes into ``out`` (same shape and dtype, any
     strides) and returns it. ``num_splits`` overrides the split heuristic; ``key_range`` takes a precomputed
-    ``key_padding_range(key_padding_mask)``. Arguments are assumed validated (``check_attention_inputs``).
+    ``key_padding_range(key_padding_mask)``. Arguments are assumed validated (``check_attention_inputs``), but
+    for kv_batch_index's range, checked here.
     """
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, k_len = k.shape[1], k.shape[2]
+    if kv_batch_index is not None:  # depends on its values: on every call (check_attention_inputs cannot)
+        check_kv_batch_index_range(kv_batch_index, k.shape[0])
     if past_len is None:
         past_len = k_len - q_len
     if sm_scale is None:

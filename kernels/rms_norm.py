@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fusedformers.kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
-from fusedformers.kernels.launch import cdiv, device_context, next_power_of_2
+from fusedformers.kernels.launch import call_op, cdiv, custom_op, device_context, next_power_of_2
 from fusedformers.kernels.tiles import rms_norm_backward_programs, rms_norm_num_warps
 
 # Largest hidden size handled: a whole row lives in registers (BLOCK_N = next_power_of_2(N)).
@@ -184,46 +184,67 @@ def _rms_norm_backward(dy, h, weight, rstd, dh=None, dx=None, num_programs=None,
     return dx, dweight
 
 
-def _forward_in_shape(x, weight, eps, residual):
-    """The forward on x of any shape: (out and h (None without residual) in x's shape, rstd, and the 2-D rows
-    that were normalised (x, or x + residual) for the backward)."""
-    shape, n = x.shape, x.shape[-1]
-    x2d = _as_rows(x, n)
-    residual2d = _as_rows(residual, n) if residual is not None else None
-    out, h, rstd = _rms_norm_forward(x2d, weight, eps, residual2d)
-    if residual is None:
-        return out.view(shape), None, rstd, x2d
-    return out.view(shape), h.view(shape), rstd, h
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops, autograd and public API
+# ----------------------------------------------------------------------------------------------------------------
+def _forward_impl(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                  residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward on x of any shape ``[..., N]``: ``(out, h, rstd)``; out and h (x + residual, an empty tensor
+    without residual) in x's shape, rstd ``[rows]`` float32."""
+    n = x.shape[-1]
+    residual_rows = _as_rows(residual, n) if residual is not None else None
+    with device_context(x.device):
+        out, h, rstd = _rms_norm_forward(_as_rows(x, n), weight, eps, residual_rows)
+    return out.view(x.shape), (h.view(x.shape) if residual is not None else x.new_empty(0)), rstd
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Autograd and public API
-# ----------------------------------------------------------------------------------------------------------------
+def _forward_fake(x, weight, eps, residual):
+    rows = x.numel() // x.shape[-1]
+    return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)),
+            x.new_empty(x.shape if residual is not None else (0,)), x.new_empty((rows,), dtype=torch.float32))
+
+
+def _backward_impl(dout: torch.Tensor, normalised: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                   dh: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dweight)``: dout, dh (or None) the gradients of out and h, ``normalised`` the rows the forward
+    normalised (x, or h = x + residual), all in x's shape; dx in that shape, dweight in weight's dtype."""
+    n = normalised.shape[-1]
+    dh_rows = _as_rows(dh, n) if dh is not None else None
+    with device_context(normalised.device):
+        dx, dweight = _rms_norm_backward(_as_rows(dout, n), _as_rows(normalised, n), weight, rstd, dh_rows)
+    return dx.view(normalised.shape), dweight
+
+
+def _backward_fake(dout, normalised, weight, rstd, dh):
+    return normalised.new_empty(normalised.shape), weight.new_empty(weight.shape)
+
+
+# torch.ops.fusedformers.rms_norm_forward / rms_norm_backward: the kernels as single torch.compile graph nodes
+rms_norm_forward_op = custom_op("rms_norm_forward", _forward_impl, _forward_fake)
+rms_norm_backward_op = custom_op("rms_norm_backward", _backward_impl, _backward_fake)
+
+
 class RMSNormFunction(torch.autograd.Function):
     """Autograd wrapper; ``forward(x, weight, eps, residual)`` returns ``out`` or ``(out, h)``."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, residual):
-        out, h, rstd, normalised_rows = _forward_in_shape(x, weight, eps, residual)
+        out, h, rstd = call_op(rms_norm_forward_op, _forward_impl, x, weight, eps, residual)
         ctx.has_residual = residual is not None
-        ctx.shape = x.shape
-        ctx.save_for_backward(normalised_rows, weight, rstd)
+        ctx.save_for_backward(h if residual is not None else x, weight, rstd)
         ctx.set_materialize_grads(False)  # an unused output (out or h) gets None, not a tensor of zeros
         return (out, h) if residual is not None else out
 
     @staticmethod
     def backward(ctx, dout, *maybe_dh):
-        h, weight, rstd = ctx.saved_tensors
-        n = h.shape[1]
+        normalised, weight, rstd = ctx.saved_tensors
         dh = maybe_dh[0] if ctx.has_residual else None
-        dh2d = _as_rows(dh, n) if dh is not None else None
         if dout is None:
             # only h was used: the norm contributes nothing and weight gets no gradient (as in eager PyTorch)
-            dx = dh2d.contiguous() if dh2d is not None else torch.zeros_like(h)
+            dx = dh.contiguous() if dh is not None else torch.zeros_like(normalised)
             dweight = None
         else:
-            dx, dweight = _rms_norm_backward(_as_rows(dout, n), h, weight, rstd, dh2d)
-        dx = dx.view(ctx.shape)
+            dx, dweight = call_op(rms_norm_backward_op, _backward_impl, dout, normalised, weight, rstd, dh)
         # h = x + residual: both receive the same gradient
         dresidual = dx if ctx.has_residual else None
         return dx, dweight, None, dresidual
@@ -280,8 +301,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     _check_inputs(x, weight, eps, residual)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or (residual is not None and residual.requires_grad))
-    with device_context(x.device):
-        if not needs_grad:  # inference: no autograd Function (its bookkeeping costs more than the launch)
-            out, h, _, _ = _forward_in_shape(x, weight.contiguous(), float(eps), residual)
-            return (out, h) if residual is not None else out
-        return RMSNormFunction.apply(x, weight.contiguous(), float(eps), residual)
+    if not needs_grad:  # inference: no autograd Function (its bookkeeping costs more than the launch)
+        out, h, _ = call_op(rms_norm_forward_op, _forward_impl, x, weight.contiguous(), float(eps), residual)
+        return (out, h) if residual is not None else out
+    return RMSNormFunction.apply(x, weight.contiguous(), float(eps), residual)

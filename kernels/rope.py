@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fusedformers.kernels.checks import check_float_dtype, check_kernel_device, check_same_device, check_tensor
-from fusedformers.kernels.launch import cdiv, device_context
+from fusedformers.kernels.launch import call_op, cdiv, custom_op, device_context
 from fusedformers.kernels.tiles import rope_plan
 
 
@@ -98,18 +98,30 @@ def _rotate(x, cos, sin, backward=False, out=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autograd and public API
+# Custom op, autograd and public API
 # ----------------------------------------------------------------------------------------------------------------
+def _rotate_impl(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    return _rotate(x, cos, sin, backward)
+
+
+def _rotate_fake(x, cos, sin, backward):
+    return x.new_empty(x.shape)  # contiguous, as _rotate's output
+
+
+# torch.ops.fusedformers.rope(x, cos, sin, backward): the kernel as one node of a torch.compile graph
+rope_op = custom_op("rope", _rotate_impl, _rotate_fake)
+
+
 class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
+        return call_op(rope_op, _rotate_impl, x, cos, sin, False)
 
     @staticmethod
     def backward(ctx, grad_out):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad_out, cos, sin, backward=True), None, None
+        return call_op(rope_op, _rotate_impl, grad_out, cos, sin, True), None, None
 
 
 def _check_inputs(x, cos, sin):
@@ -148,4 +160,4 @@ def rope(x, cos, sin):
     _check_inputs(x, cos, sin)
     if torch.is_grad_enabled() and x.requires_grad:
         return _Rope.apply(x, cos, sin)
-    return _rotate(x, cos, sin)
+    return call_op(rope_op, _rotate_impl, x, cos, sin, False)

@@ -70,9 +70,9 @@ def test_forward_and_gradients_match_reference_with_kernel_mask(dtype, case, dev
     # forward into a poisoned buffer
     out = poison_(torch.empty_like(q))
     resolved_past = k_len - q_len if past_len is None else past_len
-    _attention_forward(q, k, v, causal, resolved_past, 1.0 / math.sqrt(head_dim),
-                       _MaskArgs(q, mask, kv_batch_index), _DropoutArgs(q, dropout_p, generator(device, seed)),
-                       out=out)
+    dropout = _DropoutArgs(q, dropout_p, draw_dropout_seed(q.device, generator(device, seed)))
+    _attention_forward(q, k, v, causal, resolved_past, 1.0 / math.sqrt(head_dim), _MaskArgs(q, mask, kv_batch_index),
+                       dropout, out=out)
     q64, k64, v64 = to64(q, k, v)
     assert_within_eager_error("out", out, attention_reference(q64, k64, v64, **ref_kwargs),
                               attention_reference(q, k, v, **ref_kwargs))

@@ -1,0 +1,112 @@
+"""The kernels as PyTorch custom ops (``torch.ops.fusedformers.*``): ``torch.library.opcheck`` over representative
+inputs (schema, fake/meta shapes and strides, autograd registration, AOT dispatch with dynamic shapes), and
+``torch.compile(fullgraph=True)`` of our LLaMA through them with no graph break, forward and backward.
+
+On CPU the ops run their kernels through Triton's interpreter; the traces go through the registered ops all the
+same (``aot_eager`` compiles the graph without code generation, so no C++ compiler is needed).
+"""
+import pytest
+import torch
+
+from fusedformers.kernels import attention, rms_norm, rope
+from fusedformers.kernels.attention import (
+    attention_backward_op,
+    attention_forward_op,
+    decode_attention_op,
+    draw_dropout_seed,
+)
+from fusedformers.kernels.rms_norm import rms_norm_backward_op, rms_norm_forward_op
+from fusedformers.kernels.rope import rope_op
+from tests.conftest import DEVICE
+from tests.helpers import make_padding_mask
+
+DTYPE = torch.float16
+
+
+def _qkv(batch=2, heads=4, kv_heads=2, q_len=20, k_len=24, head_dim=16, kv_batch=None):
+    q = torch.randn(batch, heads, q_len, head_dim, device=DEVICE, dtype=DTYPE)
+    k, v = (torch.randn(kv_batch or batch, kv_heads, k_len, head_dim, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("case", ["causal-padding-gqa", "kv-batch-index", "dropout"])
+def test_opcheck_attention(case):
+    q, k, v = _qkv(kv_batch=1 if case == "kv-batch-index" else None)
+    mask = make_padding_mask(2, k.shape[2], "left", device=DEVICE) if case != "kv-batch-index" else None
+    index = torch.tensor([0, 0], device=DEVICE) if case == "kv-batch-index" else None
+    dropout_p = 0.25 if case == "dropout" else 0.0
+    seed = draw_dropout_seed(q.device) if dropout_p else None
+    settings = (True, k.shape[2] - q.shape[2], 0.25, dropout_p)
+    torch.library.opcheck(attention_forward_op, (q, k, v, mask, index, seed, *settings))
+    out, lse = attention_forward_op(q, k, v, mask, index, seed, *settings)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(attention_backward_op, (dout, q, k, v, out, lse, mask, index, seed, *settings))
+    torch.library.opcheck(decode_attention_op, (q[:, :, -3:], k, v, mask, index, True, k.shape[2] - 3, 0.25))
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_opcheck_rms_norm_and_rope(with_residual):
+    x = torch.randn(2, 5, 48, device=DEVICE, dtype=DTYPE)
+    weight = torch.randn(48, device=DEVICE, dtype=DTYPE)
+    residual = torch.randn_like(x) if with_residual else None
+    torch.library.opcheck(rms_norm_forward_op, (x, weight, 1e-6, residual))
+    out, h, rstd = rms_norm_forward_op(x, weight, 1e-6, residual)
+    dh = torch.randn_like(x) if with_residual else None
+    torch.library.opcheck(rms_norm_backward_op, (torch.randn_like(out), h if with_residual else x, weight, rstd, dh))
+    rows = torch.randn(2, 5, 3, 16, device=DEVICE, dtype=DTYPE)
+    cos, sin = (torch.randn(2, 5, 16, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    torch.library.opcheck(rope_op, (rows, cos, sin, with_residual))  # the backward flag, both ways
+
+
+def test_kernel_functions_compile_without_graph_breaks():
+    """attention (prefill with gradients, and the decode path), RMSNorm with residual, RoPE: one graph each, the
+    same values as the eager calls, and the same gradients."""
+    q, k, v = _qkv()
+    mask = make_padding_mask(2, k.shape[2], "left", device=DEVICE)
+    x = torch.randn(2, 20, 64, device=DEVICE, dtype=DTYPE)
+    weight = torch.randn(64, device=DEVICE, dtype=DTYPE)
+    cos, sin = (torch.randn(2, 20, 16, device=DEVICE, dtype=DTYPE) for _ in range(2))
+
+    def step(q, k, v, x, weight):
+        out = attention(q, k, v, causal=True, key_padding_mask=mask)
+        decoded = attention(q[:, :, -1:].detach(), k.detach(), v.detach(), key_padding_mask=mask)
+        normed, h = rms_norm(x, weight, residual=out.transpose(1, 2).reshape(2, 20, 64))
+        rotated = rope(normed.view(2, 20, 4, 16), cos, sin)
+        return rotated.float().square().sum() + h.float().sum() + decoded.float().sum()
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, x, weight)]
+    explanation = torch._dynamo.explain(step)(*leaves)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    compiled_leaves = [t.clone().requires_grad_() for t in (q, k, v, x, weight)]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, expected = compiled(*compiled_leaves), step(*leaves)
+    assert torch.equal(loss, expected)
+    loss.backward()
+    expected.backward()
+    for ours, eager in zip(compiled_leaves, leaves):
+        assert torch.equal(ours.grad, eager.grad)
+
+
+@pytest.mark.slow
+def test_llama_compiles_fullgraph(tmp_path):
+    """Our LLaMA on the fused ops: dynamo traces the whole forward in one graph (no break), and the compiled model
+    gives the eager model's logits, loss and gradients."""
+    from fusedformers.models.llama import LlamaForCausalLM
+    from tests.llama.common import left_padded_batch, make_checkpoint
+
+    make_checkpoint(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, device=DEVICE)
+    ids, mask = left_padded_batch([12, 7], 12)
+    explanation = torch._dynamo.explain(model)(ids, attention_mask=mask)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    labels = ids.masked_fill(mask == 0, -100)
+    ours = compiled(ids, attention_mask=mask, labels=labels)
+    ours.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    eager = model(ids, attention_mask=mask, labels=labels)
+    eager.loss.backward()
+    assert torch.equal(ours.logits, eager.logits) and torch.equal(ours.loss, eager.loss)
+    for name, p in model.named_parameters():
+        assert torch.allclose(grads[name], p.grad, rtol=0, atol=1e-6), name
