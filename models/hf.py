@@ -71,8 +71,13 @@ class FusedMask:
     tensor): the fallback path's mask.
     """
 
+    # it stands where HF's 4-D [B, 1, Lq, Lk] mask would: generate, when it makes the mask ahead of the forward
+    # (a compileable cache), passes it back to the model, whose mask function then hands it through
+    ndim = 4
+
     def __init__(self, sdpa_args, padding, causal, past_len, kv_length, fallback_reason=None):
         self.padding, self.causal, self.past_len, self.kv_length = padding, causal, past_len, kv_length
+        self.shape = (sdpa_args["batch_size"], 1, sdpa_args["q_length"], kv_length)
         self.fallback_reason = fallback_reason
         self._sdpa_args = sdpa_args
         self._sdpa_mask = None
@@ -102,6 +107,8 @@ def fused_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
     ``create_bidirectional_mask`` / ``create_sliding_window_causal_mask`` once per forward, with the arguments of
     HF's ``sdpa_mask`` (``attention_mask``: the 2-D mask as bool ``[B, >= kv_offset + kv_length]`` or None; query i
     at absolute position ``q_offset + i``, key j at ``kv_offset + j``). Returns a :class:`FusedMask`."""
+    if isinstance(attention_mask, FusedMask):  # made ahead of the forward by generate (see FusedMask.ndim)
+        return attention_mask
     masking_utils, _, _ = _transformers()
     sdpa_args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                      kv_offset=kv_offset, attention_mask=attention_mask, local_size=local_size,
