@@ -249,7 +249,7 @@ def test_fallback_sliding_window_outside(checkpoint, fresh_warnings):
 
 def test_fallback_4d_mask_and_packed_sequences(checkpoint, fresh_warnings):
     """A 4-D mask passed by the caller, and packed sequences (positions restarting, no attention mask, no cache:
-    HF's rule for detecting them), run HF's sdpa: the same logits as attn_implementation="sdpa", one warning per reason."""
+    HF's rule for detecting them), run HF's sdpa: the logits of attn_implementation="sdpa", one warning per reason."""
     path = checkpoint("llama")
     sdpa, ours = load(path, "sdpa"), load(path, hf.NAME)
     ids, _ = padded_batch("left", batch=2)
