@@ -15,15 +15,18 @@ HF's 2-D padding mask sliced to the keys the attention sees, whether the pattern
 The model hands it, unopened, to the attention function, which calls the kernel with it.
 
 What the kernel cannot express runs HF's own ``sdpa_attention_forward`` on the mask HF's ``sdpa_mask`` would
-have built from the same arguments (so the result is exactly ``attn_implementation="sdpa"``'s), with one warning
-per reason: a ready-made mask tensor passed by the caller (e.g. 4-D), a mask pattern other than causal or
-bidirectional (packed sequences, image-token overlays, a sliding window or chunk that some key falls outside of),
-logit softcapping, an additive position bias (T5-style relative positions, ALiBi), attention sinks, head dims or
-dtypes the kernel does not take, and devices where Triton cannot run.
+have built from the same arguments (so the result is exactly ``attn_implementation="sdpa"``'s; for logit
+softcapping, which HF's sdpa drops, the model's own eager attention), with one warning per reason: a ready-made
+mask tensor passed by the caller (e.g. 4-D), a mask pattern other than causal or bidirectional (packed sequences,
+image-token overlays, a sliding window or chunk that some key falls outside of), logit softcapping, an additive
+position bias (T5-style relative positions, ALiBi), attention sinks, head dims or dtypes the kernel does not take,
+and devices where Triton cannot run.
 
 transformers is imported when these functions are called (it is no dependency of the package): without it they
 raise ``ImportError`` saying so.
 """
+import sys
+
 import torch
 
 from fusedformers.kernels import attention
@@ -67,8 +70,8 @@ class FusedMask:
         kv_length: the number of keys the mask was made for.
         fallback_reason: None, or why the kernel cannot express this mask (the attention then runs HF's sdpa).
 
-    ``sdpa_mask()`` builds, once, what HF's ``sdpa_mask`` returns for the same arguments (None or a 4-D bool
-    tensor): the fallback path's mask.
+    ``sdpa_mask()`` / ``eager_mask()`` build, once, what HF's ``sdpa_mask`` / ``eager_mask`` return for the same
+    arguments: the fallback paths' masks.
     """
 
     # it stands where HF's 4-D [B, 1, Lq, Lk] mask would: generate, when it makes the mask ahead of the forward
@@ -80,15 +83,20 @@ class FusedMask:
         self.shape = (sdpa_args["batch_size"], 1, sdpa_args["q_length"], kv_length)
         self.fallback_reason = fallback_reason
         self._sdpa_args = sdpa_args
-        self._sdpa_mask = None
-        self._sdpa_mask_built = False
+        self._built_masks = {}  # HF's 4-D masks for the fallbacks, built once per forward
 
     def sdpa_mask(self):
-        if not self._sdpa_mask_built:
+        return self._built("sdpa_mask")
+
+    def eager_mask(self):
+        """HF's ``eager_mask`` for the same arguments (None or a 4-D additive float mask in the model's dtype)."""
+        return self._built("eager_mask")
+
+    def _built(self, maker):
+        if maker not in self._built_masks:
             masking_utils, _, _ = _transformers()
-            self._sdpa_mask = masking_utils.sdpa_mask(**self._sdpa_args)
-            self._sdpa_mask_built = True
-        return self._sdpa_mask
+            self._built_masks[maker] = getattr(masking_utils, maker)(**self._sdpa_args)
+        return self._built_masks[maker]
 
     def __repr__(self):
         padding = None if self.padding is None else tuple(self.padding.shape)
@@ -173,6 +181,24 @@ def _fallback_reason(query, key, value, attention_mask, kwargs):
     return None
 
 
+def _fallback(reason, module, query, key, value, attention_mask, **kwargs):
+    """HF's attention for a call the kernel cannot run, with one warning per reason: sdpa on HF's sdpa mask; for
+    softcapping, the model file's own eager attention on HF's eager mask (HF's sdpa would drop the softcap)."""
+    _, _, sdpa_attention = _transformers()
+    eager = None
+    if kwargs.get("softcap") is not None:
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    warn_once(f"hf fallback: {reason}", f"attn_implementation='{NAME}': {type(module).__name__} runs HF's "
+                                        f"{'sdpa' if eager is None else 'eager'} attention for {reason}")
+    if eager is not None:
+        if isinstance(attention_mask, FusedMask):
+            attention_mask = attention_mask.eager_mask()
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    if isinstance(attention_mask, FusedMask):
+        attention_mask = attention_mask.sdpa_mask()
+    return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
 def fused_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                             **kwargs):
     """The ``AttentionInterface`` entry of ``"fusedformers"`` (the signature of HF's ``sdpa_attention_forward``).
@@ -189,13 +215,8 @@ def fused_attention_forward(module, query, key, value, attention_mask, dropout=0
     """
     reason = _fallback_reason(query, key, value, attention_mask, kwargs)
     if reason is not None:
-        _, _, sdpa_attention = _transformers()
-        warn_once(f"hf fallback: {reason}", f"attn_implementation='{NAME}': {type(module).__name__} runs HF's sdpa "
-                                            f"attention for {reason}")
-        if isinstance(attention_mask, FusedMask):
-            attention_mask = attention_mask.sdpa_mask()
-        return sdpa_attention.sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                                     scaling=scaling, is_causal=is_causal, **kwargs)
+        return _fallback(reason, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                         is_causal=is_causal, **kwargs)
     if attention_mask is None:  # HF sdpa's rule without a mask
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         padding, causal, past_len = None, bool(causal) and query.shape[2] > 1, 0

@@ -30,6 +30,8 @@ CAUSAL_FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),  # q/k RMSNorm
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"hidden_activation": "gelu_pytorch_tanh"}),  # 1 + weight norms
+    # local/global layers (window 4096: every key inside), query_pre_attn_scalar scaling; softcap: see below
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"attn_logit_softcapping": None}),
 }
 SEQ2SEQ = dict(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
                decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
@@ -244,6 +246,20 @@ def test_fallback_sliding_window_outside(checkpoint, fresh_warnings):
             logits = load(path, hf.NAME)(ids, attention_mask=mask).logits
     messages = fallback_warnings(record)
     assert len(messages) == 1 and "sliding window" in messages[0], messages
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+def test_fallback_softcap_runs_the_models_eager_attention(checkpoint, fresh_warnings):
+    """Gemma 2's logit softcapping (HF's sdpa drops it): the model's own eager attention, on HF's eager mask."""
+    path = checkpoint("gemma2", attn_logit_softcapping=5.0)
+    ids, mask = padded_batch("left")
+    with torch.no_grad():
+        expected = load(path, "eager")(ids, attention_mask=mask).logits
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            logits = load(path, hf.NAME)(ids, attention_mask=mask).logits
+    messages = fallback_warnings(record)
+    assert len(messages) == 1 and "eager attention for attention logit softcapping" in messages[0], messages
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
 
 
