@@ -211,6 +211,53 @@ def test_causal_lm_loss_and_gradients(family, checkpoint, fused_only):
         assert_within_eager_error(f"grad {name}", grads[name], grads64[name], grads_sdpa[name])
 
 
+def test_gradient_checkpointing(checkpoint, fused_only):
+    """HF's gradient checkpointing recomputes the layers with the mask object: the same loss and gradients."""
+    path = checkpoint("llama")
+    ids, mask = padded_batch("right")
+    results = []
+    for checkpointing in (False, True):
+        model = load(path, hf.NAME).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in model.parameters()])
+    calls = len(fused_only)
+    assert calls == 2 * DECODER["num_hidden_layers"] + DECODER["num_hidden_layers"]  # + one recompute per layer
+    for plain, recomputed in zip(*results):
+        torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_encoder_models(family, tmp_path, fused_only):
+    """Encoder-only models: BERT's bidirectional padding mask; ViT makes no mask at all (None: HF sdpa's rule,
+    non-causal from the module)."""
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  initializer_range=0.2)
+    if family == "bert":
+        model = transformers.BertModel(transformers.BertConfig(vocab_size=96, **common))
+        ids, mask = padded_batch("right")
+        inputs, rows = dict(input_ids=ids, attention_mask=mask), mask.bool()
+    else:
+        model = transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=4, **common))
+        inputs, rows = dict(pixel_values=torch.randn(2, 3, 16, 16, device=DEVICE)), slice(None)
+    model.save_pretrained(tmp_path)
+    cls = type(model)
+
+    def run(attn, dtype):
+        loaded = cls.from_pretrained(tmp_path, attn_implementation=attn, dtype=dtype).to(DEVICE).eval()
+        cast = {name: x.to(dtype) if x.is_floating_point() else x for name, x in inputs.items()}
+        with torch.no_grad():
+            return loaded(**cast).last_hidden_state[rows]
+
+    ref64, sdpa, ours = run("sdpa", torch.float64), run("sdpa", torch.float32), run(hf.NAME, torch.float32)
+    assert len(fused_only) == 2 and not any(call["causal"] for call in fused_only)
+    assert all((call["key_padding_mask"] is not None) == (family == "bert") for call in fused_only)
+    assert_within_eager_error(f"{family} hidden states", ours, ref64, sdpa)
+
+
 def test_attention_dropout_in_training(checkpoint, fused_only):
     """attention_dropout reaches the kernel in train mode (its own Philox stream: reproducible under
     torch.manual_seed, not sdpa's masks) and is off in eval mode."""
