@@ -130,9 +130,11 @@ def fused_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
     causal = mask_function is masking_utils.causal_mask_function
     reason = None
     if not causal and mask_function is not masking_utils.bidirectional_mask_function:
-        # HF's sliding-window or chunked causal mask without overlays (they pass local_size and keep the causal
-        # skip allowed): plain causal as long as every query's window reaches back to position 0
-        if local_size is not None and allow_is_causal_skip and not use_vmap and q_offset + q_length <= local_size:
+        # HF's sliding-window or chunked causal mask without overlays (they pass local_size; overlays turn on
+        # use_vmap, packed sequences and block ids turn the causal skip off, which a compileable cache also does
+        # for one-query decode steps): plain causal as long as every query's window reaches back to position 0
+        plain = not use_vmap and (allow_is_causal_skip or q_length == 1)
+        if local_size is not None and plain and q_offset + q_length <= local_size:
             causal = True
         elif local_size is not None:
             reason = (f"a sliding window or chunk of {local_size} keys that some key falls outside of "

@@ -162,9 +162,11 @@ def test_causal_lm_greedy_tokens(family, checkpoint, fused_only):
     assert [call["past_len"] for call in decode_steps[::2]] == [9, 10, 11, 12, 13]
 
 
-def test_static_cache_generate(checkpoint, fused_only):
-    """HF's StaticCache: keys are the whole preallocated cache, the unwritten slots padding (not compiled on CPU)."""
-    path = checkpoint("llama")
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_static_cache_generate(family, checkpoint, fused_only):
+    """HF's StaticCache: keys are the whole preallocated cache, the unwritten slots padding (not compiled on CPU).
+    Mistral's sliding-window mask (window longer than the sequence) stays on the kernel in the decode steps."""
+    path = checkpoint(family)
     ids, mask = padded_batch("left")
     settings = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
                     cache_implementation="static")
