@@ -6,6 +6,7 @@ kernel; the fallback tests check the opposite (one warning, sdpa's exact result)
 of tests/helpers.py against the same model in float64 (sdpa): the fused error at most 2x sdpa's error in the same
 dtype plus a small slack, on the real (unpadded) query positions (HF's padded query rows are garbage by design).
 """
+import sys
 import warnings
 
 import pytest
@@ -341,6 +342,14 @@ def test_fallback_softcap_and_bias(fresh_warnings):
         with pytest.warns(UserWarning, match="runs HF's sdpa"):
             out, _ = hf.fused_attention_forward(module, q, k, v, None, **kwargs)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_without_transformers_a_clear_error(monkeypatch):
+    """transformers is imported when called, not when fusedformers.models.hf is imported."""
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    for call in (hf.register, lambda: hf.apply(torch.nn.Linear(2, 2))):
+        with pytest.raises(ImportError, match="needs Hugging Face transformers >= 5"):
+            call()
 
 
 def test_register_is_idempotent_and_names_both_interfaces():
