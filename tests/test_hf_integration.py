@@ -135,9 +135,14 @@ def assert_same_generation(ours, sdpa, ids, settings):
 
 # --- decoder-only families ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
-@pytest.mark.parametrize("family", list(CAUSAL_FAMILIES))
+# every family in float32 and float16 with left and right padding; bfloat16 once
+LOGITS_CASES = [pytest.param(family, dtype, padding, id=f"{family}-{dtype_id(dtype)}-{padding}")
+                for family in CAUSAL_FAMILIES for dtype in (torch.float32, torch.float16)
+                for padding in ("left", "right")]
+LOGITS_CASES.append(pytest.param("llama", torch.bfloat16, "left", id="llama-bf16-left"))
+
+
+@pytest.mark.parametrize("family, dtype, padding", LOGITS_CASES)
 def test_causal_lm_logits(family, dtype, padding, checkpoint, fused_only):
     path = checkpoint(family)
     ids, mask = padded_batch(padding)
