@@ -125,9 +125,24 @@ def fused_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
         sdpa_args["mask_function"] = mask_function
     else:
         mask_function = masking_utils.causal_mask_function
+    # one query against a compileable (static) cache: its position is a device tensor. Which keys it sees is one
+    # row of the mask, evaluated on the device from HF's own index function (causal, sliding window, chunks...)
+    # and applied as padding: reading the position would sync the host and break a torch.compile graph (HF
+    # compiles these decode steps). Overlays that need vmap take the general path below.
+    if q_length == 1 and isinstance(q_offset, torch.Tensor) and not use_vmap:
+        device = q_offset.device
+        keys = (torch.arange(kv_length, device=device) + kv_offset)[None, :]
+        rows = torch.arange(batch_size, device=device)[:, None]
+        visible = torch.as_tensor(mask_function(rows, 0, q_offset, keys), dtype=torch.bool, device=device)
+        visible = visible.expand(batch_size, kv_length)
+        if attention_mask is not None:
+            padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+            visible = visible & padding[:, kv_offset:kv_offset + kv_length].bool()
+        return FusedMask(sdpa_args, visible, False, 0, kv_length)
     q_offset, kv_offset = _as_int(q_offset), _as_int(kv_offset)
 
     causal = mask_function is masking_utils.causal_mask_function
+
     reason = None
     if not causal and mask_function is not masking_utils.bidirectional_mask_function:
         # HF's sliding-window or chunked causal mask without overlays (they pass local_size; overlays turn on

@@ -174,16 +174,42 @@ def test_static_cache_generate(family, checkpoint, fused_only):
     Mistral's sliding-window mask (window longer than the sequence) stays on the kernel in the decode steps."""
     path = checkpoint(family)
     ids, mask = padded_batch("left")
-    # disable_compile: on CUDA HF's generate would compile the forward for a static cache, which needs the
-    # kernels as torch custom ops (not yet); on CPU it never compiles
+    # disable_compile: compiled decode steps are test_static_cache_generate_compiled's
     settings = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
                     cache_implementation="static", disable_compile=True)
     expected = load(path, "sdpa").generate(ids, **settings)
     tokens = load(path, hf.NAME).generate(ids, **settings)
     assert tokens.tolist() == expected.tolist()
-    # every call sees the whole preallocated cache (prompt + new tokens - 1), the unwritten slots as padding
-    assert [(call["q_len"], call["k_len"], call["past_len"]) for call in fused_only[::2]] == [
-        (9, 13, 0), (1, 13, 9), (1, 13, 10), (1, 13, 11), (1, 13, 12)]
+    # every call sees the whole preallocated cache (prompt + new tokens - 1), the unwritten slots as padding: the
+    # prefill is causal; a decode step's one query sees the keys up to its own position, by the causal offset or
+    # (a StaticCache's position is a device tensor) by the padding mask alone
+    calls = fused_only[::2]
+    assert [(call["q_len"], call["k_len"]) for call in calls] == [(9, 13)] + [(1, 13)] * 4
+    assert calls[0]["causal"] and calls[0]["past_len"] == 0
+
+    def keys_seen_by_row_0(call):
+        padding = call["key_padding_mask"][0].bool()
+        return int(padding[:call["past_len"] + 1].sum() if call["causal"] else padding.sum())
+    assert [keys_seen_by_row_0(call) for call in calls[1:]] == [10, 11, 12, 13]
+
+
+def test_static_cache_generate_compiled(checkpoint, fused_only):
+    """HF compiles a static cache's decode steps (on CUDA by itself; here asked to on CPU): with fullgraph=True the
+    forward traces through the fusedformers mask and the kernels' custom ops without a graph break, and the tokens
+    are sdpa's."""
+    path = checkpoint("llama")
+    ids, mask = padded_batch("left")
+    compile_config = transformers.CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True  # HF's switch to compile off CUDA too (a class attribute)
+    settings = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                    cache_implementation="static")
+    expected = load(path, "sdpa").generate(ids, **settings, disable_compile=True)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    tokens = load(path, hf.NAME).generate(ids, **settings, compile_config=compile_config)
+    assert tokens.tolist() == expected.tolist()
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters)
 
 
 def test_sampling_tokens(checkpoint, fused_only):
@@ -453,3 +479,16 @@ def test_apply_swaps_norms_in_place(family, dtype, checkpoint, fused_only, monke
     assert len(norm_calls) == len(norms) and len(fused_only) == DECODER["num_hidden_layers"]
     assert_within_eager_error(f"{family} logits", real_rows(ours, mask), real_rows(ref64, mask),
                               real_rows(sdpa, mask))
+
+
+def test_llama_compiles_fullgraph_on_fusedformers(checkpoint, fused_only):
+    """A stock HF Llama on "fusedformers" traces as one graph with no break (the mask object and the kernels'
+    custom ops included), and the compiled forward gives the eager forward's logits."""
+    model = load(checkpoint("llama"), hf.NAME)
+    ids, mask = padded_batch("left")
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(input_ids=ids, attention_mask=mask).logits,
+                           model(input_ids=ids, attention_mask=mask).logits)
