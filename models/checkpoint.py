@@ -28,6 +28,8 @@ def read_json(path):
             return json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:  # UnicodeDecodeError: bytes that are not UTF-8
             raise ValueError(f"{path} is not valid JSON: {e}") from e
+        except RecursionError as e:
+            raise ValueError(f"{path} is not a usable JSON file: nested too deeply ({e})") from e
 
 
 def read_json_object(path):
@@ -181,7 +183,8 @@ def load_safetensors_state_dict(model_dir, device="cpu", dtype=None):
                         tensor = tensor.to(dtype)
                     state_dict[name] = tensor
         except SafetensorError as e:  # a truncated or corrupt file: safetensors' message does not name it
-            raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
+            listed = f" (a shard listed in {index_path})" if weight_map is not None else ""
+            raise ValueError(f"{path}{listed} is not a valid safetensors file: {e}") from e
     if weight_map is not None and set(weight_map) - set(state_dict):
         raise ValueError(f"{index_path}: weight_map lists tensors no shard holds: "
                          f"{sorted(set(weight_map) - set(state_dict))}")

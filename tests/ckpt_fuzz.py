@@ -15,8 +15,9 @@ values) and deleted shards; config.json truncated, not an object, invalid UTF-8,
 of range, fields missing or unknown, a wrong model_type or dtype; generation_config.json broken.
 
 The oracle, per case — the load either
-  * raises one of ``CLEAR_ERRORS`` (ValueError, KeyError, TypeError, FileNotFoundError, OSError,
-    NotImplementedError: exactly these types, not subclasses such as json.JSONDecodeError or UnicodeDecodeError),
+  * raises one of ``CLEAR_ERRORS`` (ValueError, KeyError, TypeError, NotImplementedError: exactly these types,
+    not subclasses such as json.JSONDecodeError or UnicodeDecodeError; OSError and its subclasses such as
+    FileNotFoundError, which carry the path),
     raised by the loader itself (the innermost frame is in fusedformers.models: a deliberate check, not an error
     escaping from Python, torch or safetensors), whose message names the mutated file (its base name, e.g.
     ``config.json`` or the shard) — and the mutation is not one that must load (see below); or
@@ -367,6 +368,21 @@ def m_header_lie(case):
     case.note(f"{name}: header lies about {target}: {lie}")
 
 
+def m_header_duplicate_key(case):
+    """The JSON header names a tensor twice (json.dumps cannot write that: the text is edited)."""
+    name = case.weights_file()
+    header, body = read_raw(case.path(name))
+    names = sorted(n for n in header if n != "__metadata__")
+    target = case.rng.choice(names)
+    other = header[case.rng.choice(names)]
+    text = json.dumps(header, separators=(",", ":"))
+    twin = json.dumps({target: case.rng.choice([header[target], other])}, separators=(",", ":"))[1:-1]
+    text = text[:-1] + "," + twin + "}"
+    header_bytes = text.encode() + b" " * (-len(text) % 8)
+    write_raw(case.path(name), None, body, header_bytes)
+    case.note(f"{name}: header names {target} twice")
+
+
 def m_drop(case):
     def edit(tensors):
         target = pick_tensor(case, tensors)
@@ -476,7 +492,7 @@ def m_index(case):
                                           None, True])
     elif kind == "bad value":
         weight_map[target] = rng.choice([5, None, [SHARDS[0]], {"file": SHARDS[0]}, "", "../" + SHARDS[0],
-                                         "sub/" + SHARDS[0], ".", True])
+                                         "sub/" + SHARDS[0], ".", True, CONFIG, INDEX, GENERATION])
     elif kind == "index not an object":
         index = rng.choice([[index], "index", 5, None])
     elif kind == "no weight_map":
@@ -642,12 +658,34 @@ def m_config_dtype(case):
         case.must_load = True
 
 
+def m_config_equivalent(case):
+    """Config changes that describe the same model: the load must succeed and give it."""
+    config = case.read_json(CONFIG)
+    if case.family == "llama":
+        options = [("tie_word_embeddings", True),  # the stored lm_head differs: loaded untied, as HF does
+                   ("use_cache", False), ("attention_dropout", 0.5), ("head_dim", None), ("rope_theta", 10000.0),
+                   ("rope_scaling", None), ("torch_dtype", "float32"), ("transformers_version", "4.40.0"),
+                   ("architectures", None), ("max_position_embeddings", 4096), ("pad_token_id", None),
+                   ("eos_token_id", [2, 5]), ("pretraining_tp", 1), ("_name_or_path", "x/y")]
+    else:
+        options = [("dropout", 0.5), ("attention_dropout", 0.3), ("activation_dropout", 0.9), ("use_cache", False),
+                   ("transformers_version", "4.40.0"), ("architectures", None), ("forced_bos_token_id", 0),
+                   ("eos_token_id", [2, 5]), ("init_std", 0.02), ("normalize_before", False),
+                   ("tie_word_embeddings", True), ("is_encoder_decoder", True)]
+    field, value = case.rng.choice(options)
+    config[field] = value
+    case.write_json(CONFIG, config)
+    case.blame.add(CONFIG)
+    case.must_load = True
+    case.note(f"config.json {field} = {value!r} (the same model)")
+
+
 def _break_json_file(case, name):
     rng = case.rng
     with open(case.path(name), "rb") as f:
         data = f.read()
     kind = rng.choice(["truncated", "empty", "not an object", "invalid UTF-8", "NUL byte", "BOM", "trailing junk",
-                       "two objects", "deleted", "directory"])
+                       "two objects", "deleted", "directory", "deep nesting"])
     if kind == "truncated":
         data = data[:rng.randrange(1, len(data))]
     elif kind == "empty":
@@ -666,6 +704,9 @@ def _break_json_file(case, name):
         data = data + b"}"
     elif kind == "two objects":
         data = data + data
+    elif kind == "deep nesting":
+        depth = rng.choice([2_000, 100_000])
+        data = data.rstrip().removesuffix(b"}") + b', "deep": ' + b"[" * depth + b"]" * depth + b"}"
     if kind == "deleted":
         os.remove(case.path(name))
     elif kind == "directory":
@@ -705,6 +746,7 @@ MUTATIONS = {
     "header_bytes": (6, m_header_bytes),
     "body_bytes": (4, m_body_bytes),
     "header_lie": (10, m_header_lie),
+    "header_duplicate_key": (2, m_header_duplicate_key),
     "drop": (3, m_drop),
     "rename": (3, m_rename),
     "reshape": (3, m_reshape),
@@ -718,11 +760,12 @@ MUTATIONS = {
     "config_unknown": (2, m_config_unknown),
     "config_model_type": (2, m_config_model_type),
     "config_dtype": (3, m_config_dtype),
+    "config_equivalent": (3, m_config_equivalent),
     "config_file": (4, m_config_file),
     "generation_config": (4, m_generation_config),
 }
 SHARDABLE = {"identity", "truncate", "header_length_bytes", "header_length_value", "header_bytes", "body_bytes",
-             "header_lie", "drop", "rename", "reshape", "retype", "extra_tensor"}
+             "header_lie", "header_duplicate_key", "drop", "rename", "reshape", "retype", "extra_tensor"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -806,7 +849,7 @@ def run_case(seed, index, family, mutation, originals, expected, timeout, work_r
                 except Exception as error:  # noqa: BLE001 - the oracle judges every exception
                     message = f"{type(error).__name__}: {error}"
                     first = message.splitlines()[0][:400]
-                    if type(error) not in CLEAR_ERRORS:
+                    if type(error) not in CLEAR_ERRORS and not isinstance(error, OSError):
                         return "FAIL", f"{what}\n  unclear exception type {first}\n{_tail(error)}"
                     if not raised_by_loader(error):
                         return "FAIL", f"{what}\n  error from outside the loader: {first}\n{_tail(error)}"
