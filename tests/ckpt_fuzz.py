@@ -170,8 +170,8 @@ def tensor_from_bytes(entry, body):
 # A case: the directory, what the mutation did and what it expects
 # ----------------------------------------------------------------------------------------------------------------
 class Case:
-    def __init__(self, family, directory, rng):
-        self.family, self.dir, self.rng = family, directory, rng
+    def __init__(self, family, directory, original, rng):
+        self.family, self.dir, self.original, self.rng = family, directory, original, rng
         self.blame = set()        # base names of the files an error must name (any one of them)
         self.edits = {}           # checkpoint tensor name -> the values the load must give it
         self.dtype = torch.float32
@@ -831,8 +831,7 @@ def run_case(seed, index, family, mutation, originals, expected, timeout, work_r
     """(outcome, detail): outcome "loaded", "refused" (a clear error) or "FAIL"; detail the description plus the
     error line or what differs."""
     rng = random.Random(seed * 1_000_003 + index)
-    case = Case(family, os.path.join(work_root, f"case{index}"), rng)
-    case.original = originals[family]
+    case = Case(family, os.path.join(work_root, f"case{index}"), originals[family], rng)
     shutil.copytree(originals[family], case.dir)
     try:
         if mutation in SHARDABLE and rng.random() < 0.35 and mutation != "duplicate_across_shards":
