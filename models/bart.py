@@ -25,6 +25,7 @@ from fusedformers.models.base import ModelBase
 from fusedformers.models.checkpoint import (
     assign_state_dict,
     check_config_values,
+    check_layer_count,
     refuse_unknown_fields,
     save_safetensors,
 )
@@ -48,6 +49,9 @@ POSITION_OFFSET = 2  # BART's learned positions are stored shifted by 2 (a fairs
 # num_hidden_layers aliases (checked in from_dict)
 BART_IGNORED_KEYS = ("classifier_dropout", "classif_dropout", "output_past", "extra_pos_embeddings",
                      "num_hidden_layers")
+# config.json fields that from_pretrained requires (the others default to HF's BartConfig defaults)
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                       "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,8 +97,11 @@ class BartConfig:
                                                        "decoder_ffn_dim", "max_position_embeddings"),
                             nonnegative_ints=("encoder_layers", "decoder_layers"),
                             probabilities=("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop",
-                                           "decoder_layerdrop"))
-        if self.activation_function not in ACTIVATIONS:
+                                           "decoder_layerdrop"),
+                            bools=("scale_embedding",),
+                            token_ids=("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id",
+                                       "forced_bos_token_id", "forced_eos_token_id"))
+        if not isinstance(self.activation_function, str) or self.activation_function not in ACTIVATIONS:
             raise ValueError(f"unsupported activation_function {self.activation_function!r}; "
                              f"supported: {sorted(ACTIVATIONS)}")
         for side in ("encoder", "decoder"):
@@ -119,6 +126,11 @@ class BartConfig:
                                                       "generation's forced_bos_token_id instead)"),
             "tie_word_embeddings": (False, "an lm_head untied from the token embedding (tie_word_embeddings=false)"),
         }
+        check_config_values(config_dict, bools=tuple(unsupported))  # "false" would pass as a true value
+        # the architecture: HF's defaults (bart-large's) would silently build another model (e.g. 16 heads of 4)
+        absent = [name for name in ARCHITECTURE_FIELDS if config_dict.get(name) is None]
+        if absent:
+            raise ValueError(f"config.json lacks required fields {absent}")
         for key, (bad_value, what) in unsupported.items():
             if config_dict.get(key, not bad_value) == bad_value:
                 raise ValueError(f"this BART variant is not supported: {what}; only the post-LN BART of "
@@ -396,7 +408,9 @@ class BartModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-        self.shared = BartScaledEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale)
+        pad = config.pad_token_id  # one outside the vocabulary marks no row (as in LLaMA; nn.Embedding would assert)
+        padding_idx = pad if pad is not None and -config.vocab_size <= pad < config.vocab_size else None
+        self.shared = BartScaledEmbedding(config.vocab_size, config.d_model, padding_idx, embed_scale)
         self.encoder = BartEncoder(config, self.shared)
         self.decoder = BartDecoder(config, self.shared)
 
@@ -423,13 +437,13 @@ SHARED_EMBEDDING_NAMES = ("model.shared.weight", "model.encoder.embed_tokens.wei
                           "model.decoder.embed_tokens.weight", "lm_head.weight")
 
 
-def _check_tied_aliases_agree(state_dict):
+def _check_tied_aliases_agree(state_dict, source):
     """The shared embedding may be stored under several names; they must hold the same values (HF would leave
     a differing lm_head untied, which this model, with one shared Parameter, cannot represent)."""
     present = [name for name in SHARED_EMBEDDING_NAMES if name in state_dict]
     for name in present[1:]:
         if not torch.equal(state_dict[name], state_dict[present[0]]):
-            raise ValueError(f"checkpoint stores {name} with values different from {present[0]}: this model ties "
+            raise ValueError(f"{source} stores {name} with values different from {present[0]}: this model ties "
                              f"the token embedding, the encoder/decoder embeddings and the LM head (one tensor)")
 
 
@@ -478,9 +492,12 @@ class BartForConditionalGeneration(ModelBase):
         aliases stored with different values raise ValueError (this model always ties them). Missing or
         unexpected tensors raise KeyError listing them all.
         """
-        config, _, state_dict, generation_config = cls.load_pretrained_parts(
+        config, _, state_dict, generation_config, names = cls.load_pretrained_parts(
             BartConfig, model_dir, dtype, device, attn_implementation)
-        _check_tied_aliases_agree(state_dict)
+        for side in ("encoder", "decoder"):
+            check_layer_count(state_dict, f"model.{side}.layers", getattr(config, f"{side}_layers"),
+                              f"{side}_layers", names["source"])
+        _check_tied_aliases_agree(state_dict, names["source"])
         if "final_logits_bias" not in state_dict:  # optional in HF checkpoints: zeros
             # the checkpoint's float dtype (float32 for one with no float tensor: strict loading reports them)
             dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
@@ -488,7 +505,7 @@ class BartForConditionalGeneration(ModelBase):
         with torch.device("meta"):
             model = cls(config, generation_config)
         aliases = {"model.encoder.version": None, "model.decoder.version": None}
-        assign_state_dict(model, state_dict, aliases=aliases)
+        assign_state_dict(model, state_dict, aliases=aliases, **names)
         return model.eval()
 
     def save_pretrained(self, model_dir):

@@ -1,13 +1,17 @@
 """What both models share around their layers: the implementation switch, gradient checkpointing and the first
 steps of ``from_pretrained`` (HF's PreTrainedModel, in small)."""
+import os
+
 import torch
 from torch import nn
 
 from fusedformers.models.checkpoint import (
+    CONFIG_NAME,
     load_config_dict,
     load_generation_config,
     load_safetensors_state_dict,
     resolve_dtype,
+    weights_source,
 )
 from fusedformers.models.generation import generation_defaults_from_model_config
 from fusedformers.models.layers import set_gradient_checkpointing
@@ -46,15 +50,24 @@ class ModelBase(nn.Module):
     @staticmethod
     def load_pretrained_parts(config_class, model_dir, dtype, device, attn_implementation):
         """Read an HF checkpoint directory: (config, config.json dict, state_dict on ``device`` in ``dtype``,
-        generation config). The generation config is generation_config.json, else config.json's generation
-        keys (HF's fallback)."""
+        generation config, names: ``{"source": the weights file(s), "model": the model of config.json}``, how
+        errors name them: ``assign_state_dict``'s keywords). The generation config is generation_config.json,
+        else config.json's generation keys (HF's fallback). A ValueError of the config's parsing that does not
+        name config.json gets its path in front."""
         check_implementation(attn_implementation)
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r}, but CUDA is not available on this machine (torch "
                              f"{torch.__version__}); load with device='cpu'")
         config_dict = load_config_dict(model_dir)
-        config = config_class.from_dict(config_dict)
+        config_path = os.path.join(os.fspath(model_dir), CONFIG_NAME)
+        try:
+            config = config_class.from_dict(config_dict)
+        except ValueError as e:
+            if CONFIG_NAME in str(e):
+                raise
+            raise ValueError(f"{config_path}: {e}") from e
         config.attn_implementation = attn_implementation
         state_dict = load_safetensors_state_dict(model_dir, device=device, dtype=resolve_dtype(dtype, config_dict))
         generation_config = load_generation_config(model_dir) or generation_defaults_from_model_config(config_dict)
-        return config, config_dict, state_dict, generation_config
+        names = {"source": weights_source(model_dir), "model": f"the model of {config_path}"}
+        return config, config_dict, state_dict, generation_config, names

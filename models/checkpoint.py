@@ -6,9 +6,10 @@ wrongly shaped tensor is reported at once.
 """
 import json
 import os
+import re
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fusedformers.models.generation import GENERATION_KEYS
@@ -27,8 +28,10 @@ def read_json(path):
     with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # UnicodeDecodeError: bytes that are not UTF-8
             raise ValueError(f"{path} is not valid JSON: {e}") from e
+        except RecursionError as e:
+            raise ValueError(f"{path} is not a usable JSON file: nested too deeply ({e})") from e
 
 
 def read_json_object(path):
@@ -65,9 +68,10 @@ def safetensors_files(model_dir):
         weight_map = read_json_object(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index_path} has no 'weight_map'")
-        names = set(weight_map.values())
-        if not all(isinstance(name, str) and name == os.path.basename(name) for name in names):
+        if not all(isinstance(name, str) and name and name == os.path.basename(name) and name not in (".", "..")
+                   for name in weight_map.values()):
             raise ValueError(f"{index_path}: weight_map values must be shard file names in {model_dir}")
+        names = set(weight_map.values())
         shards = [os.path.join(model_dir, name) for name in sorted(names)]
         missing = [s for s in shards if not os.path.isfile(s)]
         if missing:
@@ -103,9 +107,17 @@ def refuse_unknown_fields(config_dict, understood, model_name, also_ignored=()):
     return {k: v for k, v in config_dict.items() if k not in understood}
 
 
-def check_config_values(values, positive_ints=(), nonnegative_ints=(), probabilities=(), positive_numbers=()):
+MAX_CONFIG_INT = 2**31 - 1  # the largest size, count or token id a config.json field may hold
+
+
+def check_config_values(values, positive_ints=(), nonnegative_ints=(), probabilities=(), positive_numbers=(),
+                        bools=(), token_ids=()):
     """ValueError naming the config.json field whose value has the wrong type or range (``values``: field ->
-    value; fields absent from it are not checked): before a wrong value reaches ``torch.empty`` or a division."""
+    value; fields absent from it are not checked): before a wrong value reaches ``torch.empty`` or a division.
+
+    Sizes and counts are at most ``MAX_CONFIG_INT``; positive numbers are finite; ``bools``: true, false or null
+    (the string "false" is truthy: it would silently switch a feature on); ``token_ids``: an integer of at most
+    ``MAX_CONFIG_INT`` in magnitude or null (for ``*eos_token_id`` fields also a list of such integers)."""
     def fail(name, what):
         raise ValueError(f"config.json field {name!r} must be {what}, got {values[name]!r}")
 
@@ -115,6 +127,12 @@ def check_config_values(values, positive_ints=(), nonnegative_ints=(), probabili
     def is_number(value):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
+    def is_token_id(value):
+        return is_int(value) and abs(value) <= MAX_CONFIG_INT
+
+    for name in (*positive_ints, *nonnegative_ints):  # sizes torch.empty would overflow on (or take forever)
+        if name in values and is_int(values[name]) and values[name] > MAX_CONFIG_INT:
+            fail(name, f"at most {MAX_CONFIG_INT}")
     for name in positive_ints:
         if name in values and not (is_int(values[name]) and values[name] > 0):
             fail(name, "a positive integer")
@@ -124,9 +142,19 @@ def check_config_values(values, positive_ints=(), nonnegative_ints=(), probabili
     for name in probabilities:
         if name in values and not (is_number(values[name]) and 0.0 <= values[name] <= 1.0):
             fail(name, "a number in [0, 1]")
-    for name in positive_numbers:
-        if name in values and not (is_number(values[name]) and values[name] > 0):
+    for name in positive_numbers:  # finite: an infinite epsilon or RoPE base silently zeroes activations
+        if name in values and not (is_number(values[name]) and 0 < values[name] < float("inf")):
             fail(name, "a positive number")
+    for name in bools:
+        if name in values and not isinstance(values[name], bool | None):
+            fail(name, "true, false or null")
+    for name in token_ids:
+        value = values.get(name)
+        if name.endswith("eos_token_id") and isinstance(value, list) and value:
+            if not all(is_token_id(v) for v in value):
+                fail(name, "a token id (an integer), a list of them or null")
+        elif name in values and not (value is None or is_token_id(value)):
+            fail(name, "a token id (an integer) or null")
 
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -169,23 +197,46 @@ def load_safetensors_state_dict(model_dir, device="cpu", dtype=None):
     paths, weight_map = safetensors_files(model_dir)
     index_path = os.path.join(os.fspath(model_dir), WEIGHTS_INDEX_NAME)
     for path in paths:
-        with safe_open(path, framework="pt", device=device) as f:
-            for name in f.keys():
-                if name in state_dict:
-                    raise ValueError(f"tensor {name!r} appears in more than one shard ({path})")
-                if weight_map is not None and weight_map.get(name) != os.path.basename(path):
-                    raise ValueError(f"{index_path}: weight_map puts {name!r} in {weight_map.get(name)!r}, but "
-                                     f"{os.path.basename(path)} holds it")
-                tensor = f.get_tensor(name)
-                if dtype is None and tensor.is_floating_point():
-                    dtype = tensor.dtype
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor = tensor.to(dtype)
-                state_dict[name] = tensor
+        try:
+            with safe_open(path, framework="pt", device=device) as f:
+                for name in f.keys():
+                    if name in state_dict:
+                        raise ValueError(f"tensor {name!r} appears in more than one shard ({path})")
+                    if weight_map is not None and weight_map.get(name) != os.path.basename(path):
+                        raise ValueError(f"{index_path}: weight_map puts {name!r} in {weight_map.get(name)!r}, "
+                                         f"but {os.path.basename(path)} holds it")
+                    tensor = f.get_tensor(name)
+                    if dtype is None and tensor.is_floating_point():
+                        dtype = tensor.dtype
+                    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                        tensor = tensor.to(dtype)
+                    state_dict[name] = tensor
+        except SafetensorError as e:  # a truncated or corrupt file: safetensors' message does not name it
+            listed = f" (a shard listed in {index_path})" if weight_map is not None else ""
+            raise ValueError(f"{path}{listed} is not a valid safetensors file: {e}") from e
     if weight_map is not None and set(weight_map) - set(state_dict):
         raise ValueError(f"{index_path}: weight_map lists tensors no shard holds: "
                          f"{sorted(set(weight_map) - set(state_dict))}")
     return state_dict
+
+
+def weights_source(model_dir):
+    """How errors name a checkpoint's weights: the path of model.safetensors, or of the index of a sharded one."""
+    model_dir = os.fspath(model_dir)
+    single = os.path.join(model_dir, WEIGHTS_NAME)
+    return single if os.path.isfile(single) else os.path.join(model_dir, WEIGHTS_INDEX_NAME) + " (and its shards)"
+
+
+def check_layer_count(state_dict, stack, count, field_name, source):
+    """ValueError when config.json's layer count ``count`` (field ``field_name``) disagrees with the layers
+    ``{stack}.{i}.`` of the checkpoint, before a model with that many layers is built (a count of 10**9 would
+    take forever to build just to report the missing tensors)."""
+    pattern = re.compile(rf"^{re.escape(stack)}\.(\d+)\.")
+    stored = sorted({int(m.group(1)) for name in state_dict if (m := pattern.match(name))})
+    if stored != list(range(count)):
+        held = f"layers {stored[0]}..{stored[-1]} ({len(stored)})" if stored else "no layers"
+        raise ValueError(f"config.json field {field_name!r} is {count}, but {source} holds {held} under "
+                         f"{stack!r}")
 
 
 def tied_parameter_groups(module):
@@ -202,7 +253,7 @@ def _set_by_name(module, name, value):
     setattr(owner, attr, value)
 
 
-def assign_state_dict(module, state_dict, aliases=None, tied=()):
+def assign_state_dict(module, state_dict, aliases=None, tied=(), source="checkpoint", model="the model"):
     """Load ``state_dict`` into ``module`` strictly, taking ownership of the tensors (no second copy lingers:
     the module's parameters become the given tensors, so the module may be built on the meta device).
 
@@ -212,7 +263,10 @@ def assign_state_dict(module, state_dict, aliases=None, tied=()):
     name, or ``(name, source_name)`` pairs to tie after loading (``name`` becomes ``source_name``'s Parameter).
     Parameters the module already shares (detected from the module itself) are loaded once, from whichever of
     their names the checkpoint has, and stay one shared Parameter.
-    Raises KeyError listing every missing and unexpected name, ValueError listing every shape mismatch.
+    source, model: what the tensors were read from (e.g. the path of model.safetensors) and what the module is
+    (e.g. "the model of <path>/config.json"), named in the errors.
+    Raises KeyError listing every missing and unexpected name, ValueError listing every shape mismatch and every
+    integer or bool tensor given for a floating-point parameter.
     """
     aliases = aliases or {}
     loaded = {}
@@ -221,7 +275,7 @@ def assign_state_dict(module, state_dict, aliases=None, tied=()):
         if target is None:
             continue
         if target in loaded:
-            raise ValueError(f"two checkpoint tensors map to {target!r} (check the aliases)")
+            raise ValueError(f"two tensors of {source} map to {target!r} (check the aliases)")
         loaded[target] = tensor
 
     tie_pairs = [t for t in tied if not isinstance(t, str)]
@@ -247,11 +301,13 @@ def assign_state_dict(module, state_dict, aliases=None, tied=()):
             parts.append(f"missing tensors: {missing}")
         if unexpected:
             parts.append(f"unexpected tensors: {unexpected}")
-        raise KeyError("checkpoint does not match the model: " + "; ".join(parts))
+        raise KeyError(f"{source} does not match {model}: " + "; ".join(parts))
     mismatched = [f"{n}: expected {tuple(expected[n].shape)}, got {tuple(t.shape)}"
                   for n, t in sorted(loaded.items()) if tuple(t.shape) != tuple(expected[n].shape)]
+    mismatched += [f"{n}: expected a floating-point tensor, got {t.dtype}" for n, t in sorted(loaded.items())
+                   if expected[n].is_floating_point() and not t.is_floating_point()]
     if mismatched:
-        raise ValueError("checkpoint tensor shapes do not match the model: " + "; ".join(mismatched))
+        raise ValueError(f"tensor shapes or dtypes in {source} do not match {model}: " + "; ".join(mismatched))
 
     # one tensor per shared Parameter: the first of its names found in the checkpoint; the others are dropped
     shared = []
@@ -271,7 +327,7 @@ def assign_state_dict(module, state_dict, aliases=None, tied=()):
         _set_by_name(module, name, module.get_parameter(source))
     left = [n for n, t in module.state_dict(keep_vars=True).items() if t.is_meta]
     if left:
-        raise KeyError(f"tensors left unloaded (declared tied but not shared): {left}")
+        raise KeyError(f"tensors left unloaded (declared tied but not shared) from {source}: {left}")
     return module
 
 

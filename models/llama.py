@@ -25,6 +25,7 @@ from torch import nn
 from fusedformers.models.base import ModelBase
 from fusedformers.models.checkpoint import (
     assign_state_dict,
+    check_layer_count,
     save_safetensors,
 )
 from fusedformers.models.cuda_graph import StepGraph
@@ -214,8 +215,10 @@ class LlamaForCausalLM(ModelBase):
         lm_head differs from the embedding is loaded untied, with a warning, as HF does. An untied config without
         ``lm_head.weight`` is an error naming the missing tensor (HF reports it missing).
         Generation defaults: generation_config.json, else config.json's generation keys."""
-        config, config_dict, state_dict, generation_config = cls.load_pretrained_parts(
+        config, config_dict, state_dict, generation_config, names = cls.load_pretrained_parts(
             LlamaConfig, model_dir, dtype, device, attn_implementation)
+        check_layer_count({k.removeprefix("model."): v for k, v in state_dict.items()}, "layers",
+                          config.num_hidden_layers, "num_hidden_layers", names["source"])
         stored_head, embedding = state_dict.get("lm_head.weight"), state_dict.get("model.embed_tokens.weight")
         if (config.tie_word_embeddings and stored_head is not None and embedding is not None
                 and not torch.equal(stored_head, embedding)):
@@ -226,7 +229,7 @@ class LlamaForCausalLM(ModelBase):
             model = cls(config)
         aliases = {name: name[len("model."):] for name in state_dict if name.startswith("model.")}
         aliases.update({name: None for name in state_dict if name.endswith("rotary_emb.inv_freq")})
-        assign_state_dict(model, state_dict, aliases=aliases)
+        assign_state_dict(model, state_dict, aliases=aliases, **names)
         model.generation_config = generation_config
         return model.eval()
 

@@ -80,8 +80,10 @@ class LlamaConfig:
                 if value is not None or name.endswith("token_id"):
                     args[name] = value
         check_config_values(args, positive_ints=["max_position_embeddings"], probabilities=["attention_dropout"],
-                            positive_numbers=["rms_norm_eps"])
-        if args.get("hidden_act", "silu") not in ACTIVATIONS:
+                            positive_numbers=["rms_norm_eps"],
+                            bools=["tie_word_embeddings", "attention_bias", "mlp_bias"],
+                            token_ids=["bos_token_id", "eos_token_id", "pad_token_id"])
+        if not isinstance(args.get("hidden_act", "silu"), str) or args.get("hidden_act", "silu") not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {args['hidden_act']!r}; supported: {sorted(ACTIVATIONS)}")
         args["rope_parameters"] = parse_rope(d.pop("rope_parameters", None), d.pop("rope_scaling", None),
                                              d.pop("rope_theta", None),
@@ -109,6 +111,10 @@ def parse_rope(rope_parameters, rope_scaling, rope_theta, max_position_embedding
     """Normalise RoPE settings given as transformers 5's ``rope_parameters`` or as the older ``rope_theta`` +
     ``rope_scaling`` (whose type key is ``rope_type`` or ``type``) into ``{"rope_type", "rope_theta", ...}``.
     When a config carries both spellings they must agree."""
+    for name, value in (("rope_parameters", rope_parameters), ("rope_scaling", rope_scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"config.json field {name!r} must be an object or null, got {value!r}")
+    check_config_values({"rope_theta": rope_theta} if rope_theta is not None else {}, positive_numbers=["rope_theta"])
     if rope_parameters is not None:
         rope = _parse_rope_dict(rope_parameters, rope_theta, max_position_embeddings)
         if rope_theta is not None and float(rope_theta) != rope["rope_theta"]:
@@ -131,7 +137,9 @@ def _parse_rope_dict(params, rope_theta, max_position_embeddings):
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(ROPE_TYPES)}")
     theta = params.pop("rope_theta", None)
-    theta = float(theta if theta is not None else rope_theta if rope_theta is not None else 10000.0)
+    theta = theta if theta is not None else rope_theta if rope_theta is not None else 10000.0
+    check_config_values({"rope_theta": theta}, positive_numbers=["rope_theta"])  # <= 0: NaN angles
+    theta = float(theta)
     if params.pop("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("partial_rotary_factor != 1 is not supported for LLaMA")
     if rope_type == "llama3":
@@ -143,6 +151,8 @@ def _parse_rope_dict(params, rope_theta, max_position_embeddings):
     unknown = [k for k in params if k not in allowed]
     if missing or unknown:
         raise ValueError(f"rope type {rope_type!r} needs {list(allowed)}; missing {missing}, unknown {unknown}")
+    check_config_values(params, positive_numbers=["factor", "low_freq_factor", "high_freq_factor"],
+                        positive_ints=["original_max_position_embeddings"])
     return {"rope_type": rope_type, "rope_theta": theta, **params}
 
 

@@ -470,6 +470,67 @@ def test_aliases_of_the_shared_embedding_must_agree(tmp_path, hf_checkpoint):
             _copy_checkpoint(path, tmp_path / "a", add={"lm_head.weight": shared + 1.0}))
 
 
+_DROP = object()  # _edit_config: remove the field
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    for name in [k for k, v in changes.items() if v is _DROP]:
+        del config[name]
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"scale_embedding": "false"}, r"field 'scale_embedding' must be true, false or null, got 'false'"),
+    ({"normalize_before": "false"}, r"field 'normalize_before' must be true, false or null, got 'false'"),
+    ({"pad_token_id": [None]}, r"field 'pad_token_id' must be a token id \(an integer\) or null, got \[None\]"),
+    ({"pad_token_id": 0.5}, r"field 'pad_token_id' must be a token id"),
+    ({"encoder_attention_heads": _DROP}, r"config\.json lacks required fields \['encoder_attention_heads'\]"),
+    ({"encoder_layers": 3}, r"'encoder_layers' is 3, but \S*model\.safetensors holds layers 0\.\.1"),
+    ({"activation_function": ["gelu"]}, r"config\.json: unsupported activation_function \['gelu'\]"),
+    ({"encoder_attention_heads": 3}, r"config\.json: d_model \(64\) must be divisible"),
+], ids=["scale_embedding-str", "normalize_before-str", "pad-list", "pad-float", "heads-missing", "layers-3",
+        "activation-list", "heads-not-dividing"])
+def test_config_defects_found_by_the_fuzzer(change, message, tmp_path, hf_checkpoint):
+    """tests/ckpt_fuzz.py found these. Before: "false" switched scale_embedding on (a silently different model)
+    and passed normalize_before; a list or float pad id reached nn.Embedding (TypeError, IndexError); a missing
+    head count took HF's default of 16 (heads of 4 dims: a silently different model); 3 layers were built and
+    then reported missing; an unhashable activation was a TypeError; errors did not name config.json."""
+    path, _ = hf_checkpoint
+    _edit_config(_copy_checkpoint(path, tmp_path), **change)
+    with pytest.raises(ValueError, match=message):
+        BartForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
+
+
+def test_pad_token_id_outside_the_vocabulary_loads(tmp_path, hf_checkpoint, models, source_batch):
+    """Before: AssertionError("Padding_idx must be within num_embeddings") from nn.Embedding; as in LLaMA, such
+    a pad id marks no embedding row (it only matters for gradients), the model is the same."""
+    path, _ = hf_checkpoint
+    _edit_config(_copy_checkpoint(path, tmp_path), pad_token_id=1000)
+    model = BartForConditionalGeneration.from_pretrained(tmp_path, device=DEVICE, attn_implementation="eager")
+    ids, mask = source_batch
+    decoder_ids = ids[:, :4]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits,
+                           models["eager"](input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits)
+
+
+def test_integer_tensors_and_mismatches_name_the_files(tmp_path, hf_checkpoint):
+    """Before: an int8 final_logits_bias loaded as an integer buffer and other integer tensors were a
+    RuntimeError from load_state_dict; missing tensors named neither model.safetensors nor config.json."""
+    path, _ = hf_checkpoint
+    tensors = load_file(path / "model.safetensors")
+    for name in ("final_logits_bias", "model.encoder.layers.0.fc1.bias"):
+        with pytest.raises(ValueError, match=rf"tensor shapes or dtypes in \S*model\.safetensors do not match the "
+                                             rf"model of \S*config\.json: {name}: expected a floating-point tensor"):
+            BartForConditionalGeneration.from_pretrained(_copy_checkpoint(
+                path, tmp_path / name, add={name: tensors[name].to(torch.int8)}))
+    with pytest.raises(KeyError, match=r"model\.safetensors does not match the model of \S*config\.json: missing"):
+        BartForConditionalGeneration.from_pretrained(_copy_checkpoint(path, tmp_path / "drop",
+                                                                      drop=["model.encoder.layers.0.fc1.bias"]))
+
+
 @pytest.mark.parametrize("dtype,expected", [("bfloat16", torch.bfloat16), ("auto", torch.float32),
                                             (None, torch.float32)], ids=["bfloat16", "auto", "default"])
 def test_dtype_names_and_auto(dtype, expected, hf_checkpoint):

@@ -2,6 +2,7 @@
 config variants, loading, saving and bad checkpoints."""
 import json
 import os
+import re
 import shutil
 from dataclasses import replace
 
@@ -386,5 +387,121 @@ def test_json_files_must_hold_objects(broken, file_name):
 def test_config_values_of_the_wrong_type_or_range(broken, field, value, what):
     """Before: errors from torch.empty or a ZeroDivisionError; now the field, what it must be and its value."""
     edit_config(str(broken), lambda c: c.update({field: value}))
-    with pytest.raises(ValueError, match=rf"config.json field '{field}' must be {what}, got {value!r}"):
+    with pytest.raises(ValueError, match=rf"config.json field '{field}' must be {what}, got {re.escape(repr(value))}"):
         LlamaForCausalLM.from_pretrained(str(broken), attn_implementation="eager")
+
+
+# ------------------------------------------------------ defects found by the checkpoint fuzzer (tests/ckpt_fuzz.py)
+
+def _load(path):
+    return LlamaForCausalLM.from_pretrained(str(path), attn_implementation="eager")
+
+
+@pytest.mark.parametrize("field,value,what", [("head_dim", 2**63, "at most 2147483647"),
+                                              ("rms_norm_eps", float("inf"), "a positive number"),
+                                              ("rope_theta", -1.0, "a positive number"),
+                                              ("rope_theta", "ten", "a positive number"),
+                                              ("rope_parameters", ["default"], "an object or null"),
+                                              ("attention_bias", "false", "true, false or null"),
+                                              ("tie_word_embeddings", 1, "true, false or null"),
+                                              ("pad_token_id", [None], r"a token id \(an integer\) or null"),
+                                              ("eos_token_id", [2, "3"],
+                                               r"a token id \(an integer\), a list of them or null")],
+                         ids=["head_dim-2**63", "eps-inf", "rope_theta-negative", "rope_theta-str",
+                              "rope_parameters-list", "bias-str", "tie-int", "pad-list", "eos-list-of-str"])
+def test_config_values_the_fuzzer_found(broken, field, value, what):
+    """Before: an overflow TypeError from torch.empty (2**63), silently NaN or zeroed activations (an infinite
+    epsilon, a negative RoPE base), float() / dict() errors, a string "false" switching biases on, a list pad id
+    passed on."""
+    edit_config(str(broken), lambda c: c.update({field: value}))
+    with pytest.raises(ValueError, match=rf"config.json field '{field}' must be {what}, got {re.escape(repr(value))}"):
+        _load(broken)
+
+
+def test_hidden_act_of_another_type(broken):
+    edit_config(str(broken), lambda c: c.update(hidden_act=["silu"]))  # before: TypeError unhashable type: 'list'
+    with pytest.raises(ValueError, match=r"config\.json: unsupported hidden_act \['silu'\]"):
+        _load(broken)
+
+
+def test_config_errors_name_config_json(broken):
+    """Every refusal of the config names config.json (before: "num_attention_heads (4) must be a multiple of
+    num_key_value_heads (3)" without saying which file)."""
+    edit_config(str(broken), lambda c: c.update(num_key_value_heads=3))
+    with pytest.raises(ValueError, match=r"/config\.json: num_attention_heads \(4\) must be a multiple"):
+        _load(broken)
+
+
+def test_layer_count_is_checked_against_the_weights(broken):
+    """Before: a model of that many layers was built first (num_hidden_layers 10**9: for ever)."""
+    edit_config(str(broken), lambda c: c.update(num_hidden_layers=3))
+    with pytest.raises(ValueError, match=r"'num_hidden_layers' is 3, but .*model\.safetensors holds layers 0\.\.1"):
+        _load(broken)
+
+
+def test_mismatch_errors_name_the_weights_and_the_config(broken):
+    rewrite_weights(broken, lambda sd: sd.pop("model.norm.weight"))
+    with pytest.raises(KeyError, match=r"model\.safetensors does not match the model of \S*config\.json: missing"):
+        _load(broken)
+    edit_config(str(broken), lambda c: c.update(intermediate_size=96))
+    rewrite_weights(broken, lambda sd: sd.update({"model.norm.weight": torch.ones(64)}))
+    with pytest.raises(ValueError, match=r"tensor shapes or dtypes in \S*model\.safetensors do not match the model "
+                                         r"of \S*config\.json: layers\.0\.mlp\.down_proj\.weight: expected \(64, 96\)"):
+        _load(broken)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_tensor_for_a_float_parameter(broken, dtype):
+    """Before: a RuntimeError from load_state_dict ("Only Tensors of floating point dtype can require
+    gradients") or an integer Parameter."""
+    rewrite_weights(broken, lambda sd: sd.update({"model.norm.weight": sd["model.norm.weight"].to(dtype)}))
+    with pytest.raises(ValueError, match=rf"norm\.weight: expected a floating-point tensor, got {dtype}"):
+        _load(broken)
+
+
+def _corrupt(path, damage):
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        data = data[:len(data) // 2]
+    elif damage == "header length":
+        data[7] ^= 0x10  # a header longer than the file
+    elif damage == "header json":
+        data[9] = ord("[")
+    else:  # not UTF-8 inside the header
+        data[12] = 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header length", "header json", "header utf-8"])
+def test_corrupt_safetensors_names_the_file(broken, damage):
+    """Before: safetensors' own SafetensorError ("header too large", "invalid JSON in header") naming no file."""
+    _corrupt(broken / "model.safetensors", damage)
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a valid safetensors file"):
+        _load(broken)
+
+
+def test_corrupt_or_wrong_shard_names_the_index(tmp_path, base):
+    index_path, index = _shard(tmp_path, base)
+    shard = sorted(set(index["weight_map"].values()))[0]
+    _corrupt(tmp_path / shard, "truncated")
+    with pytest.raises(ValueError, match=rf"{shard} \(a shard listed in \S*model\.safetensors\.index\.json\) is "
+                                         r"not a valid safetensors file"):
+        _load(tmp_path)
+    index["weight_map"][next(iter(index["weight_map"]))] = "config.json"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"config\.json \(a shard listed in"):
+        _load(tmp_path)
+    index["weight_map"][next(iter(index["weight_map"]))] = [shard]  # before: TypeError unhashable type: 'list'
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"weight_map values must be shard file names"):
+        _load(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b'{"model_type": "ll\xffama"}', b'{"a": ' + b"[" * 10**5 + b"]" * 10**5 + b"}"],
+                         ids=["not-utf-8", "nested-too-deeply"])
+@pytest.mark.parametrize("file_name", ["config.json", "generation_config.json"])
+def test_undecodable_json_names_the_file(broken, file_name, content):
+    """Before: UnicodeDecodeError / RecursionError, neither naming the file."""
+    (broken / file_name).write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{file_name} is not (valid|a usable) JSON"):
+        _load(broken)
