@@ -138,7 +138,7 @@ class BartConfig:
         if config_dict.get("extra_pos_embeddings", POSITION_OFFSET) != POSITION_OFFSET:
             raise ValueError(f"config.json's extra_pos_embeddings must be {POSITION_OFFSET} (BART's learned position "
                              f"offset), got {config_dict['extra_pos_embeddings']!r}")
-        if config_dict.get("num_hidden_layers", config_dict.get("encoder_layers")) != config_dict.get("encoder_layers"):
+        if "num_hidden_layers" in config_dict and config_dict["num_hidden_layers"] != config_dict["encoder_layers"]:
             raise ValueError(f"config.json's num_hidden_layers ({config_dict['num_hidden_layers']!r}) is HF's alias of "
                              f"encoder_layers ({config_dict.get('encoder_layers')!r}) and must equal it")
         names = {f.name for f in fields(cls)} - {"extra", "attn_implementation"}

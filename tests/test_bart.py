@@ -579,9 +579,10 @@ def test_unsupported_generation_settings_are_errors(setting, models, source_batc
     ({"extra_pos_embeddings": 0}, "extra_pos_embeddings must be 2"),
     ({"num_hidden_layers": 7}, "num_hidden_layers .* must equal"),
     ({"force_bos_token_to_be_generated": True}, "force_bos_token_to_be_generated"),
+    ({"encoder_layers": float("nan")}, "encoder_layers"),  # the checkpoint fuzzer's seed 11 case 85 (a KeyError)
 ], ids=["mbart", "normalize_before", "add_final_layer_norm", "untied", "unknown_activation", "heads_not_dividing",
         "d_model-str", "heads-zero", "dropout-negative", "unknown-field", "position-offset", "layers-alias",
-        "legacy-force-bos"])
+        "legacy-force-bos", "layers-nan"])
 def test_config_rejects_unsupported_variants(change, message, hf_checkpoint):
     path, _ = hf_checkpoint
     config = json.loads((path / "config.json").read_text())
