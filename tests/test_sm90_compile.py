@@ -33,15 +33,17 @@ rope_mod = importlib.import_module("fusedformers.kernels.rope")
 tiles = importlib.import_module("fusedformers.kernels.tiles")
 
 SM90_MAX_SHARED_BYTES = 232448  # 227 KB: the most dynamic shared memory one block may use on sm_90
+# the most shared memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin) per target arch
+MAX_SHARED_BYTES = {90: SM90_MAX_SHARED_BYTES, 89: 101376, 86: 101376, 80: 166912, 75: 65536}
 CUDA = torch.device("cuda")
 FLOAT_ARGS = ("qk_scale", "sm_scale", "eps", "dropout_p", "dropout_scale")
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def compile_sm90(fn, pointer_types, constexprs, num_warps, num_stages):
-    """Compile ``fn`` for sm_90 as the JIT specialises a real launch: pointers 16-byte aligned, unit strides
-    (``stride_*d``, ``stride_mask_n``) constant 1, other strides divisible by 16; scale/eps args fp32, other
-    ints i32."""
+def compile_sm90(fn, pointer_types, constexprs, num_warps, num_stages, arch=90):
+    """Compile ``fn`` for sm_90 (or the compute capability ``arch``, e.g. 80, 86, 89, 75) as the JIT specialises
+    a real launch: pointers 16-byte aligned, unit strides (``stride_*d``, ``stride_mask_n``) constant 1, other
+    strides divisible by 16; scale/eps args fp32, other ints i32."""
     assert ASTSource is not None, "triton.compiler.ASTSource / GPUTarget not found in this triton"
     constexprs = dict(constexprs)
     signature, attrs = {}, {}
@@ -60,18 +62,21 @@ def compile_sm90(fn, pointer_types, constexprs, num_warps, num_stages):
             if name.startswith("stride_"):
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32),
+                          target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def ptxas_report(compiled):
-    """(registers, spill store bytes) that ptxas reports for the kernel (spills never show in the PTX itself)."""
+    """(registers, spill store bytes) that ptxas reports for the kernel (spills never show in the PTX itself),
+    for the arch it was compiled for (sm_90 as sm_90a, as Triton does)."""
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    arch = compiled.metadata.target.arch
+    gpu_name = "sm_90a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         ptx_path = os.path.join(tmp, "kernel.ptx")
         with open(ptx_path, "w") as f:
             f.write(compiled.asm["ptx"])
-        result = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx_path, "-o", os.path.join(tmp, "k.cubin")],
+        result = subprocess.run([ptxas, "-v", "--gpu-name", gpu_name, ptx_path, "-o", os.path.join(tmp, "k.cubin")],
                                 capture_output=True, text=True, check=True)
     report = result.stdout + result.stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
@@ -80,10 +85,12 @@ def ptxas_report(compiled):
 
 
 def assert_fits_sm90(name, compiled):
-    shared = compiled.metadata.shared
-    assert shared <= SM90_MAX_SHARED_BYTES, f"{name}: {shared} bytes of shared memory > sm_90's {SM90_MAX_SHARED_BYTES}"
+    """No spills, and no more shared memory than the compiled arch allows (sm_90 or another, MAX_SHARED_BYTES)."""
+    arch = compiled.metadata.target.arch
+    shared, limit = compiled.metadata.shared, MAX_SHARED_BYTES[arch]
+    assert shared <= limit, f"{name}: {shared} bytes of shared memory > sm_{arch}'s {limit}"
     registers, spill_stores = ptxas_report(compiled)
-    print(f"  {name}: {registers} registers, {spill_stores} B spill stores, {shared} B shared", flush=True)
+    print(f"  sm_{arch} {name}: {registers} registers, {spill_stores} B spill stores, {shared} B shared", flush=True)
     assert spill_stores == 0, f"{name}: ptxas spills {spill_stores} bytes of registers ({registers} registers)"
 
 
