@@ -70,16 +70,22 @@ _GPU_TILES_DROPOUT = {
 # every entry for the class's architectures.
 # sm_80 class (A100, 163 KB): the sm_86 tiles where more shared memory buys nothing spill-free
 _SM80_TILES = {
-    "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 32, 8, 3)},
-    "dkdv": {64: (16, 128, 8, 2), 128: (32, 64, 8, 3), 256: (32, 32, 8, 2)},
-    "dq": {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2)},
+    "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 64, 8, 2)},
+    "dkdv": {64: (16, 128, 8, 2), 128: (32, 64, 8, 3), 256: (32, 32, 8, 3)},
+    "dq": {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 3)},
 }
 _SM80_TILES_DROPOUT = {}
+# fp32 (CUDA-core dots) before sm_90: sm_90's tiles, but 8 warps for dK/dV at D=256 (4 spill 8 B on sm_80/86)
+_SM80_TILES_FP32 = {
+    "fwd": {128: (16, 64, 4, 2), 256: (16, 16, 4, 2)},
+    "dkdv": {128: (16, 32, 4, 2), 256: (16, 16, 8, 2)},
+    "dq": {128: (32, 16, 4, 2), 256: (16, 16, 4, 2)},
+}
 # sm_86 class (A10, A40, RTX 30; L4, L40S, RTX 40 are sm_89 with the same 99 KB)
 _SM86_TILES = {
     "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
     "dkdv": {64: (16, 128, 8, 2), 128: (32, 64, 8, 3), 256: (32, 32, 8, 2)},
-    "dq": {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2)},
+    "dq": {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (32, 32, 8, 3)},
 }
 _SM86_TILES_DROPOUT = {}
 # sm_75 class (T4, RTX 20: 64 KB). Triton 3.6 has no tensor-core dot below sm_80: fp16 dots run on the CUDA cores
@@ -91,8 +97,8 @@ _SM75_TILES = _GPU_TILES_FP32
 # class whose limit its own reaches.
 SHARED_MEMORY_CLASSES = {
     "sm90": (232448, (90,), _GPU_TILES, _GPU_TILES_FP32, _GPU_TILES_DROPOUT),  # 227 KB: H100, H200
-    "sm80": (166912, (80,), _SM80_TILES, _GPU_TILES_FP32, _SM80_TILES_DROPOUT),  # 163 KB: A100
-    "sm86": (101376, (86, 89), _SM86_TILES, _GPU_TILES_FP32, _SM86_TILES_DROPOUT),  # 99 KB: A10, L4, L40S
+    "sm80": (166912, (80,), _SM80_TILES, _SM80_TILES_FP32, _SM80_TILES_DROPOUT),  # 163 KB: A100
+    "sm86": (101376, (86, 89), _SM86_TILES, _SM80_TILES_FP32, _SM86_TILES_DROPOUT),  # 99 KB: A10, L4, L40S
     "sm75": (65536, (75,), _SM75_TILES, _GPU_TILES_FP32, {}),  # 64 KB: T4
 }
 

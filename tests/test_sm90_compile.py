@@ -1,4 +1,5 @@
-"""Compile every Triton kernel for an H100 (sm_90) ahead of time, on any machine.
+"""Compile every Triton kernel for an H100 (sm_90) ahead of time, on any machine; and the attention and decode
+kernels for the other GPU generations (sm_80, sm_86, sm_89, sm_75) with the tiles the tile policy gives them.
 
 The interpreter runs the kernels' logic on CPU but never compiles them, so a kernel that fails to lower for
 the GPU, spills registers, or asks for more shared memory than sm_90 has (227 KB per block) would pass the CPU
@@ -7,7 +8,7 @@ and stages that the launchers choose on a GPU, and checks the resources.
 
 Under TRITON_INTERPRET=1 (the CPU test suite) ``@triton.jit`` yields interpreter objects that cannot be
 compiled, so each test runs this file as a script in a subprocess with the interpreter off:
-``python tests/test_sm90_compile.py attention|decode|rms_norm``.
+``python tests/test_sm90_compile.py attention|decode|rms_norm|tiles_sm86|...``.
 """
 import importlib
 import os
@@ -15,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 
 import pytest
 import torch
@@ -36,6 +38,22 @@ SM90_MAX_SHARED_BYTES = 232448  # 227 KB: the most dynamic shared memory one blo
 # the most shared memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin) per target arch
 MAX_SHARED_BYTES = {90: SM90_MAX_SHARED_BYTES, 89: 101376, 86: 101376, 80: 166912, 75: 65536}
 CUDA = torch.device("cuda")
+
+
+def _gpu(name, major, minor, shared_memory_per_block_optin, multi_processor_count):
+    return types.SimpleNamespace(name=name, major=major, minor=minor, multi_processor_count=multi_processor_count,
+                                 shared_memory_per_block_optin=shared_memory_per_block_optin)
+
+
+# torch.cuda.get_device_properties of one GPU per target arch (the fields the tile policy reads), so the policy
+# can be asked for each arch's tiles on any machine (kernels/tiles.py gpu_info)
+GPU_PROPERTIES = {
+    90: _gpu("NVIDIA H100 80GB HBM3", 9, 0, 232448, 132),
+    80: _gpu("NVIDIA A100-SXM4-80GB", 8, 0, 166912, 108),
+    86: _gpu("NVIDIA A10", 8, 6, 101376, 72),
+    89: _gpu("NVIDIA L4", 8, 9, 101376, 58),
+    75: _gpu("Tesla T4", 7, 5, 65536, 40),
+}
 FLOAT_ARGS = ("qk_scale", "sm_scale", "eps", "dropout_p", "dropout_scale")
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -94,7 +112,9 @@ def assert_fits_sm90(name, compiled):
     assert spill_stores == 0, f"{name}: ptxas spills {spill_stores} bytes of registers ({registers} registers)"
 
 
-def check_attention_kernels(dtype, head_dim, dropout=False):
+def check_attention_kernels(dtype, head_dim, dropout=False, arch=90):
+    """The tiles the tile policy picks for ``arch``'s GPU (GPU_PROPERTIES) fit that arch."""
+    gpu = tiles.gpu_info(GPU_PROPERTIES[arch])
     element = "*" + TRITON_DTYPE[dtype]
     pointers = dict(q_ptr=element, k_ptr=element, v_ptr=element, out_ptr=element, dout_ptr=element,
                     dk_ptr=element, dv_ptr=element, dq_ptr=element, lse_ptr="*fp32", delta_ptr="*fp32",
@@ -103,20 +123,22 @@ def check_attention_kernels(dtype, head_dim, dropout=False):
     block_d = triton.next_power_of_2(head_dim)
     for name, kernel in (("fwd", attention_mod._attn_fwd_kernel), ("dkdv", attention_mod._attn_bwd_dkdv_kernel),
                          ("dq", attention_mod._attn_bwd_dq_kernel)):
-        block_m, block_n, num_warps, num_stages = tiles._block_config(name, head_dim, dtype, CUDA, dropout)
+        block_m, block_n, num_warps, num_stages = tiles._block_config(name, head_dim, dtype, CUDA, dropout, gpu)
         common = dict(GROUP_SIZE=4, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
                       CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False, HAS_DROPOUT=dropout,
                       DOT_PRECISION=tiles.dot_precision(dtype))
-        compiled = compile_sm90(kernel, pointers, common, num_warps, num_stages)
-        assert_fits_sm90(f"{kernel.__name__} {dtype} D={head_dim}{' dropout' if dropout else ''}", compiled)
+        compiled = compile_sm90(kernel, pointers, common, num_warps, num_stages, arch)
+        assert_fits_sm90(f"{kernel.__name__} {dtype} D={head_dim}{' dropout' if dropout else ''} "
+                         f"{block_m}x{block_n} w{num_warps} s{num_stages}", compiled)
     compiled = compile_sm90(attention_mod._bwd_preprocess_kernel, pointers,
-                            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.elementwise_rows(CUDA)), 4, 1)
+                            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.elementwise_rows(CUDA)), 4, 1,
+                            arch)
     assert_fits_sm90("_bwd_preprocess_kernel", compiled)
 
 
-def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len):
-    plan = tiles.decode_plan(2, num_heads, num_kv_heads, q_len, 4096, head_dim, device=CUDA, num_splits=8,
-                                  dtype=dtype)
+def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len, arch=90):
+    plan = tiles.decode_plan(2, num_heads, num_kv_heads, q_len, 4096, head_dim, num_splits=8, dtype=dtype,
+                             gpu=tiles.gpu_info(GPU_PROPERTIES[arch]))
     element = "*" + TRITON_DTYPE[dtype]
     pointers = dict(q_ptr=element, k_ptr=element, v_ptr=element, out_ptr=element, part_acc_ptr="*fp32",
                     part_max_ptr="*fp32", part_sum_ptr="*fp32", mask_ptr="*u8", kv_start_ptr="*i32",
@@ -124,12 +146,14 @@ def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len):
     compiled = compile_sm90(decode_mod._decode_split_kernel, pointers, dict(
         GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"],
         BLOCK_D=plan["block_d"], CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False, WRITE_OUT=False,
-        DOT_PRECISION=tiles.dot_precision(dtype)), plan["num_warps"], plan["num_stages"])
-    assert_fits_sm90("_decode_split_kernel", compiled)
+        DOT_PRECISION=tiles.dot_precision(dtype)), plan["num_warps"], plan["num_stages"], arch)
+    assert_fits_sm90(f"_decode_split_kernel {dtype} D={head_dim} {plan['block_m']}x{plan['block_n']} "
+                     f"w{plan['num_warps']} s{plan['num_stages']}", compiled)
     compiled = compile_sm90(decode_mod._decode_combine_kernel, pointers, dict(
-        HEAD_DIM=head_dim, BLOCK_R=plan["combine_rows"], BLOCK_S=tiles.COMBINE_SPLIT_CHUNK,
-        BLOCK_D=plan["block_d"]), plan["combine_num_warps"], 1)
-    assert_fits_sm90("_decode_combine_kernel", compiled)
+        HEAD_DIM=head_dim, BLOCK_R=plan["combine_rows"], BLOCK_S=plan["combine_splits"],
+        BLOCK_D=plan["block_d"]), plan["combine_num_warps"], 1, arch)
+    assert_fits_sm90(f"_decode_combine_kernel {plan['combine_rows']} rows x {plan['combine_splits']} splits",
+                     compiled)
 
 
 def check_rms_norm_kernels(dtype, hidden):
@@ -176,6 +200,28 @@ def check_autotune_candidates(dtype, kernel_name):
                              compiled)
 
 
+DECODE_CASES = [(torch.bfloat16, 128, 32, 8, 1), (torch.float16, 64, 16, 16, 1), (torch.bfloat16, 256, 8, 1, 4),
+                (torch.float32, 80, 8, 2, 16), (torch.bfloat16, 128, 32, 2, 16)]
+
+
+def check_tiles_for_arch(kind, dtype, head_dim, *rest):
+    """One attention or decode case of another GPU generation: ``rest`` ends with the arch (80, 86, 89, 75)."""
+    (check_attention_kernels if kind == "attention" else check_decode_kernels)(dtype, head_dim, *rest)
+
+
+def _arch_cases(arch):
+    """Every tile table entry of ``arch``'s shared-memory class (kernels/tiles.py SHARED_MEMORY_CLASSES): each
+    16-bit head dim class (fp16 shares bf16's tiles: once), fp32, dropout, and the decode kernels. Before
+    sm_80 there is no bf16: fp16 instead."""
+    half = torch.bfloat16 if arch >= 80 else torch.float16
+    cases = [("attention", half, head_dim, False, arch) for head_dim in (64, 80, 128, 256)]
+    cases += [("attention", torch.float32, head_dim, False, arch) for head_dim in (64, 256)]
+    cases += [("attention", half, head_dim, True, arch) for head_dim in (64, 128, 256)]
+    cases += [("decode", half if dtype == torch.bfloat16 else dtype, *shape, arch)
+              for dtype, *shape in DECODE_CASES]
+    return cases
+
+
 CASES = {
     # every 16-bit head dim class (80 pads to 128); fp32 at each tile class
     "attention": (check_attention_kernels, [(dtype, head_dim) for dtype in (torch.bfloat16, torch.float16)
@@ -183,10 +229,10 @@ CASES = {
                   + [(torch.float32, head_dim) for head_dim in (64, 128, 256)]
                   # dropout (training): BART's D=64 and LLaMA's D=128
                   + [(torch.bfloat16, head_dim, True) for head_dim in (64, 128, 256)]),
-    "decode": (check_decode_kernels, [(torch.bfloat16, 128, 32, 8, 1), (torch.float16, 64, 16, 16, 1),
-                                      (torch.bfloat16, 256, 8, 1, 4), (torch.float32, 80, 8, 2, 16),
-                                      (torch.bfloat16, 128, 32, 2, 16)]),
+    "decode": (check_decode_kernels, DECODE_CASES),
     "autotune": (check_autotune_candidates, [(torch.bfloat16, name) for name in ("fwd", "dkdv", "dq")]),
+    # the other GPU generations' tile classes (sm_89 shares sm_86's tables: compiled for both)
+    **{f"tiles_sm{arch}": (check_tiles_for_arch, _arch_cases(arch)) for arch in (80, 86, 89, 75)},
     "rope": (check_rope_kernel, [(torch.bfloat16, 32, 64), (torch.bfloat16, 8, 128), (torch.float16, 64, 128),
                                  (torch.float32, 32, 256), (torch.bfloat16, 16, 80)]),
     # hidden 16384: the backward spills 156 B (a whole row in registers; bench/NOTES.md step 11)
