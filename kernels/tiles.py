@@ -74,7 +74,7 @@ _SM80_TILES = {
     "dkdv": {64: (16, 128, 8, 2), 128: (32, 64, 8, 3), 256: (32, 32, 8, 3)},
     "dq": {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 3)},
 }
-_SM80_TILES_DROPOUT = {}
+_SM80_TILES_DROPOUT = {"fwd": {128: (64, 64, 8, 2)}, "dkdv": {64: (32, 32, 8, 2), 256: (32, 32, 8, 2)}}
 # fp32 (CUDA-core dots) before sm_90: sm_90's tiles, but 8 warps for dK/dV at D=256 (4 spill 8 B on sm_80/86)
 _SM80_TILES_FP32 = {
     "fwd": {128: (16, 64, 4, 2), 256: (16, 16, 4, 2)},
@@ -87,7 +87,7 @@ _SM86_TILES = {
     "dkdv": {64: (16, 128, 8, 2), 128: (32, 64, 8, 3), 256: (32, 32, 8, 2)},
     "dq": {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (32, 32, 8, 3)},
 }
-_SM86_TILES_DROPOUT = {}
+_SM86_TILES_DROPOUT = {"fwd": {128: (64, 64, 8, 2)}, "dkdv": {64: (32, 32, 8, 2)}}
 # sm_75 class (T4, RTX 20: 64 KB). Triton 3.6 has no tensor-core dot below sm_80: fp16 dots run on the CUDA cores
 # like fp32 ones, so fp16 gets the fp32 tiles. bf16 needs sm_80 (tile_policy raises).
 _SM75_TILES = _GPU_TILES_FP32
@@ -125,23 +125,30 @@ def gpu_info(properties):
                        f"need at least {min(c[0] for c in SHARED_MEMORY_CLASSES.values())} (compute capability 7.5)")
 
 
+# what device_gpu answers for a CUDA device where there is no CUDA runtime (offline compile scripts)
+SM90_OFFLINE = GpuInfo("sm_90 (offline)", (9, 0), 232448, 132, "sm90")
+
+
 @functools.lru_cache(maxsize=None)
 def _device_gpu(device_index):
+    if not torch.cuda.is_available():
+        return SM90_OFFLINE
     return gpu_info(torch.cuda.get_device_properties(device_index))
 
 
 def device_gpu(device):
     """``GpuInfo`` of a CUDA device (looked up once per device), None for any other device (the interpreter).
     Without a CUDA runtime (offline compile scripts) a CUDA device means sm_90 (an H100)."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     if device.type != "cuda":
         return None
-    if not torch.cuda.is_available():
-        return SM90_OFFLINE
-    return _device_gpu(device.index if device.index is not None else torch.cuda.current_device())
-
-
-SM90_OFFLINE = GpuInfo("sm_90 (offline)", (9, 0), 232448, 132, "sm90")
+    index = device.index
+    if index is None:
+        if not torch.cuda.is_available():
+            return SM90_OFFLINE
+        index = torch.cuda.current_device()
+    return _device_gpu(index)
 
 
 def check_dtype_supported(dtype, gpu):
