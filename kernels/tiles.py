@@ -68,17 +68,22 @@ _GPU_TILES_DROPOUT = {
 # needs 118,784 B). These were picked by an offline ptxas sweep for sm_86 and sm_80 (BLOCK_M x BLOCK_N x warps x
 # stages): the largest tile with no spills within the class's shared memory; tests/test_sm90_compile.py compiles
 # every entry for the class's architectures.
-# sm_80 class (A100, 163 KB): the sm_86 tiles where more shared memory buys nothing spill-free
+# sm_80 class (A100, 163 KB): ptxas allocates registers differently for sm_80 than for sm_86, so its tiles differ
+# where sm_86's spill on sm_80 (dK/dV at D=128: 12 B at 32 x 64, 3 stages)
 _SM80_TILES = {
     "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 64, 8, 2)},
-    "dkdv": {64: (16, 128, 8, 2), 128: (32, 64, 8, 3), 256: (32, 32, 8, 3)},
+    "dkdv": {64: (16, 128, 8, 2), 128: (16, 64, 8, 2), 256: (32, 32, 8, 3)},
     "dq": {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 3)},
 }
-_SM80_TILES_DROPOUT = {"fwd": {128: (64, 64, 8, 2)}, "dkdv": {64: (32, 32, 8, 2), 256: (32, 32, 8, 2)}}
-# fp32 (CUDA-core dots) before sm_90: sm_90's tiles, but 8 warps for dK/dV at D=256 (4 spill 8 B on sm_80/86)
+_SM80_TILES_DROPOUT = {
+    "fwd": {64: (128, 32, 8, 3), 128: (64, 64, 8, 2)},
+    "dkdv": {64: (32, 32, 8, 2), 128: (32, 32, 8, 3), 256: (16, 32, 8, 2)},
+}
+# fp32 (CUDA-core dots) before sm_90: sm_90's tiles, but dK/dV at D=256 with 8 warps (4 spill 8 B on sm_80/86)
+# and, on sm_80, one stage (two spill 8 B)
 _SM80_TILES_FP32 = {
     "fwd": {128: (16, 64, 4, 2), 256: (16, 16, 4, 2)},
-    "dkdv": {128: (16, 32, 4, 2), 256: (16, 16, 8, 2)},
+    "dkdv": {128: (16, 32, 4, 2), 256: (16, 16, 8, 1)},
     "dq": {128: (32, 16, 4, 2), 256: (16, 16, 4, 2)},
 }
 # sm_86 class (A10, A40, RTX 30; L4, L40S, RTX 40 are sm_89 with the same 99 KB)
@@ -88,9 +93,21 @@ _SM86_TILES = {
     "dq": {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (32, 32, 8, 3)},
 }
 _SM86_TILES_DROPOUT = {"fwd": {128: (64, 64, 8, 2)}, "dkdv": {64: (32, 32, 8, 2)}}
+_SM86_TILES_FP32 = {
+    "fwd": {128: (16, 64, 4, 2), 256: (16, 16, 4, 2)},
+    "dkdv": {128: (16, 32, 4, 2), 256: (16, 16, 8, 2)},
+    "dq": {128: (32, 16, 4, 2), 256: (16, 16, 4, 2)},
+}
 # sm_75 class (T4, RTX 20: 64 KB). Triton 3.6 has no tensor-core dot below sm_80: fp16 dots run on the CUDA cores
-# like fp32 ones, so fp16 gets the fp32 tiles. bf16 needs sm_80 (tile_policy raises).
-_SM75_TILES = _GPU_TILES_FP32
+# like fp32 ones, for both dtypes, with 8 warps to spread the operands. None: no 16 x 16 tile or more of that
+# kernel compiles for sm_75 without spilling (the backward at D=256: dK/dV spills 1.7 KB at 16 x 16, 8 warps),
+# so the policy raises naming the GPU. bf16 needs sm_80 (check_dtype_supported raises).
+_SM75_TILES = {
+    "fwd": {64: (16, 32, 8, 2), 128: (16, 32, 8, 2), 256: (16, 16, 8, 2)},
+    "dkdv": {64: (16, 16, 8, 2), 128: (16, 16, 8, 2), 256: None},
+    "dq": {64: (16, 16, 8, 2), 128: (16, 16, 8, 2), 256: None},
+}
+_SM75_TILES_DROPOUT = {}
 
 # name: (opt-in shared memory per block of the class, the architectures its tables are compiled for offline,
 # 16-bit tiles, fp32 tiles, 16-bit tiles with dropout where they differ). Largest first: a GPU gets the first
@@ -98,8 +115,8 @@ _SM75_TILES = _GPU_TILES_FP32
 SHARED_MEMORY_CLASSES = {
     "sm90": (232448, (90,), _GPU_TILES, _GPU_TILES_FP32, _GPU_TILES_DROPOUT),  # 227 KB: H100, H200
     "sm80": (166912, (80,), _SM80_TILES, _SM80_TILES_FP32, _SM80_TILES_DROPOUT),  # 163 KB: A100
-    "sm86": (101376, (86, 89), _SM86_TILES, _SM80_TILES_FP32, _SM86_TILES_DROPOUT),  # 99 KB: A10, L4, L40S
-    "sm75": (65536, (75,), _SM75_TILES, _GPU_TILES_FP32, {}),  # 64 KB: T4
+    "sm86": (101376, (86, 89), _SM86_TILES, _SM86_TILES_FP32, _SM86_TILES_DROPOUT),  # 99 KB: A10, L4, L40S
+    "sm75": (65536, (75,), _SM75_TILES, _SM75_TILES, _SM75_TILES_DROPOUT),  # 64 KB: T4
 }
 
 
@@ -201,9 +218,18 @@ def _block_config(kernel, head_dim, dtype, device, dropout=False, gpu=None):
     _, _, tiles, tiles_fp32, tiles_dropout = SHARED_MEMORY_CLASSES[gpu.tile_class]
     tiles = (tiles_fp32 if dtype == torch.float32 else tiles)[kernel]
     head_dim_class = _head_dim_class(tiles, head_dim)
+    tile = tiles[head_dim_class]
     if dropout and dtype != torch.float32:
-        return tiles_dropout.get(kernel, {}).get(head_dim_class, tiles[head_dim_class])
-    return tiles[head_dim_class]
+        tile = tiles_dropout.get(kernel, {}).get(head_dim_class, tile)
+    if tile is None:
+        major, minor = gpu.capability
+        raise RuntimeError(f"the attention {_KERNEL_NAMES[kernel]} kernel at head dim {head_dim} does not fit "
+                           f"{gpu.name} (compute capability {major}.{minor}, {gpu.shared_memory} bytes of shared "
+                           f"memory per block): no tile compiles for it without spilling registers")
+    return tile
+
+
+_KERNEL_NAMES = {"fwd": "forward", "dkdv": "backward (dK/dV)", "dq": "backward (dQ)"}
 
 
 def attention_tile(kernel, q, k, causal, masks, dropout, launch):

@@ -51,7 +51,7 @@ def test_device_properties_are_read_once_per_device(monkeypatch):
         assert tiles.device_gpu("cuda:0").name == "NVIDIA A10"
         assert tiles.device_gpu(torch.device("cuda", 1)).tile_class == "sm75"
         assert tiles._block_config("dq", 128, torch.float16, torch.device("cuda", 1)) == \
-            tiles._GPU_TILES_FP32["dq"][128]
+            tiles._SM75_TILES["dq"][128]
         assert calls == [0, 1]
         assert tiles.device_gpu(torch.device("cpu")) is None
     finally:
@@ -61,12 +61,15 @@ def test_device_properties_are_read_once_per_device(monkeypatch):
 @pytest.mark.parametrize("arch", sorted(GPU_PROPERTIES))
 def test_every_class_has_a_tile_for_every_case(arch):
     gpu = _gpu(arch)
-    _, _, table16, table32, _ = tiles.SHARED_MEMORY_CLASSES[gpu.tile_class]
     dtypes = (torch.float16, torch.float32) + ((torch.bfloat16,) if arch >= 80 else ())
     for kernel in KERNELS:
         for head_dim in (16, 64, 80, 128, 256):
             for dtype in dtypes:
                 for dropout in (False, True):
+                    if arch == 75 and kernel != "fwd" and head_dim > 128:
+                        with pytest.raises(RuntimeError, match=r"backward .* at head dim \d+ does not fit Tesla T4"):
+                            tiles._block_config(kernel, head_dim, dtype, torch.device("cuda"), dropout, gpu)
+                        continue
                     tile = tiles._block_config(kernel, head_dim, dtype, torch.device("cuda"), dropout, gpu)
                     block_m, block_n, warps, stages = tile
                     assert block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0
@@ -93,8 +96,8 @@ def test_bf16_below_sm80_names_the_gpu():
         tiles._block_config("fwd", 64, torch.bfloat16, None, False, t4)
     with pytest.raises(TypeError, match="Tesla T4 is 7.5"):
         tiles.decode_plan(1, 8, 8, 1, 1000, 64, dtype=torch.bfloat16, gpu=t4)
-    # fp16 on a T4: the CUDA-core (fp32) tiles, for attention and decode
-    assert tiles._block_config("fwd", 128, torch.float16, None, False, t4) == tiles._GPU_TILES_FP32["fwd"][128]
+    # fp16 on a T4: CUDA-core dots (the sm_75 tiles; decode: the fp32 plan)
+    assert tiles._block_config("fwd", 128, torch.float16, None, False, t4) == tiles._SM75_TILES["fwd"][128]
     plan = tiles.decode_plan(1, 8, 8, 1, 1000, 64, dtype=torch.float16, gpu=t4)
     assert (plan["block_m"], plan["block_n"], plan["num_stages"]) == (16, 16, 2)
 
