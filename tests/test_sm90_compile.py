@@ -205,7 +205,8 @@ def check_autotune_candidates(dtype, kernel_name):
 
 
 DECODE_CASES = [(torch.bfloat16, 128, 32, 8, 1), (torch.float16, 64, 16, 16, 1), (torch.bfloat16, 256, 8, 1, 4),
-                (torch.float32, 80, 8, 2, 16), (torch.bfloat16, 128, 32, 2, 16)]
+                (torch.float32, 80, 8, 2, 16), (torch.bfloat16, 128, 32, 2, 16),
+                (torch.bfloat16, 256, 32, 4, 16)]  # the largest split tile: 64 rows x D=256
 
 
 def check_tiles_for_arch(kind, dtype, head_dim, *rest):
@@ -215,10 +216,11 @@ def check_tiles_for_arch(kind, dtype, head_dim, *rest):
 
 def _arch_cases(arch):
     """Every tile table entry of ``arch``'s shared-memory class (kernels/tiles.py SHARED_MEMORY_CLASSES): each
-    16-bit head dim class (fp16 shares bf16's tiles: once), fp32, dropout, and the decode kernels. Before
-    sm_80 there is no bf16: fp16 instead."""
+    16-bit head dim class (fp16 shares bf16's tiles: at D=128 only), fp32, dropout, and the decode kernels.
+    Before sm_80 there is no bf16: fp16 instead."""
     half = torch.bfloat16 if arch >= 80 else torch.float16
     cases = [("attention", half, head_dim, False, arch) for head_dim in (64, 80, 128, 256)]
+    cases += [("attention", torch.float16, 128, False, arch)] if arch >= 80 else []
     cases += [("attention", torch.float32, head_dim, False, arch) for head_dim in (64, 256)]
     cases += [("attention", half, head_dim, True, arch) for head_dim in (64, 128, 256)]
     cases += [("decode", half if dtype == torch.bfloat16 else dtype, *shape, arch)
