@@ -285,6 +285,7 @@ COMBINE_TILES = {16: (32, 16), 32: (16, 8), 64: (8, 16), 128: (4, 8), 256: (2, 1
 COMBINE_SPLIT_CHUNK = 16
 COMBINE_NUM_WARPS = 4
 
+
 def decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, *, causal=True, past_len=None,
                 device="cpu", num_splits=None, dtype=torch.bfloat16, gpu=None):
     """Block sizes and the key split for one launch; returns a dict.
