@@ -9,7 +9,7 @@ key axis is split instead (flash-decoding):
    heads x Lq rows, GQA/MQA without ``repeat_interleave``), keeping an online softmax in the exp2 domain
    (``kernels/online_softmax.py``, shared with the attention kernels). It writes its unnormalised fp32 output,
    running max and running sum.
-2. ``_decode_combine_kernel``: one program per query row merges the splits:
+2. ``_decode_combine_kernel``: one program per few query rows (4 at D = 128) merges the splits in one pass:
    ``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s`` with ``M = max_s m_s``.
 
 When there is a single split the first kernel normalises and writes the output itself (no combine launch).
@@ -32,7 +32,7 @@ import triton.language as tl
 from fusedformers.kernels.checks import check_kv_batch_index_range
 from fusedformers.kernels.launch import cdiv, strides
 from fusedformers.kernels.online_softmax import LOG2E, online_softmax_step
-from fusedformers.kernels.tiles import COMBINE_SPLIT_CHUNK, decode_plan, dot_precision
+from fusedformers.kernels.tiles import decode_plan, dot_precision
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,8 +191,10 @@ def _decode_combine_kernel(
 ):
     """Merge the splits of BLOCK_R query rows: ``out = sum_s w_s acc_s / sum_s w_s l_s``, ``w_s = 2^(m_s - M)``.
 
-    Row ``(b * Hq + h) * Lq + i`` of ``num_rows = B * Hq * Lq``.
-    Splits are reduced BLOCK_S at a time, as a ``[BLOCK_R, BLOCK_S, BLOCK_D]`` tile.
+    Row ``(b * Hq + h) * Lq + i`` of ``num_rows = B * Hq * Lq``. One pass: the splits are read BLOCK_S at a
+    time as a ``[BLOCK_R, BLOCK_S, BLOCK_D]`` tile (every split in one step up to BLOCK_S splits: the max, the
+    sum and the partial output loads are all in flight at once) and merged into a running max, sum and
+    accumulator, as the online softmax merges key blocks.
     """
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_valid = offs_r < num_rows
@@ -201,29 +203,26 @@ def _decode_combine_kernel(
     d_valid = offs_d < HEAD_DIM
     stat_base = offs_r * num_splits  # [BLOCK_R]: first split of each row in part_max / part_sum
 
-    # pass 1: each row's largest split max M (-inf when no split saw a key)
-    m_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        stat_mask = row_valid[:, None] & (s0 + offs_s < num_splits)[None, :]
-        m = tl.load(part_max_ptr + stat_base[:, None] + s0 + offs_s[None, :], mask=stat_mask, other=float("-inf"))
-        m_max = tl.maximum(m_max, tl.max(m, axis=1))
-    # no split saw a key: subtract 0 so that every weight is 2^-inf = 0 (not NaN) and the row outputs 0
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-
-    # pass 2: weighted sums; a split that saw no key has m = -inf, so weight 0 (its acc and l are 0 too)
-    total = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    m_run = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)  # largest split max so far
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)  # sum of 2^(m_s - m_run) l_s so far
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # sum of 2^(m_s - m_run) acc_s so far
     for s0 in range(0, num_splits, BLOCK_S):
         stat_mask = row_valid[:, None] & (s0 + offs_s < num_splits)[None, :]
         stat_idx = stat_base[:, None] + s0 + offs_s[None, :]  # [BLOCK_R, BLOCK_S]
         m = tl.load(part_max_ptr + stat_idx, mask=stat_mask, other=float("-inf"))
         part_sum = tl.load(part_sum_ptr + stat_idx, mask=stat_mask, other=0.0)
-        w = tl.math.exp2(m - m_max[:, None])
-        total += tl.sum(w * part_sum, axis=1)
         part = tl.load(part_acc_ptr + stat_idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
                        mask=stat_mask[:, :, None] & d_valid[None, None, :], other=0.0)
-        acc += tl.sum(w[:, :, None] * part, axis=1)
-    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+        m_new = tl.maximum(m_run, tl.max(m, axis=1))
+        # no split saw a key yet: subtract 0 so that every weight is 2^-inf = 0 (not NaN); a split that saw no
+        # key has m = -inf, so weight 0 (its acc and l are 0 too)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_run - m_ref)
+        w = tl.math.exp2(m - m_ref[:, None])
+        total = total * alpha + tl.sum(w * part_sum, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part, axis=1)
+        m_run = m_new
+    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]  # a row that saw no key: acc = 0, outputs 0
 
     # row -> (b, h, i) of the output
     q_pos = offs_r % q_len
@@ -339,7 +338,7 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
             out, part_acc, part_max, part_sum,
             **strides("o", out, "bhmd"),
             num_heads=num_heads, q_len=q_len, num_rows=num_rows, num_splits=splits,
-            HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_S=COMBINE_SPLIT_CHUNK,  # fixed: no variant per split count
+            HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_S=plan["combine_splits"],  # fixed: no variant per split count
             BLOCK_D=plan["block_d"],
             num_warps=plan["combine_num_warps"],
         )

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from fusedformers.kernels import tiles
 from fusedformers.kernels.decode_attention import decode_attention, decode_plan, key_padding_range
 from fusedformers.kernels.reference import attention_reference
 from tests.conftest import ON_GPU
@@ -24,6 +25,7 @@ from tests.helpers import (
     poison_,
     to64,
 )
+from tests.test_sm90_compile import GPU_PROPERTIES
 
 decode_module = importlib.import_module("fusedformers.kernels.decode_attention")
 
@@ -248,6 +250,22 @@ def test_forced_num_splits(num_splits, device):
         assert plan["num_splits"] == num_splits
     _check(f"splits={num_splits}", q, k, v, causal=True, past_len=past_len, key_padding_mask=mask,
            num_splits=num_splits)
+
+
+def test_gpu_plan_in_the_interpreter(device, monkeypatch):
+    """An H100's plan run through the interpreter (or the GPU at hand): 64-key blocks, splits of >= 256 keys,
+    and the combine's GPU tile (4 rows per program, the last program half empty; 8 splits per step, so 10
+    splits take two steps, the second partly masked), with left padding that empties the first splits."""
+    gpu = tiles.gpu_info(GPU_PROPERTIES[90])
+    monkeypatch.setattr(tiles, "device_gpu", lambda device: gpu)
+    k_len = 2900
+    plan = decode_plan(1, 6, 2, 1, k_len, 128, device=device)
+    assert (plan["block_n"], plan["num_splits"], plan["split_size"]) == (64, 10, 320)
+    assert (plan["combine_rows"], plan["combine_splits"]) == (4, 8)
+    q, k, v = make_qkv(1, 6, 2, 1, k_len, 128, torch.float16, device)
+    k[:, :, -100:] *= 3  # the largest scores in the last split: the second combine step must rescale the first's
+    mask = lengths_mask([k_len - 700], k_len, device, left=True)
+    _check("H100 plan", q, k, v, causal=True, key_padding_mask=mask)
 
 
 def test_gpu_plan_fills_the_machine():

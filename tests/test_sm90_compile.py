@@ -1,4 +1,5 @@
-"""Compile every Triton kernel for an H100 (sm_90) ahead of time, on any machine.
+"""Compile every Triton kernel for an H100 (sm_90) ahead of time, on any machine; and the attention and decode
+kernels for the other GPU generations (sm_80, sm_86, sm_89, sm_75) with the tiles the tile policy gives them.
 
 The interpreter runs the kernels' logic on CPU but never compiles them, so a kernel that fails to lower for
 the GPU, spills registers, or asks for more shared memory than sm_90 has (227 KB per block) would pass the CPU
@@ -7,7 +8,7 @@ and stages that the launchers choose on a GPU, and checks the resources.
 
 Under TRITON_INTERPRET=1 (the CPU test suite) ``@triton.jit`` yields interpreter objects that cannot be
 compiled, so each test runs this file as a script in a subprocess with the interpreter off:
-``python tests/test_sm90_compile.py attention|decode|rms_norm``.
+``python tests/test_sm90_compile.py attention|decode|rms_norm|tiles_sm86|...``.
 """
 import importlib
 import os
@@ -15,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 
 import pytest
 import torch
@@ -33,15 +35,33 @@ rope_mod = importlib.import_module("fusedformers.kernels.rope")
 tiles = importlib.import_module("fusedformers.kernels.tiles")
 
 SM90_MAX_SHARED_BYTES = 232448  # 227 KB: the most dynamic shared memory one block may use on sm_90
+# the most shared memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin) per target arch
+MAX_SHARED_BYTES = {90: SM90_MAX_SHARED_BYTES, 89: 101376, 86: 101376, 80: 166912, 75: 65536}
 CUDA = torch.device("cuda")
+
+
+def _gpu(name, major, minor, shared_memory_per_block_optin, multi_processor_count):
+    return types.SimpleNamespace(name=name, major=major, minor=minor, multi_processor_count=multi_processor_count,
+                                 shared_memory_per_block_optin=shared_memory_per_block_optin)
+
+
+# torch.cuda.get_device_properties of one GPU per target arch (the fields the tile policy reads), so the policy
+# can be asked for each arch's tiles on any machine (kernels/tiles.py gpu_info)
+GPU_PROPERTIES = {
+    90: _gpu("NVIDIA H100 80GB HBM3", 9, 0, 232448, 132),
+    80: _gpu("NVIDIA A100-SXM4-80GB", 8, 0, 166912, 108),
+    86: _gpu("NVIDIA A10", 8, 6, 101376, 72),
+    89: _gpu("NVIDIA L4", 8, 9, 101376, 58),
+    75: _gpu("Tesla T4", 7, 5, 65536, 40),
+}
 FLOAT_ARGS = ("qk_scale", "sm_scale", "eps", "dropout_p", "dropout_scale")
 TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def compile_sm90(fn, pointer_types, constexprs, num_warps, num_stages):
-    """Compile ``fn`` for sm_90 as the JIT specialises a real launch: pointers 16-byte aligned, unit strides
-    (``stride_*d``, ``stride_mask_n``) constant 1, other strides divisible by 16; scale/eps args fp32, other
-    ints i32."""
+def compile_sm90(fn, pointer_types, constexprs, num_warps, num_stages, arch=90):
+    """Compile ``fn`` for sm_90 (or the compute capability ``arch``, e.g. 80, 86, 89, 75) as the JIT specialises
+    a real launch: pointers 16-byte aligned, unit strides (``stride_*d``, ``stride_mask_n``) constant 1, other
+    strides divisible by 16; scale/eps args fp32, other ints i32."""
     assert ASTSource is not None, "triton.compiler.ASTSource / GPUTarget not found in this triton"
     constexprs = dict(constexprs)
     signature, attrs = {}, {}
@@ -60,18 +80,21 @@ def compile_sm90(fn, pointer_types, constexprs, num_warps, num_stages):
             if name.startswith("stride_"):
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32),
+                          target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def ptxas_report(compiled):
-    """(registers, spill store bytes) that ptxas reports for the kernel (spills never show in the PTX itself)."""
+    """(registers, spill store bytes) that ptxas reports for the kernel (spills never show in the PTX itself),
+    for the arch it was compiled for (sm_90 as sm_90a, as Triton does)."""
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    arch = compiled.metadata.target.arch
+    gpu_name = "sm_90a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         ptx_path = os.path.join(tmp, "kernel.ptx")
         with open(ptx_path, "w") as f:
             f.write(compiled.asm["ptx"])
-        result = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx_path, "-o", os.path.join(tmp, "k.cubin")],
+        result = subprocess.run([ptxas, "-v", "--gpu-name", gpu_name, ptx_path, "-o", os.path.join(tmp, "k.cubin")],
                                 capture_output=True, text=True, check=True)
     report = result.stdout + result.stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
@@ -80,14 +103,18 @@ def ptxas_report(compiled):
 
 
 def assert_fits_sm90(name, compiled):
-    shared = compiled.metadata.shared
-    assert shared <= SM90_MAX_SHARED_BYTES, f"{name}: {shared} bytes of shared memory > sm_90's {SM90_MAX_SHARED_BYTES}"
+    """No spills, and no more shared memory than the compiled arch allows (sm_90 or another, MAX_SHARED_BYTES)."""
+    arch = compiled.metadata.target.arch
+    shared, limit = compiled.metadata.shared, MAX_SHARED_BYTES[arch]
+    assert shared <= limit, f"{name}: {shared} bytes of shared memory > sm_{arch}'s {limit}"
     registers, spill_stores = ptxas_report(compiled)
-    print(f"  {name}: {registers} registers, {spill_stores} B spill stores, {shared} B shared", flush=True)
+    print(f"  sm_{arch} {name}: {registers} registers, {spill_stores} B spill stores, {shared} B shared", flush=True)
     assert spill_stores == 0, f"{name}: ptxas spills {spill_stores} bytes of registers ({registers} registers)"
 
 
-def check_attention_kernels(dtype, head_dim, dropout=False):
+def check_attention_kernels(dtype, head_dim, dropout=False, arch=90):
+    """The tiles the tile policy picks for ``arch``'s GPU (GPU_PROPERTIES) fit that arch."""
+    gpu = tiles.gpu_info(GPU_PROPERTIES[arch])
     element = "*" + TRITON_DTYPE[dtype]
     pointers = dict(q_ptr=element, k_ptr=element, v_ptr=element, out_ptr=element, dout_ptr=element,
                     dk_ptr=element, dv_ptr=element, dq_ptr=element, lse_ptr="*fp32", delta_ptr="*fp32",
@@ -96,20 +123,26 @@ def check_attention_kernels(dtype, head_dim, dropout=False):
     block_d = triton.next_power_of_2(head_dim)
     for name, kernel in (("fwd", attention_mod._attn_fwd_kernel), ("dkdv", attention_mod._attn_bwd_dkdv_kernel),
                          ("dq", attention_mod._attn_bwd_dq_kernel)):
-        block_m, block_n, num_warps, num_stages = tiles._block_config(name, head_dim, dtype, CUDA, dropout)
+        try:
+            block_m, block_n, num_warps, num_stages = tiles._block_config(name, head_dim, dtype, CUDA, dropout, gpu)
+        except RuntimeError as error:  # the policy says this kernel does not fit this GPU (T4, D=256 backward)
+            print(f"  sm_{arch} {kernel.__name__} {dtype} D={head_dim}: no tile: {error}", flush=True)
+            continue
         common = dict(GROUP_SIZE=4, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
                       CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False, HAS_DROPOUT=dropout,
                       DOT_PRECISION=tiles.dot_precision(dtype))
-        compiled = compile_sm90(kernel, pointers, common, num_warps, num_stages)
-        assert_fits_sm90(f"{kernel.__name__} {dtype} D={head_dim}{' dropout' if dropout else ''}", compiled)
+        compiled = compile_sm90(kernel, pointers, common, num_warps, num_stages, arch)
+        assert_fits_sm90(f"{kernel.__name__} {dtype} D={head_dim}{' dropout' if dropout else ''} "
+                         f"{block_m}x{block_n} w{num_warps} s{num_stages}", compiled)
     compiled = compile_sm90(attention_mod._bwd_preprocess_kernel, pointers,
-                            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.elementwise_rows(CUDA)), 4, 1)
+                            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.elementwise_rows(CUDA)), 4, 1,
+                            arch)
     assert_fits_sm90("_bwd_preprocess_kernel", compiled)
 
 
-def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len):
-    plan = tiles.decode_plan(2, num_heads, num_kv_heads, q_len, 4096, head_dim, device=CUDA, num_splits=8,
-                                  dtype=dtype)
+def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len, arch=90):
+    plan = tiles.decode_plan(2, num_heads, num_kv_heads, q_len, 4096, head_dim, num_splits=8, dtype=dtype,
+                             gpu=tiles.gpu_info(GPU_PROPERTIES[arch]))
     element = "*" + TRITON_DTYPE[dtype]
     pointers = dict(q_ptr=element, k_ptr=element, v_ptr=element, out_ptr=element, part_acc_ptr="*fp32",
                     part_max_ptr="*fp32", part_sum_ptr="*fp32", mask_ptr="*u8", kv_start_ptr="*i32",
@@ -117,12 +150,14 @@ def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len):
     compiled = compile_sm90(decode_mod._decode_split_kernel, pointers, dict(
         GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"],
         BLOCK_D=plan["block_d"], CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False, WRITE_OUT=False,
-        DOT_PRECISION=tiles.dot_precision(dtype)), plan["num_warps"], plan["num_stages"])
-    assert_fits_sm90("_decode_split_kernel", compiled)
+        DOT_PRECISION=tiles.dot_precision(dtype)), plan["num_warps"], plan["num_stages"], arch)
+    assert_fits_sm90(f"_decode_split_kernel {dtype} D={head_dim} {plan['block_m']}x{plan['block_n']} "
+                     f"w{plan['num_warps']} s{plan['num_stages']}", compiled)
     compiled = compile_sm90(decode_mod._decode_combine_kernel, pointers, dict(
-        HEAD_DIM=head_dim, BLOCK_R=plan["combine_rows"], BLOCK_S=tiles.COMBINE_SPLIT_CHUNK,
-        BLOCK_D=plan["block_d"]), plan["combine_num_warps"], 1)
-    assert_fits_sm90("_decode_combine_kernel", compiled)
+        HEAD_DIM=head_dim, BLOCK_R=plan["combine_rows"], BLOCK_S=plan["combine_splits"],
+        BLOCK_D=plan["block_d"]), plan["combine_num_warps"], 1, arch)
+    assert_fits_sm90(f"_decode_combine_kernel {plan['combine_rows']} rows x {plan['combine_splits']} splits",
+                     compiled)
 
 
 def check_rms_norm_kernels(dtype, hidden):
@@ -169,6 +204,39 @@ def check_autotune_candidates(dtype, kernel_name):
                              compiled)
 
 
+DECODE_CASES = [(torch.bfloat16, 128, 32, 8, 1), (torch.float16, 64, 16, 16, 1), (torch.bfloat16, 256, 8, 1, 4),
+                (torch.float32, 80, 8, 2, 16), (torch.bfloat16, 128, 32, 2, 16),
+                (torch.bfloat16, 256, 32, 4, 16)]  # the largest split tile: 64 rows x D=256
+
+
+def check_tiles_for_arch(kind, dtype, head_dim, *rest):
+    """One attention or decode case of another GPU generation: ``rest`` ends with the arch (80, 86, 89, 75)."""
+    (check_attention_kernels if kind == "attention" else check_decode_kernels)(dtype, head_dim, *rest)
+
+
+def _arch_cases(arch):
+    """Every tile table entry of ``arch``'s shared-memory class (kernels/tiles.py SHARED_MEMORY_CLASSES): each
+    16-bit head dim class (fp16 shares bf16's tiles: at D=128 only), fp32, dropout, and the decode kernels.
+    Before sm_80 there is no bf16: fp16 instead."""
+    half = torch.bfloat16 if arch >= 80 else torch.float16
+    cases = [("attention", half, head_dim, False, arch) for head_dim in (64, 80, 128, 256)]
+    cases += [("attention", torch.float16, 128, False, arch)] if arch >= 80 else []
+    cases += [("attention", torch.float32, head_dim, False, arch) for head_dim in (64, 256)]
+    cases += [("attention", half, head_dim, True, arch) for head_dim in (64, 128, 256)]
+    cases += [("decode", half if dtype == torch.bfloat16 else dtype, *shape, arch)
+              for dtype, *shape in DECODE_CASES]
+    return cases
+
+
+def _ci_subset(cases):
+    """What CI compiles of a ``tiles_sm*`` family (the whole family takes ~100 s per arch, sm_75 several minutes):
+    the two head dims whose sm_90 tiles overflow 99 KB (D=128, 256), training at D=128, and LLaMA-shaped decode.
+    ``python tests/test_sm90_compile.py tiles_sm86`` compiles all of them."""
+    return [case for case in cases if case[0] == "attention" and case[1] != torch.float32 and
+            (case[2:4] in ((128, False), (256, False), (128, True)))
+            or case[0] == "decode" and case[2:6] == (128, 32, 8, 1)]
+
+
 CASES = {
     # every 16-bit head dim class (80 pads to 128); fp32 at each tile class
     "attention": (check_attention_kernels, [(dtype, head_dim) for dtype in (torch.bfloat16, torch.float16)
@@ -176,10 +244,10 @@ CASES = {
                   + [(torch.float32, head_dim) for head_dim in (64, 128, 256)]
                   # dropout (training): BART's D=64 and LLaMA's D=128
                   + [(torch.bfloat16, head_dim, True) for head_dim in (64, 128, 256)]),
-    "decode": (check_decode_kernels, [(torch.bfloat16, 128, 32, 8, 1), (torch.float16, 64, 16, 16, 1),
-                                      (torch.bfloat16, 256, 8, 1, 4), (torch.float32, 80, 8, 2, 16),
-                                      (torch.bfloat16, 128, 32, 2, 16)]),
+    "decode": (check_decode_kernels, DECODE_CASES),
     "autotune": (check_autotune_candidates, [(torch.bfloat16, name) for name in ("fwd", "dkdv", "dq")]),
+    # the other GPU generations' tile classes (sm_89 shares sm_86's tables: compiled for both)
+    **{f"tiles_sm{arch}": (check_tiles_for_arch, _arch_cases(arch)) for arch in (80, 86, 89, 75)},
     "rope": (check_rope_kernel, [(torch.bfloat16, 32, 64), (torch.bfloat16, 8, 128), (torch.float16, 64, 128),
                                  (torch.float32, 32, 256), (torch.bfloat16, 16, 80)]),
     # hidden 16384: the backward spills 156 B (a whole row in registers; bench/NOTES.md step 11)
@@ -188,18 +256,24 @@ CASES = {
 }
 
 
+def _family_cases(family, ci=False):
+    cases = CASES[family][1]
+    return _ci_subset(cases) if ci and family.startswith("tiles_") else cases
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_kernels_compile_for_sm90(family):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), family], env=env, capture_output=True,
-                            text=True, timeout=1200)
-    assert result.returncode == 0, f"sm_90 compile check of {family} failed:\n{result.stdout}\n{result.stderr}"
-    assert result.stdout.count("ok ") == len(CASES[family][1]), result.stdout
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), family, "--ci"], env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, f"compile check of {family} failed:\n{result.stdout}\n{result.stderr}"
+    assert result.stdout.count("ok ") == len(_family_cases(family, ci=True)), result.stdout
 
 
 if __name__ == "__main__":
-    check, cases = CASES[sys.argv[1]]
+    check = CASES[sys.argv[1]][0]
+    cases = _family_cases(sys.argv[1], ci="--ci" in sys.argv[2:])
     for case in cases:
         check(*case)
         print("ok", sys.argv[1], case, flush=True)
