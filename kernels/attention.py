@@ -17,6 +17,7 @@ so grouped gradients are summed without atomics) and a dQ kernel (one program pe
 ``attention`` dispatches Lq <= 16 without autograd to the split-KV decode kernel (kernels/decode_attention.py).
 """
 import math
+import weakref
 
 import torch
 import triton
@@ -44,13 +45,32 @@ LENGTH_ARGS = ["q_len", "k_len", "past_len"]
 # Helpers shared by the kernels
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _key_visibility(offs_n, b, k_len, mask_ptr, stride_mask_b, stride_mask_n, HAS_PADDING: tl.constexpr):
-    """[BLOCK_N] bool: the key exists (j < Lk) and is a real token in batch row b's padding mask."""
+def _load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a 2-D tile, zero where ``row_ok`` [R] / ``col_ok`` [C] is False; only the checks asked for are
+    made (a tile known to be in range loads unpredicated)."""
+    if CHECK_ROWS and CHECK_COLS:
+        tile = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    elif CHECK_ROWS:
+        tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif CHECK_COLS:
+        tile = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _key_visibility(offs_n, key_start, key_end, holes, b, k_len, mask_ptr, stride_mask_b, stride_mask_n,
+                    HAS_PADDING: tl.constexpr):
+    """[BLOCK_N] bool: key j is real for batch row b, i.e. in [key_start, key_end) (the row's first and one past
+    its last real key, or [0, Lk) without padding) and, if the row's mask has holes, not one of them. The mask
+    row is read only for rows with holes (the load is predicated off otherwise)."""
+    visible = (offs_n >= key_start) & (offs_n < key_end)
     if HAS_PADDING:
         row = mask_ptr + b.to(tl.int64) * stride_mask_b
-        return tl.load(row + offs_n * stride_mask_n, mask=offs_n < k_len, other=0) != 0
-    else:
-        return offs_n < k_len
+        in_hole_row = (offs_n < k_len) & (holes != 0)
+        visible = visible & (tl.load(row + offs_n * stride_mask_n, mask=in_hole_row, other=1) != 0)
+    return visible
 
 
 @triton.jit
@@ -64,32 +84,55 @@ def _dropout_keep(seed, pid_bh, rows, keys, q_len, k_len, dropout_p):
 
 
 @triton.jit
-def _key_loop_bounds(b, start_m, q_len, k_len, past_len, kv_start_ptr, kv_end_ptr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_PADDING: tl.constexpr):
-    """Key range [lo, hi) that the query rows [start_m, start_m + BLOCK_M) can see, and diag_lo: keys below it
-    are visible to every row of the block (no causal mask needed), keys in [diag_lo, hi) straddle the diagonal.
-    lo and diag_lo are multiples of BLOCK_N."""
-    lo = 0
-    hi = k_len
+def _key_range(b, k_len, kv_start_ptr, kv_end_ptr, kv_holes_ptr, HAS_PADDING: tl.constexpr):
+    """(key_start, key_end, holes) of batch row b: its real keys lie in [key_start, key_end), and holes != 0 if
+    some key in between is padding. Without padding: (0, Lk, 0)."""
+    key_start = 0
+    key_end = k_len
+    holes = 0
     if HAS_PADDING:
-        lo = (tl.load(kv_start_ptr + b) // BLOCK_N) * BLOCK_N
-        hi = tl.load(kv_end_ptr + b)
-    diag_lo = hi
-    if CAUSAL:
-        last_row = tl.minimum(start_m + BLOCK_M, q_len) - 1
-        hi = tl.minimum(hi, past_len + last_row + 1)        # the block's last row sees keys <= past_len + last_row
-        first_row_limit = past_len + start_m + 1           # the block's first row sees keys < this
-        diag_lo = tl.maximum((first_row_limit // BLOCK_N) * BLOCK_N, lo)
-        diag_lo = tl.minimum(diag_lo, tl.maximum(hi, lo))
-    return lo, hi, diag_lo
+        key_start = tl.load(kv_start_ptr + b)
+        key_end = tl.load(kv_end_ptr + b)
+        holes = tl.load(kv_holes_ptr + b)
+    return key_start, key_end, holes
 
 
 @triton.jit
-def _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE: tl.constexpr, HAS_KV_INDEX: tl.constexpr):
+def _key_loop_bounds(start_m, q_len, past_len, key_start, key_end, holes,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Split the keys that the query rows [start_m, start_m + BLOCK_M) can see into three loops:
+    [lo, full_lo) and [full_hi, hi) are masked per element; [full_lo, full_hi) are whole key blocks in which
+    every key is visible to every row of the block (real, not past Lk, below the causal diagonal), that run
+    without any mask. lo, full_lo and full_hi are multiples of BLOCK_N, lo <= full_lo <= full_hi, and
+    full_hi <= hi unless the range is empty. A row with holes in its padding mask runs masked throughout."""
+    lo = (key_start // BLOCK_N) * BLOCK_N                  # the block holding the first real key
+    hi = key_end
+    full_hi = (key_end // BLOCK_N) * BLOCK_N               # the blocks below it end at or before key_end
+    if CAUSAL:
+        last_row = tl.minimum(start_m + BLOCK_M, q_len) - 1
+        hi = tl.minimum(hi, past_len + last_row + 1)       # the block's last row sees keys <= past_len + last_row
+        first_row_limit = past_len + start_m + 1           # the block's first row sees keys < this
+        full_hi = tl.minimum(full_hi, (first_row_limit // BLOCK_N) * BLOCK_N)
+    full_hi = tl.maximum(full_hi, lo)
+    full_lo = tl.minimum(((key_start + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, full_hi)  # first block after key_start
+    # a row with holes: the first masked loop covers [lo, hi), the other two are empty
+    all_masked = tl.maximum(hi, lo)
+    full_lo = tl.where(holes != 0, all_masked, full_lo)
+    full_hi = tl.where(holes != 0, all_masked, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+                          CAUSAL: tl.constexpr):
     """For a program of the grid (query blocks, Hq, B): (pid_m, pid_bh = b * Hq + h, b, h, kv_b, kv_h).
     Query blocks of one head are adjacent in launch order, so they share that head's K/V in L2; the head and
-    batch axes are separate because a grid's second and third axes are limited to 65535."""
+    batch axes are separate because a grid's second and third axes are limited to 65535. With causal masking
+    the last query blocks see the most keys: they are launched first (pid_m counts down), so the longest
+    programs do not start last and leave the GPU half idle at the end."""
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2)
     pid_bh = b * num_heads + h
@@ -97,39 +140,45 @@ def _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE: tl.constexp
     kv_b = b
     if HAS_KV_INDEX:
         kv_b = tl.load(kv_batch_index_ptr + b)   # query batch row b reads K/V batch row kv_batch_index[b]
-    return tl.program_id(0), pid_bh, b, h, kv_b, kv_h
+    return pid_m, pid_bh, b, h, kv_b, kv_h
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, k_block_ptr, v_block_ptr, lo, hi, b, offs_m, q_len, k_len, past_len, qk_scale,
+def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_offsets, v_offsets, stride_kn, stride_vn, lo, hi,
+               offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, qk_scale,
                mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p,
-               BLOCK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
-               HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax accumulation over key blocks [lo, hi). Scores are kept in log2 units (scaled by
-    sm_scale * log2(e)) so exp2 can be used. Dropout zeroes probabilities in the P @ V product only: the row
-    sums l_i (the softmax denominators) keep every visible key, and the caller rescales by 1 / (1 - p)."""
-    k_block_ptr = tl.advance(k_block_ptr, (0, lo))
-    v_block_ptr = tl.advance(v_block_ptr, (lo, 0))
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Online-softmax accumulation over the key blocks [lo, hi). The running max m_i is in log2 units
+    (scores * sm_scale * log2(e)); qk_scale multiplies the raw scores inside the exp2 argument (one FMA per
+    score). MASKED blocks hide keys per element (padding, keys past Lk, causal); the others are known to be
+    fully visible and run without a mask. Dropout zeroes probabilities in the P @ V product only: the row sums
+    l_i (the softmax denominators) keep every visible key, and the caller rescales by 1 / (1 - p)."""
+    d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = tl.load(k_block_ptr, boundary_check=(0, 1), padding_option="zero")   # [BLOCK_D, BLOCK_N]
-        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale        # [BLOCK_M, BLOCK_N]
-        visible = _key_visibility(offs_n, b, k_len, mask_ptr, stride_mask_b, stride_mask_n, HAS_PADDING)
-        visible = visible[None, :]
-        if APPLY_CAUSAL:
-            visible = visible & (offs_n[None, :] <= past_len + offs_m[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, scores)
+        # this block's rows of K and V: one int64 offset per block, int32 offsets inside it
+        k_block = k_base + tl.cast(start_n, tl.int64) * stride_kn
+        v_block = v_base + tl.cast(start_n, tl.int64) * stride_vn
+        key_ok = offs_n < k_len
+        k_t = _load_tile(k_block + k_offsets, d_ok, key_ok, HEAD_DIM != BLOCK_D, MASKED)   # [BLOCK_D, BLOCK_N]
+        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION)                            # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            visible = _key_visibility(offs_n, key_start, key_end, holes, b, k_len, mask_ptr, stride_mask_b,
+                                      stride_mask_n, HAS_PADDING)[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= past_len + offs_m[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, scores, qk_scale)
         if HAS_DROPOUT:
             p = tl.where(_dropout_keep(seed, pid_bh, offs_m[:, None], offs_n[None, :], q_len, k_len, dropout_p),
                          p, 0.0)
-        v = tl.load(v_block_ptr, boundary_check=(0, 1), padding_option="zero")     # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_block + v_offsets, key_ok, d_ok, MASKED, HEAD_DIM != BLOCK_D)       # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        k_block_ptr = tl.advance(k_block_ptr, (0, BLOCK_N))
-        v_block_ptr = tl.advance(v_block_ptr, (BLOCK_N, 0))
     return acc, m_i, l_i
 
 
@@ -137,7 +186,7 @@ def _fwd_inner(acc, m_i, l_i, q, k_block_ptr, v_block_ptr, lo, hi, b, offs_m, q_
 def _attn_fwd_kernel(
     # tensors
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,   # q, out [B, Hq, Lq, D]; k, v [B or Bkv, Hkv, Lk, D]; lse [B, Hq, Lq]
-    mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr, seed_ptr,  # see _MaskArgs and _DropoutArgs
+    mask_ptr, kv_start_ptr, kv_end_ptr, kv_holes_ptr, kv_batch_index_ptr, seed_ptr,  # _MaskArgs, _DropoutArgs
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -155,7 +204,7 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_bh, b, h, kv_b, kv_h = _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE,
-                                                            HAS_KV_INDEX)
+                                                            HAS_KV_INDEX, CAUSAL)
     start_m = pid_m * BLOCK_M
     seed = 0
     if HAS_DROPOUT:
@@ -166,11 +215,11 @@ def _attn_fwd_kernel(
     v_base = v_ptr + kv_b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
     q_block_ptr = tl.make_block_ptr(q_base, (q_len, HEAD_DIM), (stride_qm, stride_qd), (start_m, 0),
                                     (BLOCK_M, BLOCK_D), (1, 0))
-    # K is read transposed: a [BLOCK_D, BLOCK_N] tile of K^T
-    k_block_ptr = tl.make_block_ptr(k_base, (HEAD_DIM, k_len), (stride_kd, stride_kn), (0, 0),
-                                    (BLOCK_D, BLOCK_N), (0, 1))
-    v_block_ptr = tl.make_block_ptr(v_base, (k_len, HEAD_DIM), (stride_vn, stride_vd), (0, 0),
-                                    (BLOCK_N, BLOCK_D), (1, 0))
+    # offsets inside one key block: K is read transposed, a [BLOCK_D, BLOCK_N] tile of K^T; V as [BLOCK_N, BLOCK_D]
+    offs_d = tl.arange(0, BLOCK_D)
+    local_keys = tl.arange(0, BLOCK_N)
+    k_offsets = offs_d[:, None] * stride_kd + local_keys[None, :] * stride_kn
+    v_offsets = local_keys[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -178,18 +227,23 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     q = tl.load(q_block_ptr, boundary_check=(0, 1), padding_option="zero")
 
-    lo, hi, diag_lo = _key_loop_bounds(b, start_m, q_len, k_len, past_len, kv_start_ptr, kv_end_ptr,
-                                       BLOCK_M, BLOCK_N, CAUSAL, HAS_PADDING)
-    # keys [lo, diag_lo): fully below the causal diagonal for every row of this block
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_block_ptr, v_block_ptr, lo, diag_lo, b, offs_m, q_len,
-                               k_len, past_len, qk_scale, mask_ptr, stride_mask_b, stride_mask_n,
-                               seed, pid_bh, dropout_p, BLOCK_N, False, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
-    if CAUSAL:
-        # keys [diag_lo, hi): straddle the diagonal, masked per element
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_block_ptr, v_block_ptr, diag_lo, hi, b, offs_m, q_len,
-                                   k_len, past_len, qk_scale, mask_ptr, stride_mask_b, stride_mask_n,
-                                   seed, pid_bh, dropout_p, BLOCK_N, True, HAS_PADDING, HAS_DROPOUT,
-                                   DOT_PRECISION)
+    key_start, key_end, holes = _key_range(b, k_len, kv_start_ptr, kv_end_ptr, kv_holes_ptr, HAS_PADDING)
+    lo, full_lo, full_hi, hi = _key_loop_bounds(start_m, q_len, past_len, key_start, key_end, holes,
+                                                BLOCK_M, BLOCK_N, CAUSAL)
+    # three loops: the masked block holding the first real key (if it is not block-aligned), the unmasked blocks,
+    # then the masked blocks at the last real key and along the causal diagonal
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_offsets, v_offsets, stride_kn, stride_vn,
+                               lo, full_lo, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len,
+                               qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_offsets, v_offsets, stride_kn, stride_vn,
+                               full_lo, full_hi, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len,
+                               past_len, qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_offsets, v_offsets, stride_kn, stride_vn,
+                               full_hi, hi, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len,
+                               qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
 
     has_keys = l_i > 0.0
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]          # rows with no visible key stay exactly zero
@@ -257,11 +311,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base
         # rows past Lq read lse = +inf, so their probabilities are exactly zero
         lse = tl.load(lse_row + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
-        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale            # [N, M]
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)                       # [N, M], raw
         visible = key_visible[:, None]
         if APPLY_CAUSAL:
             visible = visible & (offs_n[:, None] <= past_len + offs_m[None, :])
-        p_t = tl.where(visible, tl.math.exp2(scores_t - lse[None, :]), 0.0)
+        p_t = tl.where(visible, tl.math.exp2(scores_t * qk_scale - lse[None, :]), 0.0)       # lse in log2 units
         p_dropped_t = p_t
         if HAS_DROPOUT:
             keep_t = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], q_len, k_len, dropout_p)
@@ -280,7 +334,7 @@ def _attn_bwd_dkdv_kernel(
     # tensors
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr,  # as in the forward; dout like q, delta like lse
     dk_ptr, dv_ptr,                                     # [B, Hkv, Lk, D] (dv with dk's strides)
-    mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr, seed_ptr,
+    mask_ptr, kv_start_ptr, kv_end_ptr, kv_holes_ptr, kv_batch_index_ptr, seed_ptr,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -323,7 +377,10 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(v_ptr + kv_b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
                 + first_key * stride_vn + local_keys * stride_vn + offs_d[None, :] * stride_vd, mask=kv_tile_mask,
                 other=0.0)
-    key_visible = _key_visibility(offs_n, b, k_len, mask_ptr, stride_mask_b, stride_mask_n, HAS_PADDING)
+    key_start, key_end, holes = _key_range(b, k_len, kv_start_ptr, kv_end_ptr, kv_holes_ptr, HAS_PADDING)
+    # read once per program: the query loops below reuse it for every query block
+    key_visible = _key_visibility(offs_n, key_start, key_end, holes, b, k_len, mask_ptr, stride_mask_b,
+                                  stride_mask_n, HAS_PADDING)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -337,9 +394,7 @@ def _attn_bwd_dkdv_kernel(
     m_hi = q_len
     if HAS_PADDING:
         # a key block that holds no real token of this row gets zero gradients: empty its query loops
-        kv_start = tl.load(kv_start_ptr + b)
-        kv_end = tl.load(kv_end_ptr + b)
-        no_real_key = (start_n >= kv_end) | (start_n + BLOCK_N <= kv_start)
+        no_real_key = (start_n >= key_end) | (start_n + BLOCK_N <= key_start)
         m_hi = tl.where(no_real_key, 0, m_hi)
         diag_hi = tl.where(no_real_key, 0, diag_hi)
     for g in range(GROUP_SIZE):
@@ -373,30 +428,37 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_t_block_ptr, v_t_block_ptr, lo, hi, b, offs_m, q_len, k_len,
-                  past_len, qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p,
-                  dropout_scale, BLOCK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
-                  HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    k_t_block_ptr = tl.advance(k_t_block_ptr, (0, lo))
-    v_t_block_ptr = tl.advance(v_t_block_ptr, (0, lo))
+def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_t_offsets, v_t_offsets, stride_kn, stride_vn, lo, hi, offs_m,
+                  offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, qk_scale,
+                  mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p, dropout_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ (unscaled: the caller multiplies by sm_scale) over the key blocks [lo, hi);
+    dS = P * (dP - delta), dQ += dS K. MASKED blocks hide keys per element, the others are fully visible."""
+    d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = tl.load(k_t_block_ptr, boundary_check=(0, 1), padding_option="zero")   # [D, N]
-        v_t = tl.load(v_t_block_ptr, boundary_check=(0, 1), padding_option="zero")   # [D, N]
-        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale           # [M, N]
-        visible = _key_visibility(offs_n, b, k_len, mask_ptr, stride_mask_b, stride_mask_n, HAS_PADDING)
-        visible = visible[None, :]
-        if APPLY_CAUSAL:
-            visible = visible & (offs_n[None, :] <= past_len + offs_m[:, None])
-        p = tl.where(visible, tl.math.exp2(scores - lse[:, None]), 0.0)
+        # K^T and V^T tiles [BLOCK_D, BLOCK_N] of this block: one int64 offset per block, int32 inside it
+        key_ok = offs_n < k_len
+        k_t = _load_tile(k_base + tl.cast(start_n, tl.int64) * stride_kn + k_t_offsets, d_ok, key_ok,
+                         HEAD_DIM != BLOCK_D, MASKED)
+        v_t = _load_tile(v_base + tl.cast(start_n, tl.int64) * stride_vn + v_t_offsets, d_ok, key_ok,
+                         HEAD_DIM != BLOCK_D, MASKED)
+        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION)                      # [M, N], raw
+        p = tl.math.exp2(scores * qk_scale - lse[:, None])                         # lse in log2 units
+        if MASKED:
+            visible = _key_visibility(offs_n, key_start, key_end, holes, b, k_len, mask_ptr, stride_mask_b,
+                                      stride_mask_n, HAS_PADDING)[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= past_len + offs_m[:, None])
+            p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, pid_bh, offs_m[:, None], offs_n[None, :], q_len, k_len, dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
-        k_t_block_ptr = tl.advance(k_t_block_ptr, (0, BLOCK_N))
-        v_t_block_ptr = tl.advance(v_t_block_ptr, (0, BLOCK_N))
     return dq
 
 
@@ -405,7 +467,7 @@ def _attn_bwd_dq_kernel(
     # tensors
     q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr,  # as in the dK/dV kernel
     dq_ptr,                                             # [B, Hq, Lq, D]
-    mask_ptr, kv_start_ptr, kv_end_ptr, kv_batch_index_ptr, seed_ptr,
+    mask_ptr, kv_start_ptr, kv_end_ptr, kv_holes_ptr, kv_batch_index_ptr, seed_ptr,
     # strides
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -424,7 +486,7 @@ def _attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_bh, b, h, kv_b, kv_h = _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE,
-                                                            HAS_KV_INDEX)
+                                                            HAS_KV_INDEX, CAUSAL)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     seed = 0
@@ -437,12 +499,13 @@ def _attn_bwd_dq_kernel(
     do_block_ptr = tl.make_block_ptr(dout_ptr + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
                                      (q_len, HEAD_DIM), (stride_dom, stride_dod), (start_m, 0),
                                      (BLOCK_M, BLOCK_D), (1, 0))
-    k_t_block_ptr = tl.make_block_ptr(k_ptr + kv_b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh,
-                                      (HEAD_DIM, k_len), (stride_kd, stride_kn), (0, 0),
-                                      (BLOCK_D, BLOCK_N), (0, 1))
-    v_t_block_ptr = tl.make_block_ptr(v_ptr + kv_b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh,
-                                      (HEAD_DIM, k_len), (stride_vd, stride_vn), (0, 0),
-                                      (BLOCK_D, BLOCK_N), (0, 1))
+    k_base = k_ptr + kv_b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
+    v_base = v_ptr + kv_b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
+    # offsets inside one key block of the [BLOCK_D, BLOCK_N] tiles of K^T and V^T
+    offs_d = tl.arange(0, BLOCK_D)
+    local_keys = tl.arange(0, BLOCK_N)
+    k_t_offsets = offs_d[:, None] * stride_kd + local_keys[None, :] * stride_kn
+    v_t_offsets = offs_d[:, None] * stride_vd + local_keys[None, :] * stride_vn
     q = tl.load(q_block_ptr, boundary_check=(0, 1), padding_option="zero")
     do = tl.load(do_block_ptr, boundary_check=(0, 1), padding_option="zero")
     row_ok = offs_m < q_len
@@ -450,15 +513,22 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * q_len + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    lo, hi, diag_lo = _key_loop_bounds(b, start_m, q_len, k_len, past_len, kv_start_ptr, kv_end_ptr,
-                                       BLOCK_M, BLOCK_N, CAUSAL, HAS_PADDING)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_t_block_ptr, v_t_block_ptr, lo, diag_lo, b, offs_m, q_len,
-                       k_len, past_len, qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh,
-                       dropout_p, dropout_scale, BLOCK_N, False, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
-    if CAUSAL:
-        dq = _bwd_dq_inner(dq, q, do, lse, delta, k_t_block_ptr, v_t_block_ptr, diag_lo, hi, b, offs_m, q_len,
-                           k_len, past_len, qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh,
-                           dropout_p, dropout_scale, BLOCK_N, True, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
+    key_start, key_end, holes = _key_range(b, k_len, kv_start_ptr, kv_end_ptr, kv_holes_ptr, HAS_PADDING)
+    lo, full_lo, full_hi, hi = _key_loop_bounds(start_m, q_len, past_len, key_start, key_end, holes,
+                                                BLOCK_M, BLOCK_N, CAUSAL)
+    # masked first block, unmasked blocks, masked blocks at the last real key and on the diagonal (as forward)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_t_offsets, v_t_offsets, stride_kn, stride_vn,
+                       lo, full_lo, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, qk_scale,
+                       mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p, dropout_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_t_offsets, v_t_offsets, stride_kn, stride_vn,
+                       full_lo, full_hi, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, qk_scale,
+                       mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p, dropout_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_t_offsets, v_t_offsets, stride_kn, stride_vn,
+                       full_hi, hi, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, qk_scale,
+                       mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p, dropout_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
     dq = dq * sm_scale
     dq_block_ptr = tl.make_block_ptr(dq_ptr + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh,
                                      (q_len, HEAD_DIM), (stride_dqm, stride_dqd), (start_m, 0),
@@ -492,6 +562,26 @@ def _dropout_mask_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
+def padding_holes(key_padding_mask, kv_start, kv_end):
+    """int32 ``[B]``: 1 where batch row b's mask has padding between its first and last real key
+    (``kv_start[b]``, ``kv_end[b] - 1``), else 0. The kernels read the mask only in such rows; all other rows
+    are bounded by kv_start / kv_end alone. On the mask's device, no host sync; the last result is reused
+    while ``key_padding_range`` returns the same (cached) ``kv_start`` tensor, i.e. for the same mask."""
+    global _last_holes
+    cached = _last_holes
+    if cached is not None and cached[0]() is kv_start:
+        return cached[1]
+    real_keys = (key_padding_mask != 0).sum(dim=1, dtype=torch.int32)
+    span = (kv_end - kv_start).clamp_min(0)          # a fully padded row has kv_start = Lk > kv_end = 0
+    holes = (real_keys != span).to(torch.int32)
+    _last_holes = (weakref.ref(kv_start), holes)
+    return holes
+
+
+# (weak reference to the kv_start tensor it was computed with, the holes flags): see padding_holes
+_last_holes = None
+
+
 class _MaskArgs:
     """Kernel arguments derived from key_padding_mask and kv_batch_index (dummies when absent)."""
 
@@ -499,14 +589,16 @@ class _MaskArgs:
         self.has_padding = key_padding_mask is not None
         self.has_kv_index = kv_batch_index is not None
         if self.has_padding:
-            # first real key and one past the last of each row bound the key loops (no host sync)
+            # first real key and one past the last of each row bound the key loops, and a flag per row says
+            # whether padding lies between them (all on the device: no host sync)
             self.kv_start, self.kv_end = key_padding_range(key_padding_mask)
+            self.kv_holes = padding_holes(key_padding_mask, self.kv_start, self.kv_end)
             # bool loads as a byte through a zero-copy view; integer masks are compared with 0 in the kernel
             self.mask = (key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool
                          else key_padding_mask)
             self.stride_b, self.stride_n = self.mask.stride()
         else:
-            self.mask = self.kv_start = self.kv_end = q  # never read: HAS_PADDING is False
+            self.mask = self.kv_start = self.kv_end = self.kv_holes = q  # never read: HAS_PADDING is False
             self.stride_b = self.stride_n = 0
         # the kernels read kv_batch_index[b] with unit stride
         self.kv_batch_index = kv_batch_index.contiguous() if self.has_kv_index else q
@@ -544,7 +636,8 @@ def _attention_forward(q, k, v, causal, past_len, sm_scale, masks, dropout, out=
     def launch(tile):
         block_m, block_n, num_warps, num_stages = tile
         _attn_fwd_kernel[(cdiv(q_len, block_m), num_heads, batch)](
-            q, k, v, out, lse, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index, dropout.seed,
+            q, k, v, out, lse, masks.mask, masks.kv_start, masks.kv_end, masks.kv_holes, masks.kv_batch_index,
+            dropout.seed,
             **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
             **strides("o", out, "bhmd"), **masks.strides(),
             num_heads=num_heads, q_len=q_len, k_len=k_len, past_len=past_len,
@@ -588,8 +681,8 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     def launch_dkdv(tile):
         block_m, block_n, num_warps, num_stages = tile
         _attn_bwd_dkdv_kernel[(cdiv(k_len, block_n), num_kv_heads, batch)](
-            q, k, v, dout, lse, delta, dk, dv, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
-            dropout.seed, **strides("dk", dk, "bhnd"), **common_args,
+            q, k, v, dout, lse, delta, dk, dv, masks.mask, masks.kv_start, masks.kv_end, masks.kv_holes,
+            masks.kv_batch_index, dropout.seed, **strides("dk", dk, "bhnd"), **common_args,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
     launch_dkdv(attention_tile("dkdv", q, k, causal, masks, dropout, launch_dkdv))
@@ -599,8 +692,8 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     def launch_dq(tile):
         block_m, block_n, num_warps, num_stages = tile
         _attn_bwd_dq_kernel[(cdiv(q_len, block_m), num_heads, batch)](
-            q, k, v, dout, lse, delta, dq, masks.mask, masks.kv_start, masks.kv_end, masks.kv_batch_index,
-            dropout.seed, **strides("dq", dq, "bhmd"), **common_args,
+            q, k, v, dout, lse, delta, dq, masks.mask, masks.kv_start, masks.kv_end, masks.kv_holes,
+            masks.kv_batch_index, dropout.seed, **strides("dq", dq, "bhmd"), **common_args,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
     launch_dq(attention_tile("dq", q, k, causal, masks, dropout, launch_dq))
@@ -667,6 +760,8 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_
         past_len = k_len - q_len
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
+    if not sm_scale > 0:  # the kernels fold it into exp2 and the row max, which assumes a positive scale
+        raise ValueError(f"sm_scale must be positive, got {sm_scale!r}")
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     with device_context(q.device):
         if q_len <= DECODE_MAX_QUERY_LEN and not needs_grad and dropout_p == 0.0:
