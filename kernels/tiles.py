@@ -19,24 +19,27 @@ from fusedformers.kernels.launch import cdiv, next_power_of_2
 # ----------------------------------------------------------------------------------------------------------------
 # GPU tiles per kernel (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) for head dims up to 64 / 128 /
 # 256. Chosen ahead of time so that no kernel spills registers on sm_90 (ptxas; tests/test_sm90_compile.py
-# checks it). The dK/dV kernel keeps two fp32 [BLOCK_N, D] accumulators in registers, so it steps through the
-# queries 32 rows at a time. fp32 inputs run exact (ieee) dots on the CUDA cores and need small tiles.
+# checks it). The 16-bit forward takes 128 keys per block where that fits (fewer instructions per score: the
+# accumulator rescale and the loop overhead are per block). The dK/dV kernel keeps two fp32 [BLOCK_N, D]
+# accumulators in registers, so it steps through the queries 32 rows at a time; its transposed scores
+# [BLOCK_N, BLOCK_M] need BLOCK_N >= 64 rows per warpgroup, or both warpgroups of 8 warps compute the same tile
+# (BLOCK_N = 128 at D = 128). fp32 inputs run exact (ieee) dots on the CUDA cores and need small tiles.
 # Tuning them by measurement is bench/NOTES.md's job.
 _GPU_TILES = {
-    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
-    "dkdv": {64: (32, 128, 8, 3), 128: (32, 64, 8, 3), 256: (32, 32, 8, 2)},
+    "fwd": {64: (128, 128, 8, 3), 128: (128, 128, 8, 2), 256: (128, 32, 8, 2)},
+    "dkdv": {64: (32, 128, 8, 3), 128: (32, 128, 8, 2), 256: (32, 32, 8, 2)},
     "dq": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
 }
 # What autotuning (FUSEDFORMERS_AUTOTUNE=1, kernels/autotune.py) measures for 16-bit inputs: the default above
 # and other tiles that compile for sm_90 without spills (an offline ptxas sweep of BLOCK_M x BLOCK_N x warps x
 # stages per kernel and head dim class; tests/test_sm90_compile.py compiles every one of them).
 _GPU_TILE_CANDIDATES = {
-    "fwd": {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
-            128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3),
+    "fwd": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
+            128: [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3),
                   (64, 64, 4, 3)],
-            256: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2)]},
+            256: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)]},
     "dkdv": {64: [(32, 128, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 2), (16, 128, 8, 2)],
-             128: [(32, 64, 8, 3), (32, 64, 8, 2), (32, 32, 8, 3), (16, 64, 8, 3), (16, 128, 8, 3)],
+             128: [(32, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2), (32, 32, 8, 3), (16, 64, 8, 3), (16, 128, 8, 3)],
              256: [(32, 32, 8, 2), (32, 32, 8, 3), (16, 32, 8, 3), (16, 64, 8, 2)]},
     "dq": {64: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
            128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)],
@@ -51,7 +54,7 @@ _GPU_TILES_FP32 = {
 # pressure: these 16-bit tiles replace the ones above where those spill (fp32 keeps its tiles; at D=256 its
 # dK/dV kernel spills ~28 B with dropout).
 _GPU_TILES_DROPOUT = {
-    "fwd": {64: (128, 64, 8, 3)},
+    "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
     "dkdv": {128: (32, 32, 8, 3)},
     "dq": {128: (128, 32, 8, 3), 256: (32, 32, 8, 2)},
 }
