@@ -48,7 +48,7 @@ _GPU_TILE_CANDIDATES = {
 _GPU_TILES_FP32 = {
     "fwd": {128: (16, 64, 4, 2), 256: (16, 16, 4, 2)},
     "dkdv": {128: (16, 32, 4, 2), 256: (16, 16, 4, 2)},
-    "dq": {128: (32, 16, 4, 2), 256: (16, 16, 4, 2)},
+    "dq": {128: (32, 16, 8, 2), 256: (16, 16, 4, 2)},  # 128: 4 warps spill with the three key loops
 }
 # With dropout each score also needs a Philox draw (10 rounds of 32-bit multiplies), which raises register
 # pressure: these 16-bit tiles replace the ones above where those spill (fp32 keeps its tiles; at D=256 its
@@ -57,6 +57,12 @@ _GPU_TILES_DROPOUT = {
     "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
     "dkdv": {128: (32, 32, 8, 3)},
     "dq": {128: (128, 32, 8, 3), 256: (32, 32, 8, 2)},
+}
+
+# Without causal masking (BART's encoder and cross-attention) the 16-bit forward at D = 128 keeps 128 x 64: its
+# 128 x 128 tile spills one register there (4 B, saved and reloaded around the key loops).
+_GPU_TILES_NONCAUSAL = {
+    "fwd": {128: (128, 64, 8, 3)},
 }
 
 _forced_blocks = None  # (BLOCK_M, BLOCK_N) while forced_block_sizes() is active
@@ -84,7 +90,7 @@ def tile_candidates(kernel, head_dim):
     return tiles[_head_dim_class(tiles, head_dim)]
 
 
-def _block_config(kernel, head_dim, dtype, device, dropout=False):
+def _block_config(kernel, head_dim, dtype, device, dropout=False, causal=True):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` in "fwd", "dkdv", "dq". The interpreter gets
     small blocks so small test shapes span several blocks and exercise the skipping and diagonal logic. On the
     GPU the tiles must fit the 227 KB of shared memory per block of sm_90."""
@@ -96,6 +102,8 @@ def _block_config(kernel, head_dim, dtype, device, dropout=False):
     head_dim_class = _head_dim_class(tiles, head_dim)
     if dropout and dtype != torch.float32:
         return _GPU_TILES_DROPOUT[kernel].get(head_dim_class, tiles[head_dim_class])
+    if not causal and dtype != torch.float32:
+        return _GPU_TILES_NONCAUSAL.get(kernel, {}).get(head_dim_class, tiles[head_dim_class])
     return tiles[head_dim_class]
 
 
@@ -104,7 +112,7 @@ def attention_tile(kernel, q, k, causal, masks, dropout, launch):
     with FUSEDFORMERS_AUTOTUNE=1 on CUDA for 16-bit inputs without dropout, the fastest of the spill-free
     candidates measured on this call (``kernels/autotune.py``; ``launch(tile)`` runs the kernel)."""
     head_dim = q.shape[-1]
-    default = _block_config(kernel, head_dim, q.dtype, q.device, dropout.active)
+    default = _block_config(kernel, head_dim, q.dtype, q.device, dropout.active, causal)
     if not (autotune.ENABLED and q.is_cuda and _forced_blocks is None and q.dtype != torch.float32
             and not dropout.active):
         return default
