@@ -25,24 +25,27 @@ from fusedformers.kernels.launch import cdiv, next_power_of_2
 # ----------------------------------------------------------------------------------------------------------------
 # GPU tiles per kernel (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) for head dims up to 64 / 128 /
 # 256. Chosen ahead of time so that no kernel spills registers on sm_90 (ptxas; tests/test_sm90_compile.py
-# checks it). The dK/dV kernel keeps two fp32 [BLOCK_N, D] accumulators in registers, so it steps through the
-# queries 32 rows at a time. fp32 inputs run exact (ieee) dots on the CUDA cores and need small tiles.
+# checks it). The 16-bit forward takes 128 keys per block where that fits (fewer instructions per score: the
+# accumulator rescale and the loop overhead are per block). The dK/dV kernel keeps two fp32 [BLOCK_N, D]
+# accumulators in registers, so it steps through the queries 32 rows at a time; its transposed scores
+# [BLOCK_N, BLOCK_M] need BLOCK_N >= 64 rows per warpgroup, or both warpgroups of 8 warps compute the same tile
+# (BLOCK_N = 128 at D = 128). fp32 inputs run exact (ieee) dots on the CUDA cores and need small tiles.
 # Tuning them by measurement is bench/NOTES.md's job.
 _GPU_TILES = {
-    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
-    "dkdv": {64: (32, 128, 8, 3), 128: (32, 64, 8, 3), 256: (32, 32, 8, 2)},
+    "fwd": {64: (128, 128, 8, 3), 128: (128, 128, 8, 2), 256: (128, 32, 8, 2)},
+    "dkdv": {64: (32, 128, 8, 3), 128: (32, 128, 8, 2), 256: (32, 32, 8, 2)},
     "dq": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
 }
 # What autotuning (FUSEDFORMERS_AUTOTUNE=1, kernels/autotune.py) measures for 16-bit inputs: the default above
 # and other tiles that compile for sm_90 without spills (an offline ptxas sweep of BLOCK_M x BLOCK_N x warps x
 # stages per kernel and head dim class; tests/test_sm90_compile.py compiles every one of them).
 _GPU_TILE_CANDIDATES = {
-    "fwd": {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
-            128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3),
+    "fwd": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
+            128: [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3),
                   (64, 64, 4, 3)],
-            256: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2), (128, 32, 8, 2)]},
+            256: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)]},
     "dkdv": {64: [(32, 128, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 2), (16, 128, 8, 2)],
-             128: [(32, 64, 8, 3), (32, 64, 8, 2), (32, 32, 8, 3), (16, 64, 8, 3), (16, 128, 8, 3)],
+             128: [(32, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2), (32, 32, 8, 3), (16, 64, 8, 3), (16, 128, 8, 3)],
              256: [(32, 32, 8, 2), (32, 32, 8, 3), (16, 32, 8, 3), (16, 64, 8, 2)]},
     "dq": {64: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
            128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)],
@@ -51,15 +54,21 @@ _GPU_TILE_CANDIDATES = {
 _GPU_TILES_FP32 = {
     "fwd": {128: (16, 64, 4, 2), 256: (16, 16, 4, 2)},
     "dkdv": {128: (16, 32, 4, 2), 256: (16, 16, 4, 2)},
-    "dq": {128: (32, 16, 4, 2), 256: (16, 16, 4, 2)},
+    "dq": {128: (32, 16, 8, 2), 256: (16, 16, 4, 2)},  # 128: 4 warps spill with the three key loops
 }
 # With dropout each score also needs a Philox draw (10 rounds of 32-bit multiplies), which raises register
 # pressure: these 16-bit tiles replace the ones above where those spill (fp32 keeps its tiles; at D=256 its
 # dK/dV kernel spills ~28 B with dropout).
 _GPU_TILES_DROPOUT = {
-    "fwd": {64: (128, 64, 8, 3)},
+    "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
     "dkdv": {128: (32, 32, 8, 3)},
     "dq": {128: (128, 32, 8, 3), 256: (32, 32, 8, 2)},
+}
+
+# Without causal masking (BART's encoder and cross-attention) the 16-bit forward at D = 128 keeps 128 x 64: its
+# 128 x 128 tile spills one register there (4 B, saved and reloaded around the key loops).
+_GPU_TILES_NONCAUSAL = {
+    "fwd": {128: (128, 64, 8, 3)},
 }
 
 # ---- other shared-memory classes. The tables above are the sm_90 class's (wgmma, 227 KB per block). Before sm_90
@@ -210,7 +219,7 @@ def tile_candidates(kernel, head_dim, gpu=None):
     return tiles[_head_dim_class(tiles, head_dim)]
 
 
-def _block_config(kernel, head_dim, dtype, device, dropout=False, gpu=None):
+def _block_config(kernel, head_dim, dtype, device, dropout=False, gpu=None, causal=True):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` in "fwd", "dkdv", "dq". The interpreter gets
     small blocks so small test shapes span several blocks and exercise the skipping and diagonal logic. On a
     GPU (``gpu``: a ``GpuInfo``, default ``device_gpu(device)``) the tables of its shared-memory class."""
@@ -227,6 +236,8 @@ def _block_config(kernel, head_dim, dtype, device, dropout=False, gpu=None):
     tile = tiles[head_dim_class]
     if dropout and dtype != torch.float32:
         tile = tiles_dropout.get(kernel, {}).get(head_dim_class, tile)
+    elif not causal and dtype != torch.float32 and gpu.tile_class == "sm90":
+        tile = _GPU_TILES_NONCAUSAL.get(kernel, {}).get(head_dim_class, tile)
     if tile is None:
         major, minor = gpu.capability
         raise RuntimeError(f"the attention {_KERNEL_NAMES[kernel]} kernel at head dim {head_dim} does not fit "
@@ -245,11 +256,14 @@ def attention_tile(kernel, q, k, causal, masks, dropout, launch):
     candidates measured on this call (``kernels/autotune.py``; ``launch(tile)`` runs the kernel)."""
     head_dim = q.shape[-1]
     gpu = device_gpu(q.device)
-    default = _block_config(kernel, head_dim, q.dtype, q.device, dropout.active, gpu)
+    default = _block_config(kernel, head_dim, q.dtype, q.device, dropout.active, gpu, causal=causal)
     if not (autotune.ENABLED and gpu is not None and _forced_blocks is None and q.dtype != torch.float32
             and not dropout.active):
         return default
     candidates = [default] + [t for t in tile_candidates(kernel, head_dim, gpu) if t != default]
+    if not causal:  # the tiles the non-causal variant replaces spill there: not candidates either
+        spilling = _GPU_TILES[kernel][_head_dim_class(_GPU_TILES[kernel], head_dim)]
+        candidates = [t for t in candidates if t != spilling or spilling == default]
     if len(candidates) == 1:
         return default
     key = (head_dim, q.dtype, causal, masks.has_padding, masks.has_kv_index, q.shape[1] // k.shape[1],

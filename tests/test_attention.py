@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fusedformers import kernels
-from fusedformers.kernels.attention import _attention_forward, _DropoutArgs, _MaskArgs
+from fusedformers.kernels.attention import _attention_forward, _DropoutArgs, _MaskArgs, padding_holes
+from fusedformers.kernels.decode_attention import key_padding_range
 from fusedformers.kernels.reference import attention_reference
 from tests.conftest import ON_GPU
 from tests.helpers import (
@@ -151,6 +152,27 @@ def test_fully_masked_rows_are_zero(device):
     out = check_forward(q, k, v, causal=True, key_padding_mask=mask)
     assert torch.all(out[1, :, :21] == 0)
     assert out[1, :, 21:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=causal_id)
+def test_padding_holes_in_some_rows(causal, device):
+    """Rows without holes in their mask run their inner key blocks unmasked (bounded by the first and last real
+    key); a row with holes, even one hole in a block that would otherwise run unmasked, must still hide them,
+    forward and backward."""
+    k_len = 80  # five key blocks of the interpreter's 16 x 16 tiles
+    mask = torch.ones(4, k_len, dtype=torch.long, device=device)
+    mask[0, :7] = 0                          # left padding only
+    mask[1, 40] = 0                          # one hole, in an inner block
+    mask[2, 70:] = 0                         # right padding and two holes
+    mask[2, 33:35] = 0
+    mask[3, :3] = 0                          # padding on both sides, no hole
+    mask[3, 77:] = 0
+    kv_start, kv_end = key_padding_range(mask)
+    real, holes = padding_holes(mask, kv_start, kv_end)
+    assert holes.tolist() == [0, 1, 1, 0] and torch.equal(real, mask.to(torch.uint8))
+    q, k, v = make_qkv(4, 2, 1, 60, k_len, 32, torch.float32, device)
+    check_forward(q, k, v, causal=causal, key_padding_mask=mask)
+    check_backward(q, k, v, causal=causal, key_padding_mask=mask)
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
@@ -367,10 +389,11 @@ def _good(device):
     (lambda q, k, v: (q, k, v, {"past_len": 1.5}), TypeError, "past_len must be an int"),
     (lambda q, k, v: (q[..., :12], k[..., :12], v[..., :12], {}), ValueError, "head dim D must be a multiple of 8"),
     (lambda q, k, v: (q.numpy() if q.device.type == "cpu" else "q", k, v, {}), TypeError, "q must be a torch.Tensor"),
+    (lambda q, k, v: (q, k, v, {"sm_scale": -0.5}), ValueError, "sm_scale must be positive"),
 ], ids=[
     "q_3d", "kv_batch_differs", "v_length", "kv_head_dim", "heads_not_multiple", "mixed_dtypes", "float64",
     "mask_shape", "mask_float", "index_shape", "index_float", "past_len_negative", "past_len_float", "head_dim_12",
-    "q_numpy",
+    "q_numpy", "sm_scale_negative",
 ])
 def test_bad_input(mutate, error, match, device):
     q, k, v, kwargs = mutate(*_good(device))

@@ -118,8 +118,8 @@ def check_attention_kernels(dtype, head_dim, dropout=False, arch=90):
     element = "*" + TRITON_DTYPE[dtype]
     pointers = dict(q_ptr=element, k_ptr=element, v_ptr=element, out_ptr=element, dout_ptr=element,
                     dk_ptr=element, dv_ptr=element, dq_ptr=element, lse_ptr="*fp32", delta_ptr="*fp32",
-                    mask_ptr="*u8", kv_start_ptr="*i32", kv_end_ptr="*i32", kv_batch_index_ptr="*i64",
-                    seed_ptr="*i64")
+                    mask_ptr="*u8", kv_start_ptr="*i32", kv_end_ptr="*i32", kv_holes_ptr="*i32",
+                    kv_batch_index_ptr="*i64", seed_ptr="*i64")
     block_d = triton.next_power_of_2(head_dim)
     for name, kernel in (("fwd", attention_mod._attn_fwd_kernel), ("dkdv", attention_mod._attn_bwd_dkdv_kernel),
                          ("dq", attention_mod._attn_bwd_dq_kernel)):
@@ -190,8 +190,8 @@ def check_autotune_candidates(dtype, kernel_name):
     element = "*" + TRITON_DTYPE[dtype]
     pointers = dict(q_ptr=element, k_ptr=element, v_ptr=element, out_ptr=element, dout_ptr=element,
                     dk_ptr=element, dv_ptr=element, dq_ptr=element, lse_ptr="*fp32", delta_ptr="*fp32",
-                    mask_ptr="*u8", kv_start_ptr="*i32", kv_end_ptr="*i32", kv_batch_index_ptr="*i64",
-                    seed_ptr="*i64")
+                    mask_ptr="*u8", kv_start_ptr="*i32", kv_end_ptr="*i32", kv_holes_ptr="*i32",
+                    kv_batch_index_ptr="*i64", seed_ptr="*i64")
     kernel = {"fwd": attention_mod._attn_fwd_kernel, "dkdv": attention_mod._attn_bwd_dkdv_kernel,
               "dq": attention_mod._attn_bwd_dq_kernel}[kernel_name]
     for head_dim in tiles._GPU_TILE_CANDIDATES[kernel_name]:
