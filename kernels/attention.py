@@ -33,7 +33,7 @@ from fusedformers.kernels.checks import (
     check_kernel_device,
     check_kv_batch_index_range,
 )
-from fusedformers.kernels.decode_attention import decode_attention, key_padding_range
+from fusedformers.kernels.decode_attention import decode_attention, key_padding_range, kv_batch_row
 from fusedformers.kernels.launch import call_op, cdiv, custom_op, device_context, next_power_of_2, strides
 from fusedformers.kernels.online_softmax import LOG2E, online_softmax_step
 from fusedformers.kernels.tiles import (  # noqa: F401 (forced_block_sizes, tile_candidates: imported from here)
@@ -47,7 +47,7 @@ from fusedformers.kernels.tiles import (  # noqa: F401 (forced_block_sizes, tile
 DECODE_MAX_QUERY_LEN = 16  # Lq at or below this (and no autograd) goes to the split-KV decode kernel
 # lengths vary from call to call: one compiled kernel serves them all (no re-specialisation on 1 or on
 # multiples of 16, which would compile a new variant the first time each case appears)
-LENGTH_ARGS = ["q_len", "k_len", "past_len"]
+LENGTH_ARGS = ["q_len", "k_len", "past_len", "kv_batch"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def _key_loop_bounds(start_m, q_len, past_len, key_start, key_end, holes,
 
 
 @triton.jit
-def _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+def _query_program_coords(num_heads, kv_batch_index_ptr, kv_batch, GROUP_SIZE: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
                           CAUSAL: tl.constexpr):
     """For a program of the grid (query blocks, Hq, B): (pid_m, pid_bh = b * Hq + h, b, h, kv_b, kv_h).
     Query blocks of one head are adjacent in launch order, so they share that head's K/V in L2; the head and
@@ -146,9 +146,9 @@ def _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE: tl.constexp
     b = tl.program_id(2)
     pid_bh = b * num_heads + h
     kv_h = h // GROUP_SIZE                       # GQA: query heads [kv_h * G, (kv_h + 1) * G) share KV head kv_h
-    kv_b = b
+    kv_b = b.to(tl.int64)
     if HAS_KV_INDEX:
-        kv_b = tl.load(kv_batch_index_ptr + b)   # query batch row b reads K/V batch row kv_batch_index[b]
+        kv_b = kv_batch_row(kv_batch_index_ptr, b, kv_batch)  # query batch row b reads K/V row kv_batch_index[b]
     return pid_m, pid_bh, b, h, kv_b, kv_h
 
 
@@ -203,7 +203,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mask_b, stride_mask_n,
     # sizes
-    num_heads, q_len, k_len, past_len,
+    num_heads, q_len, k_len, past_len, kv_batch,      # kv_batch: k's batch (kv_batch_index's range)
     # scalars
     qk_scale, dropout_p, dropout_scale,      # sm_scale * log2(e); p; 1 / (1 - p)
     # constexprs
@@ -212,7 +212,7 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m, pid_bh, b, h, kv_b, kv_h = _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE,
+    pid_m, pid_bh, b, h, kv_b, kv_h = _query_program_coords(num_heads, kv_batch_index_ptr, kv_batch, GROUP_SIZE,
                                                             HAS_KV_INDEX, CAUSAL)
     start_m = pid_m * BLOCK_M
     seed = 0
@@ -352,7 +352,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_mask_b, stride_mask_n,
     # sizes
-    num_heads, q_len, k_len, past_len,
+    num_heads, q_len, k_len, past_len, kv_batch,      # kv_batch: k's batch (kv_batch_index's range)
     # scalars
     qk_scale, sm_scale, dropout_p, dropout_scale,
     # constexprs
@@ -366,9 +366,9 @@ def _attn_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     kv_h = tl.program_id(1)                      # grid (key blocks, Hkv, B)
     b = tl.program_id(2)
-    kv_b = b
+    kv_b = b.to(tl.int64)
     if HAS_KV_INDEX:
-        kv_b = tl.load(kv_batch_index_ptr + b)
+        kv_b = kv_batch_row(kv_batch_index_ptr, b, kv_batch)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
@@ -485,7 +485,7 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mask_b, stride_mask_n,
     # sizes
-    num_heads, q_len, k_len, past_len,
+    num_heads, q_len, k_len, past_len, kv_batch,      # kv_batch: k's batch (kv_batch_index's range)
     # scalars
     qk_scale, sm_scale, dropout_p, dropout_scale,
     # constexprs
@@ -494,7 +494,7 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m, pid_bh, b, h, kv_b, kv_h = _query_program_coords(num_heads, kv_batch_index_ptr, GROUP_SIZE,
+    pid_m, pid_bh, b, h, kv_b, kv_h = _query_program_coords(num_heads, kv_batch_index_ptr, kv_batch, GROUP_SIZE,
                                                             HAS_KV_INDEX, CAUSAL)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -652,7 +652,7 @@ def _attention_forward(q, k, v, causal, past_len, sm_scale, masks, dropout, out=
             dropout.seed,
             **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
             **strides("o", out, "bhmd"), **masks.strides(),
-            num_heads=num_heads, q_len=q_len, k_len=k_len, past_len=past_len,
+            num_heads=num_heads, q_len=q_len, k_len=k_len, past_len=past_len, kv_batch=k.shape[0],
             qk_scale=sm_scale * LOG2E, dropout_p=dropout.p, dropout_scale=dropout.scale,
             GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
             BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_PADDING=masks.has_padding,
@@ -673,7 +673,7 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     common_args = dict(
         **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
         **strides("do", dout, "bhmd"), **masks.strides(),
-        num_heads=num_heads, q_len=q_len, k_len=k_len, past_len=past_len,
+        num_heads=num_heads, q_len=q_len, k_len=k_len, past_len=past_len, kv_batch=k.shape[0],
         qk_scale=sm_scale * LOG2E, sm_scale=sm_scale, dropout_p=dropout.p, dropout_scale=dropout.scale,
         GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,
         HAS_PADDING=masks.has_padding, HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active,
@@ -731,7 +731,7 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: OptionalTen
                   dropout_seed: OptionalTensor, causal: bool, past_len: int, sm_scale: float,
                   dropout_p: float) -> tuple[Tensor, Tensor]:
     """The fused forward: (out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32 in log2 units)."""
-    if kv_batch_index is not None:
+    if kv_batch_index is not None and not kv_batch_index.is_cuda:  # on CUDA the kernels check (kv_batch_row)
         check_kv_batch_index_range(kv_batch_index, k.shape[0])
     masks = _MaskArgs(q, key_padding_mask, kv_batch_index)
     with device_context(q.device):

@@ -83,8 +83,9 @@ def check_attention_inputs(q, k, v, key_padding_mask, kv_batch_index, past_len):
 def check_kv_batch_index_range(kv_batch_index, kv_batch):
     """Every entry of kv_batch_index must be in [0, Bkv): an index outside would make the kernels read outside
     K/V. Checked on every call, never from a remembered verdict (a write through ``.numpy()`` or ``.data`` does
-    not move the version counter): on CPU a ValueError; on CUDA an asynchronous device assert (no host sync;
-    one min/max reduction per call)."""
+    not move the version counter). The launchers call this for CPU tensors (the interpreter: a ValueError); on
+    CUDA the kernels check each entry they read themselves (``decode_attention.kv_batch_row``: print and trap,
+    no host sync, no extra launch); on CUDA this is an asynchronous device assert (one min/max reduction)."""
     lowest, highest = torch.aminmax(kv_batch_index)
     in_range = (lowest >= 0) & (highest < kv_batch)
     if kv_batch_index.is_cuda:

@@ -38,8 +38,23 @@ from fusedformers.kernels.tiles import decode_plan, dot_precision
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def kv_batch_row(kv_batch_index_ptr, b, kv_batch):
+    """The K/V batch row that query batch row ``b`` reads, ``kv_batch_index[b]`` (int64), checked against
+    ``[0, kv_batch)`` on every launch: an entry outside prints itself and traps, which ends the kernel and the CUDA
+    context like a failed device assert (no host sync, no extra launch), and the read is clamped to row 0 so no
+    program reads outside K/V. Through the interpreter the launchers check on the host first (a ValueError)."""
+    kv_b = tl.load(kv_batch_index_ptr + b).to(tl.int64)
+    out_of_range = (kv_b < 0) | (kv_b >= kv_batch)
+    if out_of_range:
+        tl.device_print("fusedformers: kv_batch_index entry outside [0, k's batch): ", kv_b)
+        tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    return tl.where(out_of_range, 0, kv_b)
+
+
 # lengths and split sizes change from one decode step to the next: one compiled split kernel serves them all
-@triton.jit(do_not_specialize=["q_len", "k_len", "past_len", "split_size", "num_splits", "num_row_blocks"])
+@triton.jit(do_not_specialize=["q_len", "k_len", "past_len", "kv_batch", "split_size", "num_splits",
+                             "num_row_blocks"])
 def _decode_split_kernel(
     # tensors
     q_ptr, k_ptr, v_ptr, out_ptr,                    # q [B, Hq, Lq, D]; k, v [B or Bkv, Hkv, Lk, D]; out like q
@@ -52,7 +67,7 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_mask_b, stride_mask_n,
     # sizes
-    num_kv_heads, q_len, k_len, past_len,
+    num_kv_heads, q_len, k_len, past_len, kv_batch,  # kv_batch: k's batch (kv_batch_index's range)
     # scalars
     qk_scale,                                        # sm_scale * log2(e)
     # split of the key axis
@@ -100,7 +115,7 @@ def _decode_split_kernel(
 
     # ---- K/V base of this (kv batch row, kv head); batch/head offsets in int64 (B*H*L*D may exceed 2^31)
     if HAS_KV_INDEX:
-        kv_b = tl.load(kv_batch_index_ptr + b).to(tl.int64)  # beam search: several query rows share one K/V row
+        kv_b = kv_batch_row(kv_batch_index_ptr, b, kv_batch)  # beam search: several query rows share one K/V row
     else:
         kv_b = b.to(tl.int64)
     k_base = k_ptr + kv_b * stride_kb + kv_h.to(tl.int64) * stride_kh
@@ -282,7 +297,7 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
     """
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, k_len = k.shape[1], k.shape[2]
-    if kv_batch_index is not None:  # depends on its values: on every call (check_attention_inputs cannot)
+    if kv_batch_index is not None and not kv_batch_index.is_cuda:  # on CUDA the kernel checks (kv_batch_row)
         check_kv_batch_index_range(kv_batch_index, k.shape[0])
     if past_len is None:
         past_len = k_len - q_len
@@ -322,7 +337,7 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
         q, k, v, out, part_acc, part_max, part_sum, mask, kv_start, kv_end, kv_batch_index,
         **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
         **strides("o", out, "bhmd"), stride_mask_b=stride_mask_b, stride_mask_n=stride_mask_n,
-        num_kv_heads=num_kv_heads, q_len=q_len, k_len=k_len, past_len=past_len,
+        num_kv_heads=num_kv_heads, q_len=q_len, k_len=k_len, past_len=past_len, kv_batch=k.shape[0],
         qk_scale=sm_scale * LOG2E,
         split_size=plan["split_size"], num_splits=splits, num_row_blocks=plan["num_row_blocks"],
         GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim,

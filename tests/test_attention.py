@@ -1,4 +1,5 @@
 """Fused masked attention against float64 and same-dtype eager references (forward and gradients)."""
+import importlib
 import math
 import os
 import random
@@ -410,21 +411,40 @@ def test_batch_above_grid_limit(device):
 
 @pytest.mark.parametrize("bad_index", [[0, 2], [-1, 0]], ids=["index_too_big", "index_negative"])
 def test_kv_batch_index_out_of_range(bad_index, device):
-    """An index outside [0, Bkv) would read outside K/V. CPU: ValueError. CUDA: a device-side assert, which
-    ends the CUDA context, so it runs in a child process there."""
+    """An index outside [0, Bkv) would read outside K/V. CPU: ValueError. CUDA: the kernels check it (no host
+    sync): they print the entry and trap, which ends the CUDA context like a device assert, so it runs in a child
+    process there, once through the decode kernel (Lq = 8) and once through the fused forward (Lq = 32)."""
     if device == "cpu":
         q, k, v = _good(device)
         index = torch.tensor(bad_index, device=device)
         with pytest.raises(ValueError, match=r"kv_batch_index entries must be in \[0, 2\)"):
             kernels.attention(q, k, v, kv_batch_index=index)
         return
-    script = ("import torch; from fusedformers import kernels; "
-              "q = torch.randn(2, 2, 8, 16, device='cuda', dtype=torch.float16); "
-              f"kernels.attention(q, q, q, kv_batch_index=torch.tensor({bad_index}, device='cuda')); "
-              "torch.cuda.synchronize()")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert result.returncode != 0 and "kv_batch_index entries must be in" in result.stderr, result.stderr[-2000:]
+    for q_len in (8, 32):
+        script = ("import torch; from fusedformers import kernels; "
+                  f"q = torch.randn(2, 2, {q_len}, 16, device='cuda', dtype=torch.float16); "
+                  f"kernels.attention(q, q, q, kv_batch_index=torch.tensor({bad_index}, device='cuda')); "
+                  "torch.cuda.synchronize()")
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        output = result.stdout + result.stderr
+        assert result.returncode != 0 and "kv_batch_index entry outside" in output, output[-2000:]
+
+
+@pytest.mark.parametrize("q_len", [4, 20], ids=["decode", "fused"])
+def test_kernels_check_kv_batch_index_themselves(q_len, monkeypatch, capfd):
+    """The kernels' own check (what runs on CUDA, where there is no host check): with the host check switched off,
+    the interpreter runs the kernel's branch for an entry outside [0, Bkv): it prints the entry, then stops at the
+    trap (the interpreter cannot run inline PTX: an error instead of the GPU's trap)."""
+    for name in ("attention", "decode_attention"):  # the modules (fusedformers.kernels.attention is the function)
+        module = importlib.import_module(f"fusedformers.kernels.{name}")
+        monkeypatch.setattr(module, "check_kv_batch_index_range", lambda *args: None)
+    q = torch.randn(2, 2, q_len, 16, dtype=torch.float16)
+    k, v = (torch.randn(1, 2, 24, 16, dtype=torch.float16) for _ in range(2))
+    with pytest.raises(Exception, match="inline_asm"):
+        kernels.attention(q, k, v, kv_batch_index=torch.tensor([0, 1000]))
+    assert "kv_batch_index entry outside [0, k's batch):  [1000]" in capfd.readouterr().out
+    kernels.attention(q, k, v, kv_batch_index=torch.tensor([0, 0]))  # in range: no trap
 
 
 def test_kv_batch_index_checked_on_every_call():
