@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import datetime
 import importlib
+import io
 import json
 import os
 import re
@@ -101,17 +102,16 @@ class Variant:
 
 
 DTYPES = ("bf16", "fp16", "fp32")
-ATTENTION_HEAD_DIMS = (64, 80, 128, 256)
+ATTENTION_HEAD_DIMS = (64, 128, 256)  # the tile classes; D=80 (padded to BLOCK_D=128) is added below
 # (causal, padding, kv_index, dropout). bf16: causal x every mask kind, then kv-index (BART cross-attention in
-# beam search; a cache shared across rows) and dropout (training) with the masks models pass with them. fp16 and
-# fp32: the main kinds (fp16 compiles as bf16 does, fp32 runs exact dots on the CUDA cores).
+# beam search; a cache shared across rows) and dropout (training) with the masks models pass with them.
 ATTENTION_FLAGS = ([(causal, padding, False, False) for causal in (False, True)
                     for padding in ("none", "bool", "int64")]
                    + [(False, "int64", True, False), (True, "int64", True, False),
                       (True, "none", False, True), (True, "int64", False, True), (False, "int64", False, True)])
-ATTENTION_FLAGS_OTHER_DTYPES = [(False, "none", False, False), (True, "none", False, False),
-                                (False, "int64", False, False), (True, "int64", False, False),
-                                (True, "int64", False, True)]
+# fp16 (compiles as bf16 does), fp32 (exact dots on the CUDA cores), D=80, and every flag set on the other
+# architectures (where the gates are registers and shared memory, which the mask kind barely moves): these
+FEWER_FLAGS = [(False, "none", False, False), (True, "int64", False, False), (True, "int64", False, True)]
 AUTOTUNE_FLAGS = [(True, "int64", False, False)]
 # decode: (Hq, Hkv, Lq): GQA, MQA (Hkv = 1 is a constexpr for the JIT), speculative tokens (2 row blocks)
 DECODE_HEADS = ((32, 8, 1), (8, 1, 1), (32, 4, 16))
@@ -120,23 +120,27 @@ RMS_NORM_HIDDEN = (1024, 4096, 8192, 16384)
 ROPE_SHAPES = ((32, 64), (8, 128), (32, 128), (16, 80), (32, 256))
 
 
-def all_variants():
-    """Every variant the launchers can pick (for the shapes above), the default tiles first."""
+def all_variants(arch="sm_90a"):
+    """Every variant the launchers can pick (for the shapes above), the default tiles first. On sm_90a every
+    flag set (wgmma serialization depends on them); elsewhere FEWER_FLAGS."""
+    import torch
+
+    tiles = importlib.import_module("fusedformers.kernels.tiles")
     out = []
     for kernel in ("fwd", "dkdv", "dq"):
         for dtype in DTYPES:
-            for head_dim in ATTENTION_HEAD_DIMS:
-                for causal, padding, kv_index, dropout in (ATTENTION_FLAGS if dtype == "bf16"
-                                                           else ATTENTION_FLAGS_OTHER_DTYPES):
+            for head_dim in ATTENTION_HEAD_DIMS + (80,):
+                every_flag = arch == "sm_90a" and dtype == "bf16" and head_dim != 80
+                for causal, padding, kv_index, dropout in (ATTENTION_FLAGS if every_flag else FEWER_FLAGS):
                     out.append(Variant(kernel, dtype, head_dim, causal, padding, kv_index, dropout))
     for dtype in DTYPES:
-        for head_dim in ATTENTION_HEAD_DIMS:
+        for head_dim in ATTENTION_HEAD_DIMS + (80,):
             out.append(Variant("bwd_preprocess", dtype, head_dim))
     out.append(Variant("dropout_mask", "fp32"))
     for dtype in DTYPES:
-        for head_dim in ATTENTION_HEAD_DIMS:
-            for heads in DECODE_HEADS:
-                for causal, padding, kv_index in DECODE_FLAGS:
+        for head_dim in ATTENTION_HEAD_DIMS + (80,):
+            for heads in (DECODE_HEADS if dtype == "bf16" else DECODE_HEADS[:1]):
+                for causal, padding, kv_index in (DECODE_FLAGS if dtype == "bf16" else DECODE_FLAGS[:1]):
                     out.append(Variant("decode_split", dtype, head_dim, causal, padding, kv_index, heads=heads))
             out.append(Variant("decode_combine", dtype, head_dim, heads=DECODE_HEADS[0]))
     for dtype in DTYPES:
@@ -148,12 +152,10 @@ def all_variants():
             for backward in (False, True):
                 out.append(Variant("rope", dtype, head_dim, heads=(heads,), backward=backward))
     # autotune (FUSEDFORMERS_AUTOTUNE=1): 16-bit, no dropout; every candidate of kernels/tiles.py per head-dim
-    # class (D=80 has D=128's candidates)
-    import torch
-
-    tiles = importlib.import_module("fusedformers.kernels.tiles")
-    for kernel in ("fwd", "dkdv", "dq"):
-        for head_dim in (64, 128, 256):
+    # class (D=80 has D=128's candidates); the default tile is already above. The candidates are sm_90's (on
+    # other GPUs a candidate that fails to launch is skipped)
+    for kernel in ("fwd", "dkdv", "dq") if arch == "sm_90a" else ():
+        for head_dim in ATTENTION_HEAD_DIMS:
             default = tuple(tiles._block_config(kernel, head_dim, torch.bfloat16, torch.device("cuda")))
             for tile in tiles.tile_candidates(kernel, head_dim):
                 if tuple(tile) == default:
@@ -171,7 +173,7 @@ def ci_variants(arch):
     head-dim class, the other mask kinds, dtypes and flags at D=128; on sm_90a also D=80, fp16 causal + padding
     and every fwd autotune candidate at D=128. Covers every kernel of every launcher."""
     chosen = []
-    for variant in all_variants():
+    for variant in all_variants(arch):
         v = variant
         if v.kernel in ("fwd", "dkdv", "dq"):
             if v.tile is not None:
@@ -366,14 +368,18 @@ def specialise(fn, args, kwargs, capability):
 
 def compile_variant(variant, arch):
     """Compile ``variant`` for ``arch`` (a key of ARCHS); returns ``(compiled, {constexpr name: value},
-    specialisation)`` (see ``specialisation_summary``)."""
+    specialisation, ptxas log)`` (see ``specialisation_summary``; the log of Triton's own ptxas run, empty when
+    the kernel came from Triton's cache)."""
     import triton
 
     fn, args, kwargs = record_launch(variant)
     source, target, options = specialise(fn, args, kwargs, ARCHS[arch]["capability"])
-    compiled = triton.compile(source, target=target, options=options.__dict__)
+    log = io.StringIO()
+    triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas -v's report: one ptxas run, not two
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(source, target=target, options=options.__dict__)
     constexprs = {p.name: kwargs[p.name] for p in fn.params if p.is_constexpr and p.name in kwargs}
-    return compiled, constexprs, specialisation_summary(fn, source)
+    return compiled, constexprs, specialisation_summary(fn, source), log.getvalue()
 
 
 def specialisation_summary(fn, source):
@@ -401,9 +407,11 @@ def _tool(name, capability=90):
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def ptxas_report(ptx, arch):
-    """ptxas -v of the PTX for ``arch`` (with Triton's own flags): registers, spill store/load bytes, and whether
-    it warns C7515 (wgmma serialized)."""
+def ptxas_report(ptx, arch, log=""):
+    """ptxas -v of the PTX for ``arch`` (with Triton's own flags; ``log``: the report of Triton's own run, if
+    any): registers, spill store/load bytes, and whether it warns C7515 (wgmma serialized)."""
+    if "Used" in log and "spill stores" in log:
+        return _parse_ptxas_log(log)
     capability = ARCHS[arch]["capability"]
     with tempfile.TemporaryDirectory() as tmp:
         ptx_path = os.path.join(tmp, "kernel.ptx")
@@ -414,6 +422,10 @@ def ptxas_report(ptx, arch):
     log = result.stdout + result.stderr
     if result.returncode != 0:
         raise RuntimeError(f"ptxas failed for {arch}:\n{log}")
+    return _parse_ptxas_log(log)
+
+
+def _parse_ptxas_log(log):
     return dict(registers=int(re.search(r"Used (\d+) registers", log).group(1)),
                 spill_stores=int(re.search(r"(\d+) bytes spill stores", log).group(1)),
                 spill_loads=int(re.search(r"(\d+) bytes spill loads", log).group(1)),
@@ -509,7 +521,7 @@ def measure(variant, arch):
     record = dict(key=variant.key, variant={k: v for k, v in dataclasses.asdict(variant).items()
                                             if v not in (None, (), 0, False, "none") or k in ("causal",)})
     try:
-        compiled, constexprs, specialisation = compile_variant(variant, arch)
+        compiled, constexprs, specialisation, log = compile_variant(variant, arch)
     except Exception as error:  # recorded: a variant that does not compile is a finding, the sweep goes on
         record["error"] = f"{type(error).__name__}: {str(error)[:2000]}"
         return record
@@ -519,7 +531,7 @@ def measure(variant, arch):
                   constexprs=constexprs, specialisation=specialisation,
                   shared=compiled.metadata.shared, shared_limit=ARCHS[arch]["shared_limit"],
                   mma=mma_kind(compiled.asm["ptx"]), dots=dots(compiled.asm["ttgir"]))
-    record.update(ptxas_report(compiled.asm["ptx"], arch))
+    record.update(ptxas_report(compiled.asm["ptx"], arch, log))
     attention_tile = variant.kernel in ATTENTION_KERNELS
     record.update(sass_report(compiled.asm["cubin"], num_warps, block_m if attention_tile else None,
                               block_n if attention_tile else None))
@@ -574,7 +586,7 @@ def run(arch, subset="all", jobs=1, progress=True):
     """Compile and measure every variant of ``subset`` for ``arch``; returns the records (in variant order) and
     the seconds it took."""
     started = time.perf_counter()
-    tasks = [(variant, arch) for variant in (all_variants() if subset == "all" else ci_variants(arch))]
+    tasks = [(variant, arch) for variant in (all_variants(arch) if subset == "all" else ci_variants(arch))]
     records = []
     if jobs > 1:
         import multiprocessing
@@ -708,7 +720,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.list:
         for arch in args.arch:
-            for variant in (all_variants() if args.subset == "all" else ci_variants(arch)):
+            for variant in (all_variants(arch) if args.subset == "all" else ci_variants(arch)):
                 print(arch, variant.key)
         return 0
     results, seconds = {}, {}
