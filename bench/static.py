@@ -693,6 +693,81 @@ def report_markdown(results, seconds, subset):
     return "\n".join(parts)
 
 
+README_START, README_END = "<!-- static-report:start -->", "<!-- static-report:end -->"
+
+
+def load_results(out_dir, archs):
+    """``({arch: [record]}, {arch: seconds}, subset)`` from the ``<arch>.json`` files in ``out_dir``."""
+    results, seconds, subsets = {}, {}, set()
+    for arch in archs:
+        path = os.path.join(out_dir, f"{arch}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        results[arch], seconds[arch] = data["records"], data["seconds"]
+        subsets.add(data["subset"])
+    return results, seconds, "+".join(sorted(subsets))
+
+
+def readme_block(results, seconds):
+    """The README's table: the default variants on sm_90a in full with the tutorial's reference row, then
+    registers / spill bytes / shared KB of the attention defaults on every arch."""
+    import triton
+
+    by_key = {arch: {r["key"]: r for r in records} for arch, records in results.items()}
+    defaults = [v.key for v in default_table_variants()]
+    lines = [f"triton {triton.__version__}; bf16, causal + int64 padding (HF's `attention_mask`), the launchers' "
+             "default tiles; B=2, Hq=32, Hkv=8, L=4096 (decode: Lq=1, 8 splits). Written by `python -m "
+             "fusedformers.bench.static --readme README.md` from `bench/results/static/`.", ""]
+    if "sm_90a" in by_key:
+        rows = [by_key["sm_90a"][key] for key in defaults if key in by_key["sm_90a"]]
+        lines.append(markdown_table(rows, "sm_90a"))
+        ref = TUTORIAL_REFERENCE
+        lines.append(f"| *{ref['kernel']}* D={ref['head_dim']} | {ref['tile']}, TMA | | | | wgmma | no | "
+                     f"{ref['waits_per_hgmma']} waits | | {ref['sass_per_score']} |")
+        lines.append("")
+    attention = [key for key in defaults if key.split("/")[0] in ("fwd", "dkdv", "dq", "decode_split")]
+    archs = list(by_key)
+    lines.append("| registers / spill B / shared KB | " + " | ".join(
+        f"{arch} (limit {ARCHS[arch]['shared_limit'] / 1024:g} KB)" for arch in archs) + " |")
+    lines.append("| --- |" + " --- |" * len(archs))
+    for key in attention:
+        cells = []
+        for arch in archs:
+            record = by_key[arch].get(key)
+            if record is None or "error" in record:
+                cells.append("-" if record is None else "error")
+                continue
+            spills = record["spill_stores"] + record["spill_loads"]
+            shared = f"{record['shared'] / 1024:.1f}"
+            over = record["shared"] > record["shared_limit"]
+            cells.append(f"{record['registers']} / {'**' + str(spills) + '**' if spills else 0} / "
+                         f"{'**' + shared + '**' if over else shared}")
+        label = _label(by_key[archs[0]][key]["variant"]) if key in by_key[archs[0]] else key
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    counts = []
+    for arch, records in results.items():
+        failing = sum(1 for r in records if gate_failures(r, arch))
+        counts.append(f"{arch}: {len(records)} variants, {failing} failing a gate ({seconds[arch]:.0f} s)")
+    lines.append("Full set (`bench/results/static/report.md` lists every failing variant): " + "; ".join(counts)
+                 + ".")
+    return "\n".join(lines)
+
+
+def rewrite_readme(path, block):
+    """Replace the text between README_START and README_END in ``path`` by ``block``."""
+    with open(path) as f:
+        text = f.read()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{path}: no {README_START} ... {README_END} block to rewrite")
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{head}{README_START}\n{block}\n{README_END}{tail}")
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m fusedformers.bench.static", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default=",".join(DEFAULT_ARCHS),
@@ -703,6 +778,10 @@ def parse_args(argv):
                         "(default: bench/results/static)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: CPUs)")
     parser.add_argument("--list", action="store_true", help="print the variant keys and exit")
+    parser.add_argument("--from-json", action="store_true",
+                        help="compile nothing: write report.md from the <arch>.json files already in --out")
+    parser.add_argument("--readme", default=None, metavar="README.md",
+                        help="also rewrite the offline compile report block of this file")
     args = parser.parse_args(argv)
     args.arch = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in args.arch if a not in ARCHS]
@@ -723,14 +802,20 @@ def main(argv=None):
             for variant in (all_variants(arch) if args.subset == "all" else ci_variants(arch)):
                 print(arch, variant.key)
         return 0
-    results, seconds = {}, {}
-    for arch in args.arch:  # one file per arch as soon as it is done
-        results[arch], seconds[arch] = run(arch, args.subset, args.jobs)
-        print("wrote", write_json(args.out, arch, results[arch], args.subset, seconds[arch]), flush=True)
-    report = report_markdown(results, seconds, args.subset)
+    if args.from_json:
+        results, seconds, subset = load_results(args.out, args.arch)
+    else:
+        results, seconds, subset = {}, {}, args.subset
+        for arch in args.arch:  # one file per arch as soon as it is done
+            results[arch], seconds[arch] = run(arch, args.subset, args.jobs)
+            print("wrote", write_json(args.out, arch, results[arch], args.subset, seconds[arch]), flush=True)
+    report = report_markdown(results, seconds, subset)
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write(report + "\n")
     print(report)
+    if args.readme:
+        rewrite_readme(args.readme, readme_block(results, seconds))
+        print("updated", args.readme)
     return 0
 
 
