@@ -56,7 +56,7 @@ ATTENTION_KERNELS = ("fwd", "dkdv", "dq", "decode_split")
 # The reference row (quoted from issue 10, not re-implemented here): Triton's fused-attention tutorial forward
 # compiled for sm_90a at D=128.
 TUTORIAL_REFERENCE = dict(kernel="Triton tutorial fwd (quoted)", dtype="bf16", head_dim=128, tile="128x128",
-                          mma="wgmma (TMA loads)", waits_per_hgmma="4 per 32", sass_per_score=7.7)
+                          mma="wgmma (TMA loads)", hgmma_waits="32 / 4", sass_per_score=7.7)
 
 # Representative model shapes: LLaMA (32 query heads, 8 KV heads) for attention; sequence length 4096. The JIT
 # specialises on integer values (1, divisible by 16), so these choose which variant is compiled.
@@ -725,7 +725,7 @@ def readme_block(results, seconds):
         lines.append(markdown_table(rows, "sm_90a"))
         ref = TUTORIAL_REFERENCE
         lines.append(f"| *{ref['kernel']}* D={ref['head_dim']} | {ref['tile']}, TMA | | | | wgmma | no | "
-                     f"{ref['waits_per_hgmma']} waits | | {ref['sass_per_score']} |")
+                     f"{ref['hgmma_waits']} | | {ref['sass_per_score']} |")
         lines.append("")
     attention = [key for key in defaults if key.split("/")[0] in ("fwd", "dkdv", "dq", "decode_split")]
     archs = list(by_key)
