@@ -607,7 +607,9 @@ def run(arch, subset="all", jobs=1, progress=True):
     return records, time.perf_counter() - started
 
 
-def write_json(out_dir, arch, records, subset, seconds):
+def write_json(out_dir, arch, records, subset, seconds, date=None):
+    """Write ``<out_dir>/<arch>.json``: the arch, its shared-memory limit, the triton and torch versions, the
+    date, the shapes, and one record per variant (``measure``)."""
     import torch
     import triton
 
@@ -615,12 +617,14 @@ def write_json(out_dir, arch, records, subset, seconds):
     path = os.path.join(out_dir, f"{arch}.json")
     data = dict(arch=arch, capability=ARCHS[arch]["capability"], gpus=ARCHS[arch]["gpus"],
                 shared_limit=ARCHS[arch]["shared_limit"], triton=triton.__version__, torch=torch.__version__,
-                date=datetime.date.today().isoformat(), subset=subset, seconds=round(seconds, 1),
+                date=date or datetime.date.today().isoformat(), subset=subset, seconds=round(seconds, 1),
                 shapes=dict(batch=BATCH, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, seq_len=SEQ_LEN),
                 records=records)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
+    records = data.pop("records")
+    with open(path, "w") as f:  # one record per line: small files, readable diffs
+        f.write(json.dumps(data, indent=1)[:-2] + ',\n "records": [\n')
+        f.write(",\n".join(json.dumps(record, separators=(",", ":")) for record in records))
+        f.write("\n ]\n}\n")
     return path
 
 

@@ -26,7 +26,121 @@ GATED_ARCHS = ("sm_90a", "sm_89", "sm_86", "sm_80")
 
 # Variants that fail a gate today, (arch, variant key) -> what fails. Each is xfail(strict=True): when a fix makes
 # one pass, its test fails as XPASS, and the entry must go.
-KNOWN_FAILURES = {}
+KNOWN_FAILURES = {
+    # sm_90a: causal + padding serializes wgmma in the forward and dQ kernels (the per-block mask load in the
+    # two-loop causal split; issue 10); fp32 forward and the RMSNorm backward at N=16384 spill
+    ("sm_90a", "fwd/bf16/D64/causal+pad_int64/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "fwd/bf16/D128/causal+pad_bool/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "fwd/bf16/D128/causal+pad_int64/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "fwd/bf16/D128/causal+pad_int64+dropout/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "fwd/bf16/D256/causal+pad_int64/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "fwd/bf16/D80/causal+pad_int64/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "fwd/fp16/D128/causal+pad_int64/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "fwd/fp32/D128/causal+pad_int64/default"):
+        "spills 12 B stores / 12 B loads (96 registers)",
+    ("sm_90a", "dq/bf16/D64/causal+pad_int64/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "dq/bf16/D128/causal+pad_bool/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "dq/bf16/D128/causal+pad_int64/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "dq/bf16/D128/causal+pad_int64+dropout/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "dq/bf16/D256/causal+pad_int64/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "dq/bf16/D80/causal+pad_int64/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "dq/fp16/D128/causal+pad_int64/default"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "rms_norm_bwd/bf16/N16384/residual/default"):
+        "spills 52 B stores / 52 B loads (128 registers)",
+    ("sm_90a", "fwd/bf16/D128/causal+pad_int64/tile128x64w8s2"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "fwd/bf16/D128/causal+pad_int64/tile128x64w8s4"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "fwd/bf16/D128/causal+pad_int64/tile128x128w8s2"):
+        "spills 28 B stores / 28 B loads (255 registers); wgmma serialized (ptxas C7515)",
+    ("sm_90a", "fwd/bf16/D128/causal+pad_int64/tile128x32w8s3"):
+        "wgmma serialized (ptxas C7515)",
+    ("sm_90a", "fwd/bf16/D128/causal+pad_int64/tile64x64w4s3"):
+        "wgmma serialized (ptxas C7515)",
+    # sm_89 / sm_86 (99 KB per block, mma.sync): dQ's 128 x 64 tiles need 116-117 KB at D=128 (100 KB at D=256)
+    # and spill; the forward and dK/dV spill a little at 255 registers
+    ("sm_89", "fwd/bf16/D128/causal+pad_int64/default"):
+        "spills 4 B stores / 4 B loads (255 registers)",
+    ("sm_89", "fwd/bf16/D128/causal+pad_int64+dropout/default"):
+        "spills 172 B stores / 112 B loads (255 registers)",
+    ("sm_89", "fwd/fp16/D128/causal+pad_int64/default"):
+        "spills 4 B stores / 4 B loads (255 registers)",
+    ("sm_89", "dkdv/bf16/D64/causal+pad_int64/default"):
+        "spills 16 B stores / 16 B loads (255 registers)",
+    ("sm_89", "dq/bf16/D64/causal+pad_int64/default"):
+        "spills 28 B stores / 24 B loads (255 registers)",
+    ("sm_89", "dq/bf16/D128/plain/default"):
+        "spills 344 B stores / 284 B loads (255 registers); 118784 B shared > sm_89's 101376 B",
+    ("sm_89", "dq/bf16/D128/causal+pad_int64/default"):
+        "spills 764 B stores / 652 B loads (255 registers); 119808 B shared > sm_89's 101376 B",
+    ("sm_89", "dq/bf16/D128/causal+pad_int64+dropout/default"):
+        "spills 212 B stores / 176 B loads (255 registers)",
+    ("sm_89", "dq/bf16/D256/causal+pad_int64/default"):
+        "102656 B shared > sm_89's 101376 B",
+    ("sm_89", "dq/fp16/D128/causal+pad_int64/default"):
+        "spills 764 B stores / 652 B loads (255 registers); 119808 B shared > sm_89's 101376 B",
+    ("sm_89", "rms_norm_bwd/bf16/N16384/residual/default"):
+        "spills 52 B stores / 52 B loads (128 registers)",
+    ("sm_86", "fwd/bf16/D128/causal+pad_int64/default"):
+        "spills 4 B stores / 4 B loads (255 registers)",
+    ("sm_86", "fwd/bf16/D128/causal+pad_int64+dropout/default"):
+        "spills 172 B stores / 112 B loads (255 registers)",
+    ("sm_86", "fwd/fp16/D128/causal+pad_int64/default"):
+        "spills 4 B stores / 4 B loads (255 registers)",
+    ("sm_86", "dkdv/bf16/D64/causal+pad_int64/default"):
+        "spills 16 B stores / 16 B loads (255 registers)",
+    ("sm_86", "dq/bf16/D64/causal+pad_int64/default"):
+        "spills 28 B stores / 24 B loads (255 registers)",
+    ("sm_86", "dq/bf16/D128/plain/default"):
+        "spills 344 B stores / 284 B loads (255 registers); 118784 B shared > sm_86's 101376 B",
+    ("sm_86", "dq/bf16/D128/causal+pad_int64/default"):
+        "spills 764 B stores / 652 B loads (255 registers); 119808 B shared > sm_86's 101376 B",
+    ("sm_86", "dq/bf16/D128/causal+pad_int64+dropout/default"):
+        "spills 212 B stores / 176 B loads (255 registers)",
+    ("sm_86", "dq/bf16/D256/causal+pad_int64/default"):
+        "102656 B shared > sm_86's 101376 B",
+    ("sm_86", "dq/fp16/D128/causal+pad_int64/default"):
+        "spills 764 B stores / 652 B loads (255 registers); 119808 B shared > sm_86's 101376 B",
+    ("sm_86", "rms_norm_bwd/bf16/N16384/residual/default"):
+        "spills 52 B stores / 52 B loads (128 registers)",
+    # sm_80 (163 KB, mma.sync): shared memory fits; the same kernels spill at 255 registers
+    ("sm_80", "fwd/bf16/D128/causal+pad_int64+dropout/default"):
+        "spills 4 B stores / 4 B loads (255 registers)",
+    ("sm_80", "dkdv/bf16/D64/causal+pad_int64/default"):
+        "spills 16 B stores / 16 B loads (255 registers)",
+    ("sm_80", "dkdv/bf16/D128/causal+pad_int64/default"):
+        "spills 40 B stores / 40 B loads (255 registers)",
+    ("sm_80", "dkdv/fp16/D128/causal+pad_int64/default"):
+        "spills 40 B stores / 40 B loads (255 registers)",
+    ("sm_80", "dkdv/fp32/D128/causal+pad_int64/default"):
+        "spills 32 B stores / 32 B loads (255 registers)",
+    ("sm_80", "dq/bf16/D64/causal+pad_int64/default"):
+        "spills 20 B stores / 16 B loads (255 registers)",
+    ("sm_80", "dq/bf16/D128/plain/default"):
+        "spills 344 B stores / 284 B loads (255 registers)",
+    ("sm_80", "dq/bf16/D128/causal+pad_int64/default"):
+        "spills 772 B stores / 656 B loads (255 registers)",
+    ("sm_80", "dq/bf16/D128/causal+pad_int64+dropout/default"):
+        "spills 260 B stores / 208 B loads (255 registers)",
+    ("sm_80", "dq/fp16/D128/causal+pad_int64/default"):
+        "spills 772 B stores / 656 B loads (255 registers)",
+    ("sm_80", "rms_norm_bwd/bf16/N16384/residual/default"):
+        "spills 52 B stores / 52 B loads (128 registers)",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
