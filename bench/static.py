@@ -646,7 +646,7 @@ def _label(variant):
 
 def markdown_table(records, arch):
     """A markdown table of ``records`` for ``arch``."""
-    lines = [f"| {arch} | tile, warps, stages | registers | spills (B) | shared (B) | MMA | serialized | "
+    lines = [f"| {arch} | tile, warps, stages | registers | spill stores (B) | shared (B) | MMA | serialized | "
              "HGMMA / waits | SASS per loop iteration | per score |",
              "| --- | --- | ---: | ---: | ---: | --- | --- | --- | --- | ---: |"]
     limit = ARCHS[arch]["shared_limit"]
@@ -655,7 +655,7 @@ def markdown_table(records, arch):
             lines.append(f"| {_label(record['variant'])} | - | error: {record['error'][:80]} | | | | | | | |")
             continue
         shared = f"{record['shared']}" + (" **over**" if record["shared"] > limit else "")
-        spills = record["spill_stores"] + record["spill_loads"]
+        spills = record["spill_stores"]
         loops = " / ".join(str(loop["instructions"]) for loop in record["loops"]) if "sass_per_score" in record \
             else "-"
         per_score = record.get("sass_per_score")
@@ -733,7 +733,7 @@ def readme_block(results, seconds):
         lines.append("")
     attention = [key for key in defaults if key.split("/")[0] in ("fwd", "dkdv", "dq", "decode_split")]
     archs = list(by_key)
-    lines.append("| registers / spill B / shared KB | " + " | ".join(
+    lines.append("| registers / spill stores B / shared KB | " + " | ".join(
         f"{arch} (limit {ARCHS[arch]['shared_limit'] / 1024:g} KB)" for arch in archs) + " |")
     lines.append("| --- |" + " --- |" * len(archs))
     for key in attention:
@@ -743,7 +743,7 @@ def readme_block(results, seconds):
             if record is None or "error" in record:
                 cells.append("-" if record is None else "error")
                 continue
-            spills = record["spill_stores"] + record["spill_loads"]
+            spills = record["spill_stores"]
             shared = f"{record['shared'] / 1024:.1f}"
             over = record["shared"] > record["shared_limit"]
             cells.append(f"{record['registers']} / {'**' + str(spills) + '**' if spills else 0} / "
