@@ -18,6 +18,11 @@ choice asked of ``kernels/tiles.py`` for a CUDA device, and every recorded launc
 JIT binder (pointers 16-byte aligned, integer 1 a constexpr, other integers divisible by 16 get
 ``tt.divisibility``, ``do_not_specialize`` honoured): what is compiled here is what the JIT would compile.
 
+The full set (``all_variants``): on sm_90a every flag set for bf16 (wgmma serialization depends on the mask
+kind), fp16 / fp32 / D=80 with FEWER_FLAGS, and the autotune candidates; on the other architectures FEWER_FLAGS
+(registers and shared memory barely move with the mask kind). ``--subset ci`` is the representative part the CI
+gates compile (``ci_variants``).
+
 Writes ``<out>/<arch>.json`` (default ``bench/results/static/``) and ``<out>/report.md``; the gates in
 ``tests/test_static_report.py`` assert over the same records. Under ``TRITON_INTERPRET=1`` ``@triton.jit`` yields
 interpreter objects that cannot be compiled, so this module re-runs itself in a subprocess with it unset.
