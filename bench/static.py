@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "static")
@@ -267,9 +268,10 @@ def _kernel_names():
                 rms_norm_fwd="_rms_norm_fwd_kernel", rms_norm_bwd="_rms_norm_bwd_kernel", rope="_rope_kernel")
 
 
-def record_launch(variant):
-    """``(jit_fn, args, kwargs)`` of the launch that compiles ``variant``: the launcher runs on meta tensors with
-    the tiles kernels/tiles.py picks for a CUDA device (or the variant's autotune candidate)."""
+def record_launch(variant, arch="sm_90a"):
+    """``(jit_fn, args, kwargs)`` of the launch that compiles ``variant`` for ``arch``: the launcher runs on meta
+    tensors with the tiles kernels/tiles.py picks for a CUDA device of that arch (or the variant's autotune
+    candidate); ``torch.cuda.get_device_properties`` answers with the arch's SM count and shared memory."""
     import torch
 
     attention = importlib.import_module("fusedformers.kernels.attention")
@@ -281,10 +283,12 @@ def record_launch(variant):
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[variant.dtype]
     v = variant
 
-    def attention_tile(kernel, q, k, causal, masks, dropout, launch):
+    def attention_tile(kernel, q, *args, **kwargs):
+        # the launcher's tile policy for a CUDA device; with dropout if the launcher passes active dropout args
         if v.tile is not None:
             return v.tile
-        return tiles._block_config(kernel, q.shape[-1], q.dtype, cuda, dropout.active)
+        dropout = any(isinstance(a, attention._DropoutArgs) and a.active for a in (*args, *kwargs.values()))
+        return tiles._block_config(kernel, q.shape[-1], q.dtype, cuda, dropout)
 
     def decode_plan(*args, **kwargs):
         return tiles.decode_plan(*args, **{**kwargs, "device": cuda})
@@ -298,10 +302,17 @@ def record_launch(variant):
         # HF's projections: [B, L, H, D] viewed as [B, H, L, D]
         return torch.empty(batch, length, heads, head_dim, device=meta, dtype=dtype).transpose(1, 2)
 
+    # a policy that asks the device (SM count, shared memory per block) gets this arch's figures
+    props = types.SimpleNamespace(name=f"offline {arch}", major=ARCHS[arch]["capability"] // 10,
+                                  minor=ARCHS[arch]["capability"] % 10, multi_processor_count=SM_COUNT,
+                                  shared_memory_per_block_optin=ARCHS[arch]["shared_limit"],
+                                  total_memory=80 * 2 ** 30)
     modules = (attention, decode, rms_norm, rope)
     with _recording(modules) as launches, _patched(attention, "attention_tile", attention_tile), \
             _patched(attention, "elementwise_rows", lambda device: tiles.elementwise_rows(cuda)), \
-            _patched(decode, "decode_plan", decode_plan):
+            _patched(decode, "decode_plan", decode_plan), \
+            _patched(torch.cuda, "get_device_properties", lambda device=None: props), \
+            _patched(torch.cuda, "get_device_capability", lambda device=None: (props.major, props.minor)):
         if v.kernel in ("fwd", "dkdv", "dq", "bwd_preprocess"):
             q = heads_first(BATCH, SEQ_LEN, NUM_HEADS, v.head_dim)
             k = heads_first(BATCH, SEQ_LEN, NUM_KV_HEADS, v.head_dim)
@@ -377,7 +388,7 @@ def compile_variant(variant, arch):
     the kernel came from Triton's cache)."""
     import triton
 
-    fn, args, kwargs = record_launch(variant)
+    fn, args, kwargs = record_launch(variant, arch)
     source, target, options = specialise(fn, args, kwargs, ARCHS[arch]["capability"])
     log = io.StringIO()
     triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas -v's report: one ptxas run, not two
