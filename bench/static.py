@@ -283,15 +283,21 @@ def record_launch(variant, arch="sm_90a"):
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[variant.dtype]
     v = variant
 
-    def attention_tile(kernel, q, *args, **kwargs):
-        # the launcher's tile policy for a CUDA device; with dropout if the launcher passes active dropout args
+    # a policy that asks the device (SM count, shared memory per block) gets this arch's figures
+    props = types.SimpleNamespace(name=f"offline {arch}", major=ARCHS[arch]["capability"] // 10,
+                                  minor=ARCHS[arch]["capability"] % 10, multi_processor_count=SM_COUNT,
+                                  shared_memory_per_block_optin=ARCHS[arch]["shared_limit"],
+                                  total_memory=80 * 2 ** 30)
+    gpu = tiles.gpu_info(props)  # the tile class of this arch's GPUs (kernels/tiles.py SHARED_MEMORY_CLASSES)
+
+    def attention_tile(kernel, q, k, causal, masks, dropout, launch):
+        # the launcher's tile policy for a GPU of this arch (or the variant's autotune candidate)
         if v.tile is not None:
             return v.tile
-        dropout = any(isinstance(a, attention._DropoutArgs) and a.active for a in (*args, *kwargs.values()))
-        return tiles._block_config(kernel, q.shape[-1], q.dtype, cuda, dropout)
+        return tiles._block_config(kernel, q.shape[-1], q.dtype, cuda, dropout.active, gpu, causal=causal)
 
     def decode_plan(*args, **kwargs):
-        return tiles.decode_plan(*args, **{**kwargs, "device": cuda})
+        return tiles.decode_plan(*args, **{**kwargs, "device": cuda, "gpu": gpu})
 
     def padding_mask(batch, k_len):
         if v.padding == "none":
@@ -302,11 +308,6 @@ def record_launch(variant, arch="sm_90a"):
         # HF's projections: [B, L, H, D] viewed as [B, H, L, D]
         return torch.empty(batch, length, heads, head_dim, device=meta, dtype=dtype).transpose(1, 2)
 
-    # a policy that asks the device (SM count, shared memory per block) gets this arch's figures
-    props = types.SimpleNamespace(name=f"offline {arch}", major=ARCHS[arch]["capability"] // 10,
-                                  minor=ARCHS[arch]["capability"] % 10, multi_processor_count=SM_COUNT,
-                                  shared_memory_per_block_optin=ARCHS[arch]["shared_limit"],
-                                  total_memory=80 * 2 ** 30)
     modules = (attention, decode, rms_norm, rope)
     with _recording(modules) as launches, _patched(attention, "attention_tile", attention_tile), \
             _patched(attention, "elementwise_rows", lambda device: tiles.elementwise_rows(cuda)), \
@@ -319,7 +320,7 @@ def record_launch(variant, arch="sm_90a"):
             val = heads_first(BATCH, SEQ_LEN, NUM_KV_HEADS, v.head_dim)
             kv_batch_index = torch.arange(BATCH, device=meta) if v.kv_index else None
             masks = attention._MaskArgs(q, padding_mask(BATCH, SEQ_LEN), kv_batch_index)
-            dropout = attention._DropoutArgs(q, 0.1 if v.dropout else 0.0)
+            dropout = attention._DropoutArgs(q, 0.1 if v.dropout else 0.0, attention.draw_dropout_seed(meta))
             scale = v.head_dim ** -0.5
             if v.kernel == "fwd":
                 attention._attention_forward(q, k, val, v.causal, 0, scale, masks, dropout)

@@ -198,13 +198,14 @@ def test_variant_passes_the_gates(records, arch, key):
 @pytest.mark.slow
 def test_the_jit_specialisation_is_reproduced(records):
     """Unit strides are the constant 1, pointers and strides divisible by 16 carry the hint, the length
-    arguments (do_not_specialize) do not, and the padding mask is read as HF passes it (int64; bool as u8)."""
+    arguments (do_not_specialize) do not, and the padding mask is read as one byte per key whatever HF passes (an
+    int64 mask is compared with 0 once on the host side; a bool one is viewed as u8)."""
     record = records["sm_90a"][static.Variant("fwd", "bf16", 128, True, "int64").key]
     spec = record["specialisation"]
     assert {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_mask_n"} <= set(spec["ones"])
     assert {"q_len", "k_len", "past_len"} <= set(spec["plain_ints"])
     assert "stride_qm" not in spec["plain_ints"] and "num_heads" not in spec["plain_ints"]  # 32: divisible by 16
-    assert spec["pointers"]["mask_ptr"] == "*i64" and spec["pointers"]["q_ptr"] == "*bf16"
+    assert spec["pointers"]["mask_ptr"] == "*u8" and spec["pointers"]["q_ptr"] == "*bf16"
     assert set(spec["pointers"]) == set(spec["aligned_pointers"])
     record = records["sm_90a"][static.Variant("fwd", "bf16", 128, True, "bool").key]
     assert record["specialisation"]["pointers"]["mask_ptr"] == "*u8"
