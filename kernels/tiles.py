@@ -266,7 +266,7 @@ def attention_tile(kernel, q, k, causal, masks, dropout, launch):
         candidates = [t for t in candidates if t != spilling or spilling == default]
     if len(candidates) == 1:
         return default
-    key = (head_dim, q.dtype, causal, masks.has_padding, masks.has_kv_index, q.shape[1] // k.shape[1],
+    key = (head_dim, q.dtype, causal, masks.has_window, masks.has_padding, masks.has_kv_index, q.shape[1] // k.shape[1],
            next_power_of_2(q.shape[2]), next_power_of_2(k.shape[2]))
     return autotune.choose(kernel, key, candidates, launch)
 
