@@ -428,15 +428,15 @@ def _attn_bwd_dkdv_kernel(
     # window_hi on see only part of it: they run masked again
     m_lo = 0
     diag_hi = 0
-    m_hi = q_len
     if CAUSAL:
         m_lo = (tl.maximum(start_n - past_len, 0) // BLOCK_M) * BLOCK_M
         diag_hi = tl.minimum(tl.maximum(start_n + BLOCK_N - past_len, m_lo), q_len)
-        if HAS_WINDOW:
-            m_hi = tl.minimum(m_hi, tl.maximum(start_n + BLOCK_N + window - past_len, 0))
-            diag_hi = tl.minimum(diag_hi, m_hi)
-    window_hi = m_hi
-    if HAS_WINDOW:  # rows below window_hi (block-aligned) see every key of the block, window-wise
+    m_hi = q_len
+    window_hi = q_len
+    if HAS_WINDOW:  # (always with CAUSAL)
+        m_hi = tl.minimum(m_hi, tl.maximum(start_n + BLOCK_N + window - past_len, 0))
+        diag_hi = tl.minimum(diag_hi, m_hi)
+        # rows below window_hi (block-aligned) see every key of the block, window-wise
         window_hi = (tl.maximum(start_n + window - past_len + 1, 0) // BLOCK_M) * BLOCK_M
     if HAS_PADDING:
         # a key block that holds no real token of this row gets zero gradients: empty its query loops
