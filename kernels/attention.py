@@ -424,20 +424,15 @@ def _attn_bwd_dkdv_kernel(
 
     # query rows that can see this key block: all rows, or with causal the rows i with past_len + i >= start_n;
     # rows below diag_hi straddle the diagonal (some keys of the block are still in their future). With a
-    # window, rows i > start_n + BLOCK_N - 1 + window - past_len see none of the block (m_hi), and rows from
-    # window_hi on see only part of it: they run masked again
+    # window, rows i > start_n + BLOCK_N - 1 + window - past_len see none of the block (m_hi)
     m_lo = 0
     diag_hi = 0
     if CAUSAL:
         m_lo = (tl.maximum(start_n - past_len, 0) // BLOCK_M) * BLOCK_M
         diag_hi = tl.minimum(tl.maximum(start_n + BLOCK_N - past_len, m_lo), q_len)
     m_hi = q_len
-    window_hi = q_len
     if HAS_WINDOW:  # (always with CAUSAL)
         m_hi = tl.minimum(m_hi, tl.maximum(start_n + BLOCK_N + window - past_len, 0))
-        diag_hi = tl.minimum(diag_hi, m_hi)
-        # rows below window_hi (block-aligned) see every key of the block, window-wise
-        window_hi = (tl.maximum(start_n + window - past_len + 1, 0) // BLOCK_M) * BLOCK_M
     if HAS_PADDING:
         # a key block that holds no real token of this row gets zero gradients: empty its query loops
         no_real_key = (start_n >= key_end) | (start_n + BLOCK_N <= key_start)
@@ -451,28 +446,29 @@ def _attn_bwd_dkdv_kernel(
                         + offs_d[None, :] * stride_dod)
         lse_row = lse_ptr + bh.to(tl.int64) * q_len
         delta_row = delta_ptr + bh.to(tl.int64) * q_len
-        if CAUSAL:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base, lse_row,
-                                     delta_row, stride_qm, stride_dom, offs_d, m_lo, diag_hi, q_len, k_len,
-                                     past_len, window, qk_scale, seed, bh, dropout_p, dropout_scale,
-                                     HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_DROPOUT, DOT_PRECISION)
-            unmasked_lo = ((diag_hi + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-            unmasked_lo = tl.maximum(unmasked_lo, m_lo)
-        else:
-            unmasked_lo = 0
-        unmasked_hi = m_hi
         if HAS_WINDOW:
-            unmasked_hi = tl.maximum(tl.minimum(window_hi, m_hi), unmasked_lo)
-        # the masked loop ends at a block boundary: it covered [m_lo, ceil(diag_hi)), continue from there
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base, lse_row,
-                                 delta_row, stride_qm, stride_dom, offs_d, unmasked_lo, unmasked_hi, q_len, k_len,
-                                 past_len, window, qk_scale, seed, bh, dropout_p, dropout_scale,
-                                 HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_DROPOUT, DOT_PRECISION)
-        if HAS_WINDOW:  # the rows that see only part of the block through the window's lower edge
+            # one loop, masked by the diagonal and the window, over the rows that see some key of the block:
+            # this kernel already selects every score by the padding, so the causal and window compares cost
+            # little, and the loop copies of a separate unmasked loop spill registers at D=128
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base, lse_row,
-                                     delta_row, stride_qm, stride_dom, offs_d, unmasked_hi, m_hi, q_len, k_len,
+                                     delta_row, stride_qm, stride_dom, offs_d, m_lo, m_hi, q_len, k_len,
                                      past_len, window, qk_scale, seed, bh, dropout_p, dropout_scale,
                                      HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_DROPOUT, DOT_PRECISION)
+        else:
+            if CAUSAL:
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base, lse_row,
+                                         delta_row, stride_qm, stride_dom, offs_d, m_lo, diag_hi, q_len, k_len,
+                                         past_len, window, qk_scale, seed, bh, dropout_p, dropout_scale,
+                                         HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_DROPOUT, DOT_PRECISION)
+                unmasked_lo = ((diag_hi + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+                unmasked_lo = tl.maximum(unmasked_lo, m_lo)
+            else:
+                unmasked_lo = 0
+            # the masked loop ends at a block boundary: it covered [m_lo, ceil(diag_hi)), continue from there
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base, lse_row,
+                                     delta_row, stride_qm, stride_dom, offs_d, unmasked_lo, m_hi, q_len, k_len,
+                                     past_len, window, qk_scale, seed, bh, dropout_p, dropout_scale,
+                                     HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_DROPOUT, DOT_PRECISION)
 
     dk = dk * sm_scale
     out_offsets = local_keys * stride_dkn + offs_d[None, :] * stride_dkd
