@@ -297,6 +297,8 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
         check_kv_batch_index_range(kv_batch_index, k.shape[0])
     if past_len is None:
         past_len = k_len - q_len
+    if window is not None and not causal:
+        raise ValueError("window needs causal=True: a bidirectional sliding window is not supported")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     if out is None:
