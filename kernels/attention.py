@@ -47,7 +47,7 @@ from fusedformers.kernels.tiles import (  # noqa: F401 (forced_block_sizes, tile
 DECODE_MAX_QUERY_LEN = 16  # Lq at or below this (and no autograd) goes to the split-KV decode kernel
 # lengths vary from call to call: one compiled kernel serves them all (no re-specialisation on 1 or on
 # multiples of 16, which would compile a new variant the first time each case appears)
-LENGTH_ARGS = ["q_len", "k_len", "past_len", "kv_batch"]
+LENGTH_ARGS = ["q_len", "k_len", "past_len", "kv_batch", "window"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,6 +83,17 @@ def _key_visibility(offs_n, key_start, key_end, holes, b, k_len, mask_ptr, strid
 
 
 @triton.jit
+def _causal_window_visible(visible, rows, keys, past_len, window, HAS_WINDOW: tl.constexpr):
+    """``visible`` & the causal mask (query row i sees key j iff j <= past_len + i) & with HAS_WINDOW the sliding
+    window (j >= past_len + i - window). ``rows`` and ``keys`` broadcast against each other ([M, 1] and
+    [1, N], or transposed)."""
+    visible = visible & (keys <= past_len + rows)
+    if HAS_WINDOW:
+        visible = visible & (keys >= past_len + rows - window)
+    return visible
+
+
+@triton.jit
 def _dropout_keep(seed, pid_bh, rows, keys, q_len, k_len, dropout_p):
     """Bool tile: the attention probability of (query row, key) of head pid_bh = b * Hq + h survives dropout.
     ``rows`` and ``keys`` broadcast against each other ([M, 1] and [1, N], or transposed). One Philox number
@@ -107,23 +118,32 @@ def _key_range(b, k_len, kv_start_ptr, kv_end_ptr, kv_holes_ptr, HAS_PADDING: tl
 
 
 @triton.jit
-def _key_loop_bounds(start_m, q_len, past_len, key_start, key_end, holes,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+def _key_loop_bounds(start_m, q_len, past_len, window, key_start, key_end, holes,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Split the keys that the query rows [start_m, start_m + BLOCK_M) can see into three loops:
     [lo, full_lo) and [full_hi, hi) are masked per element; [full_lo, full_hi) are whole key blocks in which
-    every key is visible to every row of the block (real, not past Lk, below the causal diagonal), that run
-    without any mask. lo, full_lo and full_hi are multiples of BLOCK_N, lo <= full_lo <= full_hi, and
-    full_hi <= hi unless the range is empty. A row with holes in its padding mask runs masked throughout."""
+    every key is visible to every row of the block (real, not past Lk, below the causal diagonal, inside the
+    sliding window), that run without any mask. lo, full_lo and full_hi are multiples of BLOCK_N,
+    lo <= full_lo <= full_hi, and full_hi <= hi unless the range is empty. A row with holes in its padding mask
+    runs masked throughout. With a window, key blocks below the first row's window are skipped and the blocks
+    straddling the window's lower edge join the first masked loop."""
     lo = (key_start // BLOCK_N) * BLOCK_N                  # the block holding the first real key
     hi = key_end
     full_hi = (key_end // BLOCK_N) * BLOCK_N               # the blocks below it end at or before key_end
+    full_from = key_start                                  # every row sees the keys from here (up to full_hi)
     if CAUSAL:
         last_row = tl.minimum(start_m + BLOCK_M, q_len) - 1
         hi = tl.minimum(hi, past_len + last_row + 1)       # the block's last row sees keys <= past_len + last_row
         first_row_limit = past_len + start_m + 1           # the block's first row sees keys < this
         full_hi = tl.minimum(full_hi, (first_row_limit // BLOCK_N) * BLOCK_N)
+        if HAS_WINDOW:
+            # the first row sees keys >= past_len + start_m - window, the last row keys >= past_len + last_row -
+            # window: the blocks below the first are skipped, those up to the second are masked
+            window_lo = tl.maximum(past_len + start_m - window, 0)
+            lo = tl.maximum(lo, (window_lo // BLOCK_N) * BLOCK_N)
+            full_from = tl.maximum(full_from, past_len + last_row - window)
     full_hi = tl.maximum(full_hi, lo)
-    full_lo = tl.minimum(((key_start + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, full_hi)  # first block after key_start
+    full_lo = tl.minimum(((full_from + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, full_hi)  # first block after full_from
     # a row with holes: the first masked loop covers [lo, hi), the other two are empty
     all_masked = tl.maximum(hi, lo)
     full_lo = tl.where(holes != 0, all_masked, full_lo)
@@ -157,14 +177,14 @@ def _query_program_coords(num_heads, kv_batch_index_ptr, kv_batch, GROUP_SIZE: t
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_offsets, v_offsets, stride_kn, stride_vn, lo, hi,
-               offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, qk_scale,
+               offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, window, qk_scale,
                mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
     """Online-softmax accumulation over the key blocks [lo, hi). The running max m_i is in log2 units
     (scores * sm_scale * log2(e)); qk_scale multiplies the raw scores inside the exp2 argument (one FMA per
-    score). MASKED blocks hide keys per element (padding, keys past Lk, causal); the others are known to be
+    score). MASKED blocks hide keys per element (padding, keys past Lk, causal, window); the others are known to be
     fully visible and run without a mask. Dropout zeroes probabilities in the P @ V product only: the row sums
     l_i (the softmax denominators) keep every visible key, and the caller rescales by 1 / (1 - p)."""
     d_ok = offs_d < HEAD_DIM
@@ -180,7 +200,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_offsets, v_offsets, stride_kn
             visible = _key_visibility(offs_n, key_start, key_end, holes, b, k_len, mask_ptr, stride_mask_b,
                                       stride_mask_n, HAS_PADDING)[None, :]
             if CAUSAL:
-                visible = visible & (offs_n[None, :] <= past_len + offs_m[:, None])
+                visible = _causal_window_visible(visible, offs_m[:, None], offs_n[None, :], past_len, window,
+                                                 HAS_WINDOW)
             scores = tl.where(visible, scores, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, scores, qk_scale)
         if HAS_DROPOUT:
@@ -204,12 +225,14 @@ def _attn_fwd_kernel(
     stride_mask_b, stride_mask_n,
     # sizes
     num_heads, q_len, k_len, past_len, kv_batch,      # kv_batch: k's batch (kv_batch_index's range)
+    window,                                           # sliding window (keys before a query's position; HAS_WINDOW)
     # scalars
     qk_scale, dropout_p, dropout_scale,      # sm_scale * log2(e); p; 1 / (1 - p)
     # constexprs
     GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_bh, b, h, kv_b, kv_h = _query_program_coords(num_heads, kv_batch_index_ptr, kv_batch, GROUP_SIZE,
@@ -237,22 +260,25 @@ def _attn_fwd_kernel(
     q = tl.load(q_block_ptr, boundary_check=(0, 1), padding_option="zero")
 
     key_start, key_end, holes = _key_range(b, k_len, kv_start_ptr, kv_end_ptr, kv_holes_ptr, HAS_PADDING)
-    lo, full_lo, full_hi, hi = _key_loop_bounds(start_m, q_len, past_len, key_start, key_end, holes,
-                                                BLOCK_M, BLOCK_N, CAUSAL)
+    lo, full_lo, full_hi, hi = _key_loop_bounds(start_m, q_len, past_len, window, key_start, key_end, holes,
+                                                BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     # three loops: the masked block holding the first real key (if it is not block-aligned), the unmasked blocks,
     # then the masked blocks at the last real key and along the causal diagonal
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_offsets, v_offsets, stride_kn, stride_vn,
                                lo, full_lo, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len,
-                               qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
+                               window, qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_PADDING, HAS_DROPOUT,
+                               DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_offsets, v_offsets, stride_kn, stride_vn,
                                full_lo, full_hi, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len,
-                               past_len, qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
+                               past_len, window, qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh,
+                               dropout_p, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_WINDOW, HAS_PADDING,
+                               HAS_DROPOUT, DOT_PRECISION)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_offsets, v_offsets, stride_kn, stride_vn,
                                full_hi, hi, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len,
-                               qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
+                               window, qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_PADDING, HAS_DROPOUT,
+                               DOT_PRECISION)
 
     has_keys = l_i > 0.0
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]          # rows with no visible key stay exactly zero
@@ -301,10 +327,10 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base, lse_row, delta_row,
-                    stride_qm, stride_dom, offs_d, lo, hi, q_len, k_len, past_len, qk_scale,
+                    stride_qm, stride_dom, offs_d, lo, hi, q_len, k_len, past_len, window, qk_scale,
                     seed, bh, dropout_p, dropout_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_WINDOW: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over the query rows [lo, hi), working with transposed scores
     S^T [BLOCK_N, BLOCK_M] so no transpose of the accumulators is needed. With dropout (keep mask Z, scale
     s = 1 / (1 - p)): dV = (P * Z * s)^T dO and dS = P * (Z * s * dP - delta), delta = rowsum(dO * O)."""
@@ -322,8 +348,9 @@ def _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base
         delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)                       # [N, M], raw
         visible = key_visible[:, None]
-        if APPLY_CAUSAL:
-            visible = visible & (offs_n[:, None] <= past_len + offs_m[None, :])
+        if APPLY_CAUSAL:  # the causal mask and the sliding window
+            visible = _causal_window_visible(visible, offs_m[None, :], offs_n[:, None], past_len, window,
+                                             HAS_WINDOW)
         p_t = tl.where(visible, tl.math.exp2(scores_t * qk_scale - lse[None, :]), 0.0)       # lse in log2 units
         p_dropped_t = p_t
         if HAS_DROPOUT:
@@ -353,12 +380,14 @@ def _attn_bwd_dkdv_kernel(
     stride_mask_b, stride_mask_n,
     # sizes
     num_heads, q_len, k_len, past_len, kv_batch,      # kv_batch: k's batch (kv_batch_index's range)
+    window,                                           # sliding window (HAS_WINDOW only)
     # scalars
     qk_scale, sm_scale, dropout_p, dropout_scale,
     # constexprs
     GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One program: key block pid_n of (batch b, KV head kv_h). dK/dV are written per *query* batch row
@@ -394,13 +423,16 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     # query rows that can see this key block: all rows, or with causal the rows i with past_len + i >= start_n;
-    # rows below diag_hi straddle the diagonal (some keys of the block are still in their future)
+    # rows below diag_hi straddle the diagonal (some keys of the block are still in their future). With a
+    # window, rows i > start_n + BLOCK_N - 1 + window - past_len see none of the block (m_hi)
     m_lo = 0
     diag_hi = 0
     if CAUSAL:
         m_lo = (tl.maximum(start_n - past_len, 0) // BLOCK_M) * BLOCK_M
         diag_hi = tl.minimum(tl.maximum(start_n + BLOCK_N - past_len, m_lo), q_len)
     m_hi = q_len
+    if HAS_WINDOW:  # (always with CAUSAL)
+        m_hi = tl.minimum(m_hi, tl.maximum(start_n + BLOCK_N + window - past_len, 0))
     if HAS_PADDING:
         # a key block that holds no real token of this row gets zero gradients: empty its query loops
         no_real_key = (start_n >= key_end) | (start_n + BLOCK_N <= key_start)
@@ -414,20 +446,29 @@ def _attn_bwd_dkdv_kernel(
                         + offs_d[None, :] * stride_dod)
         lse_row = lse_ptr + bh.to(tl.int64) * q_len
         delta_row = delta_ptr + bh.to(tl.int64) * q_len
-        if CAUSAL:
+        if HAS_WINDOW:
+            # one loop, masked by the diagonal and the window, over the rows that see some key of the block:
+            # this kernel already selects every score by the padding, so the causal and window compares cost
+            # little, and the loop copies of a separate unmasked loop spill registers at D=128
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base, lse_row,
-                                     delta_row, stride_qm, stride_dom, offs_d, m_lo, diag_hi, q_len, k_len,
-                                     past_len, qk_scale, seed, bh, dropout_p, dropout_scale,
-                                     HEAD_DIM, BLOCK_M, True, HAS_DROPOUT, DOT_PRECISION)
-            unmasked_lo = ((diag_hi + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-            unmasked_lo = tl.maximum(unmasked_lo, m_lo)
+                                     delta_row, stride_qm, stride_dom, offs_d, m_lo, m_hi, q_len, k_len,
+                                     past_len, window, qk_scale, seed, bh, dropout_p, dropout_scale,
+                                     HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_DROPOUT, DOT_PRECISION)
         else:
-            unmasked_lo = 0
-        # the masked loop ends at a block boundary: it covered [m_lo, ceil(diag_hi)), continue from there
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base, lse_row,
-                                 delta_row, stride_qm, stride_dom, offs_d, unmasked_lo, m_hi, q_len, k_len,
-                                 past_len, qk_scale, seed, bh, dropout_p, dropout_scale,
-                                 HEAD_DIM, BLOCK_M, False, HAS_DROPOUT, DOT_PRECISION)
+            if CAUSAL:
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base, lse_row,
+                                         delta_row, stride_qm, stride_dom, offs_d, m_lo, diag_hi, q_len, k_len,
+                                         past_len, window, qk_scale, seed, bh, dropout_p, dropout_scale,
+                                         HEAD_DIM, BLOCK_M, True, HAS_WINDOW, HAS_DROPOUT, DOT_PRECISION)
+                unmasked_lo = ((diag_hi + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+                unmasked_lo = tl.maximum(unmasked_lo, m_lo)
+            else:
+                unmasked_lo = 0
+            # the masked loop ends at a block boundary: it covered [m_lo, ceil(diag_hi)), continue from there
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, key_visible, offs_n, q_ptrs_base, do_ptrs_base, lse_row,
+                                     delta_row, stride_qm, stride_dom, offs_d, unmasked_lo, m_hi, q_len, k_len,
+                                     past_len, window, qk_scale, seed, bh, dropout_p, dropout_scale,
+                                     HEAD_DIM, BLOCK_M, False, HAS_WINDOW, HAS_DROPOUT, DOT_PRECISION)
 
     dk = dk * sm_scale
     out_offsets = local_keys * stride_dkn + offs_d[None, :] * stride_dkd
@@ -438,10 +479,10 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_t_offsets, v_t_offsets, stride_kn, stride_vn, lo, hi, offs_m,
-                  offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, qk_scale,
+                  offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, window, qk_scale,
                   mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p, dropout_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
     """Accumulate dQ (unscaled: the caller multiplies by sm_scale) over the key blocks [lo, hi);
     dS = P * (dP - delta), dQ += dS K. MASKED blocks hide keys per element, the others are fully visible."""
@@ -460,7 +501,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_t_offsets, v_t_offset
             visible = _key_visibility(offs_n, key_start, key_end, holes, b, k_len, mask_ptr, stride_mask_b,
                                       stride_mask_n, HAS_PADDING)[None, :]
             if CAUSAL:
-                visible = visible & (offs_n[None, :] <= past_len + offs_m[:, None])
+                visible = _causal_window_visible(visible, offs_m[:, None], offs_n[None, :], past_len, window,
+                                                 HAS_WINDOW)
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -486,12 +528,14 @@ def _attn_bwd_dq_kernel(
     stride_mask_b, stride_mask_n,
     # sizes
     num_heads, q_len, k_len, past_len, kv_batch,      # kv_batch: k's batch (kv_batch_index's range)
+    window,                                           # sliding window (HAS_WINDOW only)
     # scalars
     qk_scale, sm_scale, dropout_p, dropout_scale,
     # constexprs
     GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_KV_INDEX: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_bh, b, h, kv_b, kv_h = _query_program_coords(num_heads, kv_batch_index_ptr, kv_batch, GROUP_SIZE,
@@ -523,21 +567,24 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     key_start, key_end, holes = _key_range(b, k_len, kv_start_ptr, kv_end_ptr, kv_holes_ptr, HAS_PADDING)
-    lo, full_lo, full_hi, hi = _key_loop_bounds(start_m, q_len, past_len, key_start, key_end, holes,
-                                                BLOCK_M, BLOCK_N, CAUSAL)
+    lo, full_lo, full_hi, hi = _key_loop_bounds(start_m, q_len, past_len, window, key_start, key_end, holes,
+                                                BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW)
     # masked first block, unmasked blocks, masked blocks at the last real key and on the diagonal (as forward)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_t_offsets, v_t_offsets, stride_kn, stride_vn,
-                       lo, full_lo, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, qk_scale,
-                       mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p, dropout_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
+                       lo, full_lo, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, window,
+                       qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p, dropout_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_PADDING, HAS_DROPOUT,
+                       DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_t_offsets, v_t_offsets, stride_kn, stride_vn,
-                       full_lo, full_hi, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, qk_scale,
-                       mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p, dropout_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
+                       full_lo, full_hi, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, window,
+                       qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p, dropout_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_WINDOW, HAS_PADDING, HAS_DROPOUT,
+                       DOT_PRECISION)
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_t_offsets, v_t_offsets, stride_kn, stride_vn,
-                       full_hi, hi, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, qk_scale,
-                       mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p, dropout_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PADDING, HAS_DROPOUT, DOT_PRECISION)
+                       full_hi, hi, offs_m, offs_d, key_start, key_end, holes, b, q_len, k_len, past_len, window,
+                       qk_scale, mask_ptr, stride_mask_b, stride_mask_n, seed, pid_bh, dropout_p, dropout_scale,
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_PADDING, HAS_DROPOUT,
+                       DOT_PRECISION)
     dq = dq * sm_scale
     dq_block_ptr = tl.make_block_ptr(dq_ptr + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh,
                                      (q_len, HEAD_DIM), (stride_dqm, stride_dqd), (start_m, 0),
@@ -598,9 +645,12 @@ _last_holes = None
 
 
 class _MaskArgs:
-    """Kernel arguments derived from key_padding_mask and kv_batch_index (dummies when absent)."""
+    """Kernel arguments derived from key_padding_mask, kv_batch_index and the sliding window (dummies when
+    absent)."""
 
-    def __init__(self, q, key_padding_mask, kv_batch_index):
+    def __init__(self, q, key_padding_mask, kv_batch_index, window=None):
+        self.has_window = window is not None
+        self.window = window if self.has_window else 0
         self.has_padding = key_padding_mask is not None
         self.has_kv_index = kv_batch_index is not None
         if self.has_padding:
@@ -618,6 +668,10 @@ class _MaskArgs:
     def strides(self):
         """The padding mask's strides as named kernel arguments."""
         return dict(stride_mask_b=self.stride_b, stride_mask_n=self.stride_n)
+
+    def window_args(self):
+        """The sliding window as named kernel arguments."""
+        return dict(window=self.window, HAS_WINDOW=self.has_window)
 
 
 class _DropoutArgs:
@@ -653,6 +707,7 @@ def _attention_forward(q, k, v, causal, past_len, sm_scale, masks, dropout, out=
             **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
             **strides("o", out, "bhmd"), **masks.strides(),
             num_heads=num_heads, q_len=q_len, k_len=k_len, past_len=past_len, kv_batch=k.shape[0],
+            **masks.window_args(),
             qk_scale=sm_scale * LOG2E, dropout_p=dropout.p, dropout_scale=dropout.scale,
             GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
             BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, HAS_PADDING=masks.has_padding,
@@ -673,7 +728,7 @@ def _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, mas
     common_args = dict(
         **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
         **strides("do", dout, "bhmd"), **masks.strides(),
-        num_heads=num_heads, q_len=q_len, k_len=k_len, past_len=past_len, kv_batch=k.shape[0],
+        num_heads=num_heads, q_len=q_len, k_len=k_len, past_len=past_len, kv_batch=k.shape[0], **masks.window_args(),
         qk_scale=sm_scale * LOG2E, sm_scale=sm_scale, dropout_p=dropout.p, dropout_scale=dropout.scale,
         GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal,
         HAS_PADDING=masks.has_padding, HAS_KV_INDEX=masks.has_kv_index, HAS_DROPOUT=dropout.active,
@@ -729,43 +784,45 @@ Tensor, OptionalTensor = torch.Tensor, torch.Tensor | None
 
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: OptionalTensor, kv_batch_index: OptionalTensor,
                   dropout_seed: OptionalTensor, causal: bool, past_len: int, sm_scale: float,
-                  dropout_p: float) -> tuple[Tensor, Tensor]:
+                  dropout_p: float, window: int | None = None) -> tuple[Tensor, Tensor]:
     """The fused forward: (out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32 in log2 units)."""
     if kv_batch_index is not None and not kv_batch_index.is_cuda:  # on CUDA the kernels check (kv_batch_row)
         check_kv_batch_index_range(kv_batch_index, k.shape[0])
-    masks = _MaskArgs(q, key_padding_mask, kv_batch_index)
+    masks = _MaskArgs(q, key_padding_mask, kv_batch_index, window)
     with device_context(q.device):
         return _attention_forward(q, k, v, causal, past_len, sm_scale, masks, _DropoutArgs(q, dropout_p, dropout_seed))
 
 
-def _forward_fake(q, k, v, key_padding_mask, kv_batch_index, dropout_seed, causal, past_len, sm_scale, dropout_p):
+def _forward_fake(q, k, v, key_padding_mask, kv_batch_index, dropout_seed, causal, past_len, sm_scale, dropout_p,
+                  window=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    key_padding_mask: OptionalTensor, kv_batch_index: OptionalTensor, dropout_seed: OptionalTensor,
-                   causal: bool, past_len: int, sm_scale: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+                   causal: bool, past_len: int, sm_scale: float, dropout_p: float,
+                   window: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) with the shapes of q, k, v."""
-    masks = _MaskArgs(q, key_padding_mask, kv_batch_index)
+    masks = _MaskArgs(q, key_padding_mask, kv_batch_index, window)
     with device_context(q.device):
         return _attention_backward(dout, q, k, v, out, lse, causal, past_len, sm_scale, masks,
                                    _DropoutArgs(q, dropout_p, dropout_seed))
 
 
 def _backward_fake(dout, q, k, v, out, lse, key_padding_mask, kv_batch_index, dropout_seed, causal, past_len,
-                   sm_scale, dropout_p):
+                   sm_scale, dropout_p, window=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _decode_impl(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: OptionalTensor, kv_batch_index: OptionalTensor,
-                 causal: bool, past_len: int, sm_scale: float) -> Tensor:
+                 causal: bool, past_len: int, sm_scale: float, window: int | None = None) -> Tensor:
     """The split-KV decode kernel (few query rows, no gradient): out [B, Hq, Lq, D]."""
     with device_context(q.device):
         return decode_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, past_len=past_len,
-                                sm_scale=sm_scale, kv_batch_index=kv_batch_index)
+                                sm_scale=sm_scale, kv_batch_index=kv_batch_index, window=window)
 
 
-def _decode_fake(q, k, v, key_padding_mask, kv_batch_index, causal, past_len, sm_scale):
+def _decode_fake(q, k, v, key_padding_mask, kv_batch_index, causal, past_len, sm_scale, window=None):
     return q.new_empty(q.shape)
 
 
@@ -776,21 +833,22 @@ decode_attention_op = custom_op("decode_attention", _decode_impl, _decode_fake)
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, kv_batch_index, dropout_seed, causal, past_len, sm_scale, dropout_p):
+    def forward(ctx, q, k, v, key_padding_mask, kv_batch_index, dropout_seed, causal, past_len, sm_scale, dropout_p,
+                window):
         out, lse = call_op(attention_forward_op, _forward_impl, q, k, v, key_padding_mask, kv_batch_index,
-                           dropout_seed, causal, past_len, sm_scale, dropout_p)
+                           dropout_seed, causal, past_len, sm_scale, dropout_p, window)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, kv_batch_index, dropout_seed)
-        ctx.settings = (causal, past_len, sm_scale, dropout_p)
+        ctx.settings = (causal, past_len, sm_scale, dropout_p, window)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         dq, dk, dv = call_op(attention_backward_op, _backward_impl, dout, *ctx.saved_tensors, *ctx.settings)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_scale=None, kv_batch_index=None,
-              dropout_p=0.0, generator=None):
+              dropout_p=0.0, generator=None, window=None):
     """Fused masked attention.
 
     Args:
@@ -808,6 +866,9 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_
             ``1 / (1 - dropout_p)``, like ``F.dropout`` on the softmax). The mask is generated inside the
             kernels from a seed drawn on q's device (from ``generator`` if given, else the default generator,
             so ``torch.manual_seed`` reproduces it) and regenerated in the backward pass; never stored.
+        window: sliding window, an int >= 0 (causal only): query i also sees key j only if
+            ``j >= past_len + i - window``, i.e. its own position and the ``window`` keys before it (HF's
+            ``sliding_window = window + 1``). Key blocks outside every row's window are skipped. None: no window.
 
     Returns ``[B, Hq, Lq, D]`` in q's dtype. A query row with no visible key is zero. fp16, bf16 and fp32;
     D a multiple of 8 in [16, 256]. Differentiable in q, k and v. With Lq <= 16, no dropout and no gradient
@@ -824,19 +885,26 @@ def attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_
     if not sm_scale > 0:  # the kernels fold it into exp2 and the row max, which assumes a positive scale
         raise ValueError(f"sm_scale must be positive, got {sm_scale!r}")
     dropout_p = float(dropout_p)
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be an int >= 0 (keys before a query's position) or None, got {window!r}")
+        if not causal:
+            raise ValueError("window needs causal=True: a bidirectional sliding window is not supported")
+        # positions are < past_len + Lq: a wider window hides nothing (and stays in int32 in the kernels)
+        window = min(window, max(past_len + q_len, 0))
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q_len <= DECODE_MAX_QUERY_LEN and not needs_grad and dropout_p == 0.0:
         return call_op(decode_attention_op, _decode_impl, q, k, v, key_padding_mask, kv_batch_index, causal,
-                       past_len, sm_scale)
+                       past_len, sm_scale, window)
     if batch > MAX_BATCH:
         raise ValueError(f"q's batch size must be at most {MAX_BATCH} (a CUDA grid axis of the fused kernels; "
                          f"decode steps without gradients have no limit), got {batch}: split the batch")
     dropout_seed = draw_dropout_seed(q.device, generator) if dropout_p > 0.0 else None
     if not needs_grad:  # inference: no autograd Function, no saved tensors
         return call_op(attention_forward_op, _forward_impl, q, k, v, key_padding_mask, kv_batch_index,
-                       dropout_seed, causal, past_len, sm_scale, dropout_p)[0]
+                       dropout_seed, causal, past_len, sm_scale, dropout_p, window)[0]
     return _FusedAttention.apply(q, k, v, key_padding_mask, kv_batch_index, dropout_seed, causal, past_len,
-                                 sm_scale, dropout_p)
+                                 sm_scale, dropout_p, window)
 
 
 def dropout_keep_mask(seed, batch, num_heads, q_len, k_len, dropout_p):

@@ -14,7 +14,8 @@ key axis is split instead (flash-decoding):
 
 When there is a single split the first kernel normalises and writes the output itself (no combine launch).
 
-Masking: causal with a past offset (query i sits at absolute position ``past_len + i``) and HF's 2-D key
+Masking: causal with a past offset (query i sits at absolute position ``past_len + i``), an optional sliding
+window (query i also sees key j only if ``j >= past_len + i - window``; blocks below it are skipped) and HF's 2-D key
 padding mask (1 = token, 0 = padding; left/right padding or holes). A query row that sees no key outputs zeros,
 and a split that sees no key contributes nothing (its max is -inf and its weight 2^(-inf) = 0). Key blocks
 outside a row block's visible range ``[first valid key, min(last valid key + 1, causal limit))`` are skipped by
@@ -53,7 +54,7 @@ def kv_batch_row(kv_batch_index_ptr, b, kv_batch):
 
 
 # lengths and split sizes change from one decode step to the next: one compiled split kernel serves them all
-@triton.jit(do_not_specialize=["q_len", "k_len", "past_len", "kv_batch", "split_size", "num_splits",
+@triton.jit(do_not_specialize=["q_len", "k_len", "past_len", "kv_batch", "window", "split_size", "num_splits",
                              "num_row_blocks"])
 def _decode_split_kernel(
     # tensors
@@ -68,6 +69,7 @@ def _decode_split_kernel(
     stride_mask_b, stride_mask_n,
     # sizes
     num_kv_heads, q_len, k_len, past_len, kv_batch,  # kv_batch: k's batch (kv_batch_index's range)
+    window,                                          # sliding window (keys before a query's position; HAS_WINDOW)
     # scalars
     qk_scale,                                        # sm_scale * log2(e)
     # split of the key axis
@@ -79,6 +81,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
     HAS_PADDING: tl.constexpr,
     HAS_KV_INDEX: tl.constexpr,
     WRITE_OUT: tl.constexpr,
@@ -133,6 +136,11 @@ def _decode_split_kernel(
         # the last query position in this row block sees keys j <= past_len + q_pos
         max_pos = tl.max(tl.where(row_valid, q_pos, 0), axis=0)
         hi = tl.minimum(hi, past_len + max_pos + 1)
+        if HAS_WINDOW:
+            # the first query position in this row block sees keys j >= past_len + q_pos - window: key blocks
+            # below are skipped (lo stays block aligned)
+            min_pos = tl.min(tl.where(row_valid, q_pos, q_len), axis=0)
+            lo = tl.maximum(lo, (tl.maximum(past_len + min_pos - window, 0) // BLOCK_N) * BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the scaled scores (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of 2^(score - m_i)
@@ -164,6 +172,8 @@ def _decode_split_kernel(
             visible = visible & (pad != 0)[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= past_len + q_pos[:, None])
+            if HAS_WINDOW:
+                visible = visible & (offs_n[None, :] >= past_len + q_pos[:, None] - window)
         scores = tl.where(visible, scores, float("-inf"))
 
         p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, scores)
@@ -283,13 +293,14 @@ _last_key_range = None
 
 
 def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_scale=None,
-                     kv_batch_index=None, out=None, num_splits=None, key_range=None):
+                     kv_batch_index=None, out=None, num_splits=None, key_range=None, window=None):
     """Masked attention for few query rows (Lq <= 16) against a long K/V, split over the key axis.
 
     q ``[B, Hq, Lq, D]``; k, v ``[B, Hkv, Lk, D]`` or ``[Bkv, Hkv, Lk, D]`` with ``kv_batch_index`` (int ``[B]``:
     query row r reads K/V row ``kv_batch_index[r]``); any strides. ``key_padding_mask``: HF ``[B, Lk]``
     attention mask (bool or int, 1 = token), indexed by the query batch row. Causal: query i sees key j iff
-    ``j <= past_len + i`` (``past_len`` defaults to ``Lk - Lq``). ``sm_scale`` defaults to ``1/sqrt(D)``.
+    ``j <= past_len + i`` (``past_len`` defaults to ``Lk - Lq``), and with a sliding ``window`` (int >= 0, causal
+    only) also ``j >= past_len + i - window``. ``sm_scale`` defaults to ``1/sqrt(D)``.
     Returns ``[B, Hq, Lq, D]`` in q's dtype, contiguous, or writes into ``out`` (same shape and dtype, any
     strides) and returns it. ``num_splits`` overrides the split heuristic; ``key_range`` takes a precomputed
     ``key_padding_range(key_padding_mask)``. Arguments are assumed validated (``check_attention_inputs``), but
@@ -301,6 +312,8 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
         check_kv_batch_index_range(kv_batch_index, k.shape[0])
     if past_len is None:
         past_len = k_len - q_len
+    if window is not None and not causal:
+        raise ValueError("window needs causal=True: a bidirectional sliding window is not supported")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     if out is None:
@@ -338,11 +351,13 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
         **strides("q", q, "bhmd"), **strides("k", k, "bhnd"), **strides("v", v, "bhnd"),
         **strides("o", out, "bhmd"), stride_mask_b=stride_mask_b, stride_mask_n=stride_mask_n,
         num_kv_heads=num_kv_heads, q_len=q_len, k_len=k_len, past_len=past_len, kv_batch=k.shape[0],
+        window=0 if window is None else min(window, max(past_len + q_len, 0)),
         qk_scale=sm_scale * LOG2E,
         split_size=plan["split_size"], num_splits=splits, num_row_blocks=plan["num_row_blocks"],
         GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_D=plan["block_d"],
-        CAUSAL=causal, HAS_PADDING=has_padding, HAS_KV_INDEX=has_kv_index, WRITE_OUT=splits == 1,
+        CAUSAL=causal, HAS_WINDOW=window is not None, HAS_PADDING=has_padding, HAS_KV_INDEX=has_kv_index,
+        WRITE_OUT=splits == 1,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )

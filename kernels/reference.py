@@ -9,11 +9,14 @@ import math
 import torch
 
 
-def causal_padding_mask(batch, q_len, k_len, *, causal=True, key_padding_mask=None, past_len=None, device=None):
+def causal_padding_mask(batch, q_len, k_len, *, causal=True, key_padding_mask=None, past_len=None, device=None,
+                        window=None):
     """Boolean visibility mask ``[B, 1, Lq, Lk]``: True where query i may attend to key j.
 
     Causal: query i sits at absolute position ``past_len + i`` and sees key j iff ``j <= past_len + i``
     (HF's ``_make_causal_mask`` with ``past_key_values_length``); ``past_len`` defaults to ``Lk - Lq``.
+    ``window`` (causal only): also ``j >= past_len + i - window``, the last ``window`` keys before the query's own
+    position (HF's ``sliding_window = window + 1``).
     ``key_padding_mask`` is HF's 2-D ``attention_mask`` ``[B, Lk]`` (1 = real token, 0 = padding), expanded
     like HF's ``_expand_mask``.
     """
@@ -24,18 +27,23 @@ def causal_padding_mask(batch, q_len, k_len, *, causal=True, key_padding_mask=No
         query_pos = past_len + torch.arange(q_len, device=device)
         key_pos = torch.arange(k_len, device=device)
         visible = visible & (key_pos[None, :] <= query_pos[:, None])[None, None]
+        if window is not None:
+            visible = visible & (key_pos[None, :] >= query_pos[:, None] - window)[None, None]
+    elif window is not None:
+        raise ValueError("window needs causal=True")
     if key_padding_mask is not None:
         visible = visible & key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
     return visible
 
 
 def attention_reference(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_scale=None,
-                        kv_batch_index=None, scale_before_matmul=False, dropout_p=0.0, dropout_mask=None):
+                        kv_batch_index=None, scale_before_matmul=False, dropout_p=0.0, dropout_mask=None, window=None):
     """Eager masked attention in the dtype of its inputs.
 
     q ``[B, Hq, Lq, D]``; k, v ``[B, Hkv, Lk, D]`` (or ``[Bkv, Hkv, Lk, D]`` with ``kv_batch_index [B]``);
     returns ``[B, Hq, Lq, D]``. GQA by repeating K/V heads (as HF's ``repeat_kv``). A query row with no visible
-    key outputs zeros. ``scale_before_matmul`` scales q first, as BART does; LLaMA scales the scores.
+    key outputs zeros. ``window``: sliding window, as in ``causal_padding_mask``. ``scale_before_matmul`` scales q
+    first, as BART does; LLaMA scales the scores.
     ``dropout_p > 0`` drops attention probabilities (training): with ``F.dropout``'s random mask, or with
     ``dropout_mask`` (bool ``[B, Hq, Lq, Lk]``, True = kept; e.g. the fused kernel's, from
     ``fusedformers.kernels.attention.dropout_keep_mask``), scaling the kept ones by ``1 / (1 - dropout_p)``.
@@ -52,7 +60,7 @@ def attention_reference(q, k, v, *, causal=True, key_padding_mask=None, past_len
     else:
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     visible = causal_padding_mask(batch, q_len, k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
-                                  past_len=past_len, device=q.device)
+                                  past_len=past_len, device=q.device, window=window)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     probs = torch.where(visible.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))

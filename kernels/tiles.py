@@ -220,10 +220,12 @@ def tile_candidates(kernel, head_dim, gpu=None):
     return tiles[_head_dim_class(tiles, head_dim)]
 
 
-def _block_config(kernel, head_dim, dtype, device, dropout=False, gpu=None, causal=True):
+def _block_config(kernel, head_dim, dtype, device, dropout=False, gpu=None, causal=True, window_only=False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` in "fwd", "dkdv", "dq". The interpreter gets
     small blocks so small test shapes span several blocks and exercise the skipping and diagonal logic. On a
-    GPU (``gpu``: a ``GpuInfo``, default ``device_gpu(device)``) the tables of its shared-memory class."""
+    GPU (``gpu``: a ``GpuInfo``, default ``device_gpu(device)``) the tables of its shared-memory class.
+    ``window_only``: a sliding window without a padding mask, whose forward and dQ variants ptxas serializes
+    (wgmma, C7515) at three pipeline stages on sm_90 (D=64 forward, D=64 and D=128 dQ): two there."""
     if _forced_blocks is not None:
         return (*_forced_blocks, 4, 1)
     if gpu is None:
@@ -239,6 +241,8 @@ def _block_config(kernel, head_dim, dtype, device, dropout=False, gpu=None, caus
         tile = tiles_dropout.get(kernel, {}).get(head_dim_class, tile)
     elif not causal and dtype != torch.float32 and gpu.tile_class == "sm90":
         tile = _GPU_TILES_NONCAUSAL.get(kernel, {}).get(head_dim_class, tile)
+    elif window_only and kernel != "dkdv" and dtype != torch.float32 and gpu.tile_class == "sm90" and tile:
+        tile = (*tile[:3], min(tile[3], 2))
     if tile is None:
         major, minor = gpu.capability
         raise RuntimeError(f"the attention {_KERNEL_NAMES[kernel]} kernel at head dim {head_dim} does not fit "
@@ -257,7 +261,8 @@ def attention_tile(kernel, q, k, causal, masks, dropout, launch):
     candidates measured on this call (``kernels/autotune.py``; ``launch(tile)`` runs the kernel)."""
     head_dim = q.shape[-1]
     gpu = device_gpu(q.device)
-    default = _block_config(kernel, head_dim, q.dtype, q.device, dropout.active, gpu, causal=causal)
+    default = _block_config(kernel, head_dim, q.dtype, q.device, dropout.active, gpu, causal=causal,
+                            window_only=masks.has_window and not masks.has_padding)
     if not (autotune.ENABLED and gpu is not None and _forced_blocks is None and q.dtype != torch.float32
             and not dropout.active):
         return default
@@ -267,7 +272,7 @@ def attention_tile(kernel, q, k, causal, masks, dropout, launch):
         candidates = [t for t in candidates if t != spilling or spilling == default]
     if len(candidates) == 1:
         return default
-    key = (head_dim, q.dtype, causal, masks.has_padding, masks.has_kv_index, q.shape[1] // k.shape[1],
+    key = (head_dim, q.dtype, causal, masks.has_window, masks.has_padding, masks.has_kv_index, q.shape[1] // k.shape[1],
            next_power_of_2(q.shape[2]), next_power_of_2(k.shape[2]))
     return autotune.choose(kernel, key, candidates, launch)
 

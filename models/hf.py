@@ -10,17 +10,18 @@ Two entry points:
   fused RMSNorm kernel in place (same parameters, same state_dict names).
 
 The mask function does not build HF's 4-D ``[B, 1, Lq, Lk]`` tensor: it returns a :class:`FusedMask` that carries
-HF's 2-D padding mask sliced to the keys the attention sees, whether the pattern is causal, and the causal offset
-(``past_len``: query i sits at absolute position ``past_len + i`` among the keys; from the cache's query offset).
+HF's 2-D padding mask sliced to the keys the attention sees, whether the pattern is causal, the causal offset
+(``past_len``: query i sits at absolute position ``past_len + i`` among the keys; from the cache's query offset) and
+the sliding window of HF's sliding-window causal masks (Mistral, Qwen2, Gemma 2/3's local layers).
 The model hands it, unopened, to the attention function, which calls the kernel with it.
 
 What the kernel cannot express runs HF's own ``sdpa_attention_forward`` on the mask HF's ``sdpa_mask`` would
 have built from the same arguments (so the result is exactly ``attn_implementation="sdpa"``'s; for logit
 softcapping, which HF's sdpa drops, the model's own eager attention), with one warning per reason: a ready-made
-mask tensor passed by the caller (e.g. 4-D), a mask pattern other than causal or bidirectional (packed sequences,
-image-token overlays, a sliding window or chunk that some key falls outside of), logit softcapping, an additive
-position bias (T5-style relative positions, ALiBi), attention sinks, head dims or dtypes the kernel does not take,
-and devices where Triton cannot run.
+mask tensor passed by the caller (e.g. 4-D), a mask pattern other than causal, sliding-window causal or
+bidirectional (packed sequences, image-token overlays, a chunk that some key falls outside of, a bidirectional
+sliding window), logit softcapping, an additive position bias (T5-style relative positions, ALiBi), attention
+sinks, head dims or dtypes the kernel does not take, and devices where Triton cannot run.
 
 transformers is imported when these functions are called (it is no dependency of the package): without it they
 raise ``ImportError`` saying so.
@@ -67,6 +68,8 @@ class FusedMask:
         causal: whether query i sees only the keys at or before its position.
         past_len: int, query i sits at key position ``past_len + i`` (the cache's query offset minus the first
             key's offset); 0 for bidirectional masks.
+        window: None, or the sliding window of a causal mask: query i also sees only keys at positions
+            ``>= past_len + i - window`` (HF's ``sliding_window`` minus one).
         kv_length: the number of keys the mask was made for.
         fallback_reason: None, or why the kernel cannot express this mask (the attention then runs HF's sdpa).
 
@@ -78,8 +81,9 @@ class FusedMask:
     # (a compileable cache), passes it back to the model, whose mask function then hands it through
     ndim = 4
 
-    def __init__(self, sdpa_args, padding, causal, past_len, kv_length, fallback_reason=None):
+    def __init__(self, sdpa_args, padding, causal, past_len, kv_length, fallback_reason=None, window=None):
         self.padding, self.causal, self.past_len, self.kv_length = padding, causal, past_len, kv_length
+        self.window = window
         self.shape = (sdpa_args["batch_size"], 1, sdpa_args["q_length"], kv_length)
         self.fallback_reason = fallback_reason
         self._sdpa_args = sdpa_args
@@ -101,12 +105,39 @@ class FusedMask:
     def __repr__(self):
         padding = None if self.padding is None else tuple(self.padding.shape)
         return (f"FusedMask(padding={padding}, causal={self.causal}, past_len={self.past_len}, "
-                f"kv_length={self.kv_length}, fallback_reason={self.fallback_reason!r})")
+                f"window={self.window}, kv_length={self.kv_length}, fallback_reason={self.fallback_reason!r})")
 
 
 def _as_int(value):
     """A cache offset as a Python int (a StaticCache gives a 0-d tensor: one host sync per forward, not per layer)."""
     return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
+
+
+def _closure(function):
+    """The free variables of a closure, by name ({} for a plain function)."""
+    cells = function.__closure__ or ()
+    return dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in cells)))
+
+
+def _local_pattern(mask_function, masking_utils):
+    """HF's local causal mask functions, told apart (both come with ``local_size``): ``("sliding", W)`` for
+    ``sliding_window_causal_mask_function(W)`` (key kv visible to query q iff ``q - W < kv <= q``), ``("chunked", C)``
+    for ``chunked_causal_mask_function(C, ...)``, None for any other function. Recognised by their code objects
+    (``and_masks`` of the overlay and ``causal_mask_function``), reading W or C from the overlay itself: pure Python,
+    nothing evaluated on tensors (this runs inside torch.compile traces)."""
+    and_code = masking_utils.and_masks(masking_utils.causal_mask_function).__code__
+    if getattr(mask_function, "__code__", None) is not and_code:
+        return None
+    parts = _closure(mask_function).get("mask_functions", ())
+    if len(parts) != 2 or parts[1] is not masking_utils.causal_mask_function:
+        return None
+    overlay = parts[0]
+    code = getattr(overlay, "__code__", None)
+    if code is masking_utils.sliding_window_overlay(1).__code__:
+        return "sliding", int(_closure(overlay)["sliding_window"])
+    if code is masking_utils.chunked_overlay(1, None).__code__:
+        return "chunked", int(_closure(overlay)["chunk_size"])
+    return None
 
 
 def fused_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
@@ -143,26 +174,31 @@ def fused_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
 
     causal = mask_function is masking_utils.causal_mask_function
 
-    reason = None
+    reason = window = None
     if not causal and mask_function is not masking_utils.bidirectional_mask_function:
         # HF's sliding-window or chunked causal mask without overlays (they pass local_size; overlays turn on
         # use_vmap, packed sequences and block ids turn the causal skip off, which a compileable cache also does
-        # for one-query decode steps): plain causal as long as every query's window reaches back to position 0
+        # for one-query decode steps): plain causal as long as every query's window or chunk reaches back to
+        # position 0; beyond that a sliding window runs on the kernel's window (HF's kv > q - W is the kernel's
+        # j >= past_len + i - (W - 1)), a chunk falls back
         plain = not use_vmap and (allow_is_causal_skip or q_length == 1)
-        if local_size is not None and plain and q_offset + q_length <= local_size:
+        local = _local_pattern(mask_function, masking_utils) if plain and local_size is not None else None
+        if local is not None and q_offset + q_length <= local[1]:
             causal = True
-        elif local_size is not None:
-            reason = (f"a sliding window or chunk of {local_size} keys that some key falls outside of "
-                      f"(the kernel has no window yet)")
+        elif local is not None and local[0] == "sliding":
+            causal, window = True, local[1] - 1
+        elif local is not None:
+            reason = f"a chunked attention pattern (chunks of {local[1]} keys) that some key falls outside of"
         else:
-            reason = "a mask pattern other than causal or bidirectional (e.g. packed sequences or a mask overlay)"
+            reason = ("a mask pattern other than causal, sliding-window causal or bidirectional (e.g. packed "
+                      "sequences, a mask overlay or a bidirectional sliding window)")
 
     padding = None
     if attention_mask is not None:
         padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
         padding = padding[:, kv_offset:kv_offset + kv_length]
     past_len = q_offset - kv_offset if causal else 0
-    return FusedMask(sdpa_args, padding, causal, past_len, kv_length, reason)
+    return FusedMask(sdpa_args, padding, causal, past_len, kv_length, reason, window)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,11 +272,12 @@ def fused_attention_forward(module, query, key, value, attention_mask, dropout=0
                          is_causal=is_causal, **kwargs)
     if attention_mask is None:  # HF sdpa's rule without a mask
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        padding, causal, past_len = None, bool(causal) and query.shape[2] > 1, 0
+        padding, causal, past_len, window = None, bool(causal) and query.shape[2] > 1, 0, None
     else:
         padding, causal, past_len = attention_mask.padding, attention_mask.causal, attention_mask.past_len
+        window = attention_mask.window
     out = attention(query, key, value, causal=causal, key_padding_mask=padding, past_len=past_len,
-                    sm_scale=scaling, dropout_p=float(dropout))
+                    sm_scale=scaling, dropout_p=float(dropout), window=window)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -8,7 +8,8 @@ Without CUDA the kernels run on CPU through Triton's interpreter (set here befor
 stay small. Each failure prints one line that reproduces it (``--seed S --only-case I``); exit status 1 if any.
 Attention cases draw: batch, query/KV head ratios (MHA, GQA, MQA), Lq and Lk (Lq = 1 and Lq > Lk included), head
 dims 16-256, fp32/fp16/bf16, causal with or without ``past_len``, left / right / holey / fully masked padding,
-``kv_batch_index``, strided and sliced views, attention dropout.
+``kv_batch_index``, strided and sliced views, attention dropout, causal sliding windows (0, 1, a few keys, more
+than Lk).
 """
 import argparse
 import os
@@ -53,6 +54,7 @@ def draw_attention(rng):
         case["kv_batch"] = rng.randint(1, 2)
     if case["dropout_p"]:
         case["backward"] = True  # dropout runs in training, through autograd
+    case["window"] = rng.choice([None, None, 0, 1, rng.randint(2, 24), 64]) if case["causal"] else None
     return case
 
 
@@ -60,7 +62,7 @@ def run_attention(case, generator):
     batch, kv_batch = case["batch"], case["kv_batch"]
     q, k, v = make_qkv(batch, case["num_heads"], case["num_kv_heads"], case["q_len"], case["k_len"],
                        case["head_dim"], case["dtype"], DEVICE, layout=case["layout"], kv_batch=kv_batch)
-    kwargs = dict(causal=case["causal"], past_len=case["past_len"],
+    kwargs = dict(causal=case["causal"], past_len=case["past_len"], window=case.get("window"),
                   key_padding_mask=make_padding_mask(batch, case["k_len"], case["padding"], DEVICE))
     if kv_batch is not None:
         kwargs["kv_batch_index"] = torch.randint(0, kv_batch, (batch,), generator=generator).to(DEVICE)

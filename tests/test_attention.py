@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from fusedformers import kernels
-from fusedformers.kernels.attention import _attention_forward, _DropoutArgs, _MaskArgs, padding_holes
+from fusedformers.kernels.attention import (
+    _attention_forward,
+    _DropoutArgs,
+    _MaskArgs,
+    forced_block_sizes,
+    padding_holes,
+)
 from fusedformers.kernels.decode_attention import key_padding_range
 from fusedformers.kernels.reference import attention_reference
 from tests.conftest import ON_GPU
@@ -31,13 +37,15 @@ from tests.helpers import (
 )
 
 
-def check_forward(q, k, v, *, causal, key_padding_mask=None, past_len=None, kv_batch_index=None, via_dispatch=False):
+def check_forward(q, k, v, *, causal, key_padding_mask=None, past_len=None, kv_batch_index=None, via_dispatch=False,
+                  window=None):
     """Run the fused forward kernel into a NaN-poisoned buffer and compare with the references."""
-    kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, past_len=past_len, kv_batch_index=kv_batch_index)
+    kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, past_len=past_len, kv_batch_index=kv_batch_index,
+                  window=window)
     if via_dispatch:
         out = kernels.attention(q, k, v, **kwargs)
     else:
-        masks = _MaskArgs(q, key_padding_mask, kv_batch_index)
+        masks = _MaskArgs(q, key_padding_mask, kv_batch_index, window)
         out = poison_(torch.empty_like(q, memory_format=torch.contiguous_format))
         resolved_past = k.shape[2] - q.shape[2] if past_len is None else past_len
         _attention_forward(q, k, v, causal, resolved_past, 1.0 / math.sqrt(q.shape[-1]), masks, _DropoutArgs(q, 0.0),
@@ -49,9 +57,10 @@ def check_forward(q, k, v, *, causal, key_padding_mask=None, past_len=None, kv_b
     return out
 
 
-def check_backward(q, k, v, *, causal, key_padding_mask=None, past_len=None, kv_batch_index=None):
+def check_backward(q, k, v, *, causal, key_padding_mask=None, past_len=None, kv_batch_index=None, window=None):
     """Gradients of the fused attention for a random upstream gradient, compared with the references."""
-    kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, past_len=past_len, kv_batch_index=kv_batch_index)
+    kwargs = dict(causal=causal, key_padding_mask=key_padding_mask, past_len=past_len, kv_batch_index=kv_batch_index,
+                  window=window)
     dout = torch.randn(q.shape, device=q.device, dtype=q.dtype)
     _, fused = grads_on_fresh_leaves(kernels.attention, (q, k, v), dout, **kwargs)
     _, expected = grads_on_fresh_leaves(attention_reference, (q, k, v), dout, dtype=torch.float64, **kwargs)
@@ -292,6 +301,89 @@ def test_unequal_tiles(block_m, block_n, q_len, k_len, past_len, padding, device
     with forced_block_sizes(block_m, block_n):
         check_forward(q, k, v, causal=True, key_padding_mask=mask, past_len=past_len)
         check_backward(q, k, v, causal=True, key_padding_mask=mask, past_len=past_len)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sliding window
+# ---------------------------------------------------------------------------------------------------------------
+WINDOW_CASES = [
+    # (window, (BLOCK_M, BLOCK_N), (q_len, k_len, past_len), padding): windows of no key but the own one, one key,
+    # less than a block, several blocks and more than Lk; tiles of the interpreter's size and unequal ones
+    (0, (16, 16), (37, 45, None), None),
+    (1, (16, 16), (37, 45, 8), "left"),
+    (5, (32, 16), (40, 40, 0), "right"),
+    (20, (16, 32), (37, 52, 5), "holes"),
+    (100, (16, 16), (30, 30, None), "left"),
+    (3, (16, 16), (20, 45, None), "empty"),
+]
+
+
+def window_case_id(case):
+    window, tile, lengths, padding = case
+    return f"W{window}-tile{tile[0]}x{tile[1]}-{lengths_id(lengths)}-{padding_id(padding)}"
+
+
+@pytest.mark.parametrize("window,tile,lengths,padding", params(WINDOW_CASES, id=window_case_id,
+                                                               slow=lambda case: case[0] in (0, 100)))
+def test_window_forward_and_backward(window, tile, lengths, padding, device):
+    """Causal sliding window with GQA, padding and a past offset, forward and gradients; small tiles make the
+    window's lower edge cross several key blocks (skipped, masked and unmasked blocks in one program)."""
+    (block_m, block_n), (q_len, k_len, past_len) = tile, lengths
+    q, k, v = make_qkv(2, 4, 2, q_len, k_len, 32, torch.float32, device)
+    mask = make_padding_mask(2, k_len, padding, device)
+    with forced_block_sizes(block_m, block_n):
+        check_forward(q, k, v, causal=True, key_padding_mask=mask, past_len=past_len, window=window)
+        check_backward(q, k, v, causal=True, key_padding_mask=mask, past_len=past_len, window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_window_kv_batch_index_and_decode_dispatch(dtype, device):
+    """kv_batch_index with a window (fused kernel and backward), and the same window through the Lq <= 16
+    dispatch to the decode kernel."""
+    q, k, v = make_qkv(3, 2, 1, 24, 40, 32, dtype, device, kv_batch=2, layout="bshd")
+    kv_batch_index = torch.tensor([1, 0, 1], device=device)
+    mask = make_padding_mask(3, 40, "left", device)
+    check_forward(q, k, v, causal=True, key_padding_mask=mask, kv_batch_index=kv_batch_index, window=6)
+    check_backward(q, k, v, causal=True, key_padding_mask=mask, kv_batch_index=kv_batch_index, window=6)
+    check_forward(q[:, :, :5], k, v, causal=True, key_padding_mask=mask, kv_batch_index=kv_batch_index, window=6,
+                  via_dispatch=True)
+
+
+def test_window_skips_key_blocks_outside_it(device):
+    """Key blocks below every row's window are never loaded: NaN keys and values there leave the output and the
+    gradients finite (a masked load would still multiply NaN by 0), and their gradients are exactly zero."""
+    q, k, v = make_qkv(1, 2, 2, 16, 80, 32, torch.float32, device)     # queries at positions 64..79
+    window = 20                                                         # keys >= 44: blocks from 32 on
+    k[:, :, :32] = float("nan")
+    v[:, :, :32] = float("nan")
+    with forced_block_sizes(16, 16):
+        out, grads = grads_on_fresh_leaves(kernels.attention, (q, k, v), torch.randn_like(q), causal=True,
+                                           window=window)
+    expected = attention_reference(*to64(q, k[:, :, 32:], v[:, :, 32:]), past_len=32, window=window)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert all(torch.isfinite(grad).all() for grad in grads)
+    assert torch.all(grads[1][:, :, :32] == 0) and torch.all(grads[2][:, :, :32] == 0)
+
+
+def test_window_row_outside_all_real_keys_is_zero(device):
+    """A row whose window holds only padding outputs zeros and gets zero gradients, like a fully padded row."""
+    q, k, v = make_qkv(1, 2, 2, 20, 20, 32, torch.float32, device)
+    mask = torch.ones(1, 20, dtype=torch.long, device=device)
+    mask[0, 5:15] = 0                        # rows 10..14 with window 4 see keys 6..14 at most: all padding
+    out = check_forward(q, k, v, causal=True, key_padding_mask=mask, window=4)
+    assert torch.all(out[0, :, 10:15] == 0) and out[0, :, 15:].abs().sum() > 0
+    check_backward(q, k, v, causal=True, key_padding_mask=mask, window=4)
+
+
+@pytest.mark.parametrize("window,causal,error,match", [
+    (-1, True, ValueError, "window must be an int >= 0"),
+    (2.0, True, ValueError, "window must be an int >= 0"),
+    (3, False, ValueError, "window needs causal=True"),
+], ids=["negative", "float", "not_causal"])
+def test_window_bad_input(window, causal, error, match, device):
+    q, k, v = _good(device)
+    with pytest.raises(error, match=match):
+        kernels.attention(q, k, v, causal=causal, window=window)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -58,21 +58,33 @@ def case_id(case):
 @pytest.mark.parametrize("case", [  # the quick loop: the GQA 4:1 case with a fully padded row
     pytest.param(case, id=case_id(case), marks=[] if case[6] == "empty" else [pytest.mark.slow]) for case in CASES])
 def test_forward_and_gradients_match_reference_with_kernel_mask(dtype, case, device):
+    check_with_kernel_mask(dtype, case, device)
+
+
+def test_window_with_dropout_kv_batch_index(device):
+    """A sliding window combined with dropout, a past offset, holes and kv_batch_index."""
+    check_with_kernel_mask(torch.float32, CASES[3], device, window=7)
+
+
+def check_with_kernel_mask(dtype, case, device, window=None):
+    """Forward (into a poisoned buffer) and gradients of one of CASES with dropout, against the references given
+    the kernel's own dropout mask."""
     num_heads, num_kv_heads, q_len, k_len, past_len, causal, padding, kv_batch = case
     batch, head_dim, dropout_p, seed = 2, 32, 0.3, 1234
     q, k, v = make_qkv(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, dtype, device, kv_batch=kv_batch)
     kv_batch_index = None if kv_batch is None else torch.zeros(batch, dtype=torch.int32, device=device)
     mask = make_padding_mask(batch, k_len, padding, device)
     keep = kernel_mask(device, seed, batch, num_heads, q_len, k_len, dropout_p)
-    kwargs = dict(causal=causal, key_padding_mask=mask, past_len=past_len, kv_batch_index=kv_batch_index)
+    kwargs = dict(causal=causal, key_padding_mask=mask, past_len=past_len, kv_batch_index=kv_batch_index,
+                  window=window)
     ref_kwargs = dict(kwargs, dropout_p=dropout_p, dropout_mask=keep)
 
     # forward into a poisoned buffer
     out = poison_(torch.empty_like(q))
     resolved_past = k_len - q_len if past_len is None else past_len
     dropout = _DropoutArgs(q, dropout_p, draw_dropout_seed(q.device, generator(device, seed)))
-    _attention_forward(q, k, v, causal, resolved_past, 1.0 / math.sqrt(head_dim), _MaskArgs(q, mask, kv_batch_index),
-                       dropout, out=out)
+    _attention_forward(q, k, v, causal, resolved_past, 1.0 / math.sqrt(head_dim),
+                       _MaskArgs(q, mask, kv_batch_index, window), dropout, out=out)
     q64, k64, v64 = to64(q, k, v)
     assert_within_eager_error("out", out, attention_reference(q64, k64, v64, **ref_kwargs),
                               attention_reference(q, k, v, **ref_kwargs))

@@ -29,19 +29,20 @@ def _qkv(batch=2, heads=4, kv_heads=2, q_len=20, k_len=24, head_dim=16, kv_batch
     return q, k, v
 
 
-@pytest.mark.parametrize("case", ["causal-padding-gqa", "kv-batch-index", "dropout"])
+@pytest.mark.parametrize("case", ["causal-padding-gqa", "kv-batch-index", "dropout", "window"])
 def test_opcheck_attention(case):
     q, k, v = _qkv(kv_batch=1 if case == "kv-batch-index" else None)
     mask = make_padding_mask(2, k.shape[2], "left", device=DEVICE) if case != "kv-batch-index" else None
     index = torch.tensor([0, 0], device=DEVICE) if case == "kv-batch-index" else None
     dropout_p = 0.25 if case == "dropout" else 0.0
     seed = draw_dropout_seed(q.device) if dropout_p else None
-    settings = (True, k.shape[2] - q.shape[2], 0.25, dropout_p)
+    window = 5 if case == "window" else None  # the trailing int? argument (None: its default)
+    settings = (True, k.shape[2] - q.shape[2], 0.25, dropout_p, window)
     torch.library.opcheck(attention_forward_op, (q, k, v, mask, index, seed, *settings))
     out, lse = attention_forward_op(q, k, v, mask, index, seed, *settings)
     dout = torch.randn_like(out)
     torch.library.opcheck(attention_backward_op, (dout, q, k, v, out, lse, mask, index, seed, *settings))
-    torch.library.opcheck(decode_attention_op, (q[:, :, -3:], k, v, mask, index, True, k.shape[2] - 3, 0.25))
+    torch.library.opcheck(decode_attention_op, (q[:, :, -3:], k, v, mask, index, True, k.shape[2] - 3, 0.25, window))
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])

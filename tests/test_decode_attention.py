@@ -168,6 +168,31 @@ def test_kv_batch_index(index_dtype, device):
     _check("kv_batch_index", q, k, v, causal=False, key_padding_mask=mask, kv_batch_index=index)
 
 
+@pytest.mark.parametrize("window", [0, 1, 20, 45, 500], ids="W{}".format)
+@pytest.mark.parametrize("num_splits", [1, 4], ids="splits{}".format)
+def test_sliding_window(window, num_splits, device):
+    """Causal sliding window: windows of the own key only, one key, less than a block, several blocks, more
+    than Lk; with GQA, left padding, holes (row 1: the windows of 0 and 1 key of its first queries hold only
+    padding, so those rows are zero), a past offset, kv_batch_index and one or several key splits (the splits
+    below the window are empty)."""
+    q, k, v = make_qkv(3, 4, 2, 5, 150, 32, torch.float32, device, kv_batch=2)
+    index = torch.tensor([0, 1, 1], device=device)
+    mask = lengths_mask([150, 150, 120], 150, device, left=True)
+    mask[1, 100:143] = 0                                 # holes up to just before the third query's position
+    _check(f"window={window}", q, k, v, causal=True, past_len=140, key_padding_mask=mask, kv_batch_index=index,
+           num_splits=num_splits, window=window)
+
+
+def test_sliding_window_skips_blocks_below_it(device):
+    """Key blocks below every row's window are never loaded: NaN K/V there leaves the output finite."""
+    q, k, v = make_qkv(1, 2, 1, 2, 200, 32, torch.float32, device)
+    k[:, :, :128] = float("nan")                         # queries at 198, 199 with window 40 see keys >= 158
+    v[:, :, :128] = float("nan")
+    out = decode_attention(q, k, v, causal=True, window=40, num_splits=2)
+    expected = attention_reference(*to64(q, k[:, :, 128:], v[:, :, 128:]), causal=True, window=40)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_kv_cache_slice(device):
     """A slice cache[:, :, :L] of a preallocated KV cache (row stride of the full cache), without copying."""
     cache_k = torch.randn(2, 2, 128, 64, dtype=torch.float16, device=device)

@@ -318,18 +318,55 @@ def fallback_warnings(record):
     return [str(w.message) for w in record if f"attn_implementation='{hf.NAME}'" in str(w.message)]
 
 
-def test_fallback_sliding_window_outside(checkpoint, fresh_warnings):
-    """Mistral with a window shorter than the sequence: HF's sdpa on HF's sliding mask, one warning."""
-    path = checkpoint("mistral", sliding_window=4)
+# windows shorter than the 9-token prompt: Mistral's sliding_window, Qwen2's use_sliding_window (every layer from
+# max_window_layers on), Gemma 2's local layers (every other one)
+WINDOW_FAMILIES = {
+    "mistral": dict(sliding_window=4),
+    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=0),
+    "gemma2": dict(sliding_window=4),
+}
+
+
+@pytest.mark.parametrize("family", list(WINDOW_FAMILIES))
+def test_sliding_window_shorter_than_the_sequence(family, checkpoint, fused_only):
+    """A sliding window that hides keys runs on the kernel's window (HF's ``sliding_window = W`` is the kernel's
+    ``window = W - 1``): the logits of sdpa (2x rule against float64) with left padding, no fallback."""
+    path = checkpoint(family, **WINDOW_FAMILIES[family])
     ids, mask = padded_batch("left")
     with torch.no_grad():
-        expected = load(path, "sdpa")(ids, attention_mask=mask).logits
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            logits = load(path, hf.NAME)(ids, attention_mask=mask).logits
-    messages = fallback_warnings(record)
-    assert len(messages) == 1 and "sliding window" in messages[0], messages
-    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+        ref64 = load(path, "sdpa", torch.float64)(ids, attention_mask=mask).logits
+        sdpa = load(path, "sdpa")(ids, attention_mask=mask).logits
+        ours = load(path, hf.NAME)(ids, attention_mask=mask).logits
+    assert_within_eager_error(f"{family} logits", real_rows(ours, mask), real_rows(ref64, mask),
+                              real_rows(sdpa, mask))
+    windows = [call["window"] for call in fused_only]
+    assert 3 in windows and all(window in (None, 3) for window in windows), windows
+
+
+def test_sliding_window_greedy_tokens(checkpoint, fused_only):
+    """Mistral with a window shorter than the sequence under HF's generate (prefill, then decode steps whose window
+    hides the oldest keys of its cache): sdpa's tokens and scores, every call on the kernel."""
+    path = checkpoint("mistral", sliding_window=4)
+    ids, mask = padded_batch("left")
+    settings = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert_same_generation(load(path, hf.NAME), load(path, "sdpa"), ids, settings)
+    assert all(call["window"] == 3 for call in fused_only if call["q_len"] + call["past_len"] > 4)
+
+
+def test_bidirectional_sliding_window_and_chunks_fall_back(fresh_warnings):
+    """What the kernel has no window for: a bidirectional sliding window, and chunked attention whose chunk some
+    key falls outside of, run HF's sdpa on HF's mask (one warning each); HF's sliding-window causal mask does not."""
+    from transformers import masking_utils
+
+    args = dict(batch_size=1, q_length=8, kv_length=8, attention_mask=None, local_size=4)
+    sliding = hf.fused_mask(mask_function=masking_utils.sliding_window_causal_mask_function(4), **args)
+    assert (sliding.causal, sliding.window, sliding.fallback_reason) == (True, 3, None)
+    bidirectional = hf.fused_mask(mask_function=masking_utils.sliding_window_bidirectional_mask_function(4), **args)
+    assert "bidirectional sliding window" in bidirectional.fallback_reason
+    chunked = hf.fused_mask(mask_function=masking_utils.chunked_causal_mask_function(4, torch.zeros(1)), **args)
+    assert "chunked attention" in chunked.fallback_reason
+    short = hf.fused_mask(mask_function=masking_utils.chunked_causal_mask_function(8, torch.zeros(1)), **args)
+    assert (short.causal, short.window, short.fallback_reason) == (True, None, None)
 
 
 def test_fallback_softcap_runs_the_models_eager_attention(checkpoint, fresh_warnings):

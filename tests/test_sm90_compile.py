@@ -114,8 +114,9 @@ def assert_fits_sm90(name, compiled):
     assert spill_stores == 0, f"{name}: ptxas spills {spill_stores} bytes of registers ({registers} registers)"
 
 
-def check_attention_kernels(dtype, head_dim, dropout=False, arch=90):
-    """The tiles the tile policy picks for ``arch``'s GPU (GPU_PROPERTIES) fit that arch."""
+def check_attention_kernels(dtype, head_dim, dropout=False, arch=90, window=False):
+    """The tiles the tile policy picks for ``arch``'s GPU (GPU_PROPERTIES) fit that arch (``window``: the
+    sliding-window variants, which share the tiles)."""
     gpu = tiles.gpu_info(GPU_PROPERTIES[arch])
     element = "*" + TRITON_DTYPE[dtype]
     pointers = dict(q_ptr=element, k_ptr=element, v_ptr=element, out_ptr=element, dout_ptr=element,
@@ -131,18 +132,25 @@ def check_attention_kernels(dtype, head_dim, dropout=False, arch=90):
             print(f"  sm_{arch} {kernel.__name__} {dtype} D={head_dim}: no tile: {error}", flush=True)
             continue
         common = dict(GROUP_SIZE=4, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                      CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False, HAS_DROPOUT=dropout,
+                      CAUSAL=True, HAS_WINDOW=window, HAS_PADDING=True, HAS_KV_INDEX=False, HAS_DROPOUT=dropout,
                       DOT_PRECISION=tiles.dot_precision(dtype))
         compiled = compile_sm90(kernel, pointers, common, num_warps, num_stages, arch)
-        assert_fits_sm90(f"{kernel.__name__} {dtype} D={head_dim}{' dropout' if dropout else ''} "
+        assert_fits_sm90(f"{kernel.__name__} {dtype} D={head_dim}{' dropout' if dropout else ''}"
+                         f"{' window' if window else ''} "
                          f"{block_m}x{block_n} w{num_warps} s{num_stages}", compiled)
+        if window:  # and without padding, on its own tile
+            tile = tiles._block_config(name, head_dim, dtype, CUDA, dropout, gpu, window_only=True)
+            compiled = compile_sm90(kernel, pointers, dict(common, BLOCK_M=tile[0], BLOCK_N=tile[1],
+                                                           HAS_PADDING=False), tile[2], tile[3], arch)
+            assert_fits_sm90(f"{kernel.__name__} {dtype} D={head_dim} window, no padding "
+                             f"{tile[0]}x{tile[1]} w{tile[2]} s{tile[3]}", compiled)
     compiled = compile_sm90(attention_mod._bwd_preprocess_kernel, pointers,
                             dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles.elementwise_rows(CUDA)), 4, 1,
                             arch)
     assert_fits_sm90("_bwd_preprocess_kernel", compiled)
 
 
-def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len, arch=90):
+def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len, arch=90, window=False):
     plan = tiles.decode_plan(2, num_heads, num_kv_heads, q_len, 4096, head_dim, num_splits=8, dtype=dtype,
                              gpu=tiles.gpu_info(GPU_PROPERTIES[arch]))
     element = "*" + TRITON_DTYPE[dtype]
@@ -151,9 +159,10 @@ def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len, arch=9
                     kv_end_ptr="*i32", kv_batch_index_ptr="*i64")
     compiled = compile_sm90(decode_mod._decode_split_kernel, pointers, dict(
         GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"],
-        BLOCK_D=plan["block_d"], CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False, WRITE_OUT=False,
-        DOT_PRECISION=tiles.dot_precision(dtype)), plan["num_warps"], plan["num_stages"], arch)
-    assert_fits_sm90(f"_decode_split_kernel {dtype} D={head_dim} {plan['block_m']}x{plan['block_n']} "
+        BLOCK_D=plan["block_d"], CAUSAL=True, HAS_WINDOW=window, HAS_PADDING=True, HAS_KV_INDEX=False,
+        WRITE_OUT=False, DOT_PRECISION=tiles.dot_precision(dtype)), plan["num_warps"], plan["num_stages"], arch)
+    assert_fits_sm90(f"_decode_split_kernel {dtype} D={head_dim}{' window' if window else ''} "
+                     f"{plan['block_m']}x{plan['block_n']} "
                      f"w{plan['num_warps']} s{plan['num_stages']}", compiled)
     compiled = compile_sm90(decode_mod._decode_combine_kernel, pointers, dict(
         HEAD_DIM=head_dim, BLOCK_R=plan["combine_rows"], BLOCK_S=plan["combine_splits"],
@@ -199,8 +208,8 @@ def check_autotune_candidates(dtype, kernel_name):
     for head_dim in tiles._GPU_TILE_CANDIDATES[kernel_name]:
         for block_m, block_n, num_warps, num_stages in tiles.tile_candidates(kernel_name, head_dim):
             constexprs = dict(GROUP_SIZE=4, HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                              CAUSAL=True, HAS_PADDING=True, HAS_KV_INDEX=False, HAS_DROPOUT=False,
-                              DOT_PRECISION="tf32")
+                              CAUSAL=True, HAS_WINDOW=False, HAS_PADDING=True, HAS_KV_INDEX=False,
+                              HAS_DROPOUT=False, DOT_PRECISION="tf32")
             compiled = compile_sm90(kernel, pointers, constexprs, num_warps, num_stages)
             assert_fits_sm90(f"{kernel.__name__} D={head_dim} {block_m}x{block_n} w{num_warps} s{num_stages}",
                              compiled)
@@ -245,8 +254,10 @@ CASES = {
                                             for head_dim in (64, 80, 128, 256)]
                   + [(torch.float32, head_dim) for head_dim in (64, 128, 256)]
                   # dropout (training): BART's D=64 and LLaMA's D=128
-                  + [(torch.bfloat16, head_dim, True) for head_dim in (64, 128, 256)]),
-    "decode": (check_decode_kernels, DECODE_CASES),
+                  + [(torch.bfloat16, head_dim, True) for head_dim in (64, 128, 256)]
+                  # sliding window: Mistral's and Qwen2's D=128, Gemma 2's D=256
+                  + [(torch.bfloat16, head_dim, False, 90, True) for head_dim in (128, 256)]),
+    "decode": (check_decode_kernels, DECODE_CASES + [(torch.bfloat16, 128, 32, 8, 1, 90, True)]),
     "autotune": (check_autotune_candidates, [(torch.bfloat16, name) for name in ("fwd", "dkdv", "dq")]),
     # the other GPU generations' tile classes (sm_89 shares sm_86's tables: compiled for both)
     **{f"tiles_sm{arch}": (check_tiles_for_arch, _arch_cases(arch)) for arch in (80, 86, 89, 75)},
