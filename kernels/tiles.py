@@ -82,15 +82,15 @@ _GPU_TILES_NONCAUSAL = {
 # stages) without spills at every head dim of its class (D=80 pads to BLOCK_D=128 and needs more registers than
 # D=128). Re-sweep when the kernels change.
 # sm_80 class (A100, 163 KB): ptxas allocates registers differently for sm_80 than for sm_86, so its tiles differ
-# where sm_86's spill on sm_80 (dK/dV at D=128: 12 B at 32 x 64, 3 stages). The 16-bit forward at D=128 takes
-# 64 x 128 (255 registers; 128 x 64 spills 24 B at D=80, 48 B at D=128).
+# where sm_86's spill on sm_80 (dK/dV at D=128: 12 B at 32 x 64 with 3 stages; it takes 2). The 16-bit forward
+# at D=128 takes 64 x 128 (255 registers; 128 x 64 spills 24 B at D=80, 48 B at D=128), with dropout too.
 _SM80_TILES = {
     "fwd": {64: (128, 64, 8, 3), 128: (64, 128, 8, 2), 256: (64, 64, 8, 2)},
-    "dkdv": {64: (16, 128, 8, 2), 128: (16, 64, 8, 2), 256: (32, 32, 8, 3)},
+    "dkdv": {64: (16, 128, 8, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 3)},
     "dq": {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 3)},
 }
 _SM80_TILES_DROPOUT = {
-    "fwd": {64: (128, 32, 8, 3), 128: (64, 64, 8, 2)},
+    "fwd": {64: (128, 64, 8, 2), 128: (64, 128, 8, 2)},
     "dkdv": {64: (32, 32, 8, 2), 128: (32, 32, 8, 3), 256: (16, 32, 8, 2)},
     "dq": {256: (32, 64, 8, 2)},  # 64 x 32, 3 stages spills 4 B with dropout
 }
