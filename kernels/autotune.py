@@ -1,10 +1,11 @@
 """Opt-in measurement of tile candidates on the GPU (``FUSEDFORMERS_AUTOTUNE=1``).
 
-Each launcher has fixed default tiles, chosen offline so that nothing spills (``tests/test_sm90_compile.py``).
+Each launcher has fixed default tiles, chosen offline so that nothing spills (``python -m fusedformers.bench.static``,
+gated by ``tests/test_static_report.py``).
 With autotuning on, the first call of a kernel for a given key (kernel, head dim, dtype, masks, length bucket)
 times every candidate tile on that call's own arguments (``triton.testing.do_bench``, median) and keeps the
 fastest for later calls with the same key. The candidates are the tiles that compile for sm_90 without register
-spills; the test compiles every one of them. Off by default: the first call per key then costs one launch per
+spills; the report compiles every one of them. Off by default: the first call per key then costs one launch per
 candidate and a compile for each new tile, which a benchmark can afford and a short script may not want.
 """
 import os

@@ -1,9 +1,10 @@
 """Tile tables and tile policy of every kernel: block sizes, warps, stages and grid splits.
 
-The launchers ask this module how to launch, and so does ``tests/test_sm90_compile.py``, which compiles each
-configuration offline (ptxas) for sm_90 and for the other GPU generations and checks registers, spills and
-shared memory: what the test checks is what the launchers run. On CPU (Triton's interpreter) the policy picks
-small tiles, so small test shapes span several blocks and exercise the skipping, diagonal and split logic.
+The launchers ask this module how to launch, and so does ``bench/static.py`` (the offline compile report), which
+compiles each configuration offline (ptxas) for sm_90 and for the other GPU generations and records registers,
+spills and shared memory (gated in CI): what the report checks is what the launchers run. On CPU (Triton's
+interpreter) the policy picks small tiles, so small test shapes span several blocks and exercise the skipping,
+diagonal and split logic.
 
 On a GPU the tiles depend on its **shared-memory class**: the most shared memory one block may opt in to
 (``torch.cuda.get_device_properties(d).shared_memory_per_block_optin``), looked up once per device
@@ -24,7 +25,7 @@ from fusedformers.kernels.launch import cdiv, next_power_of_2
 # Attention (kernels/attention.py): forward, dK/dV and dQ kernels
 # ----------------------------------------------------------------------------------------------------------------
 # GPU tiles per kernel (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) for head dims up to 64 / 128 /
-# 256. Chosen ahead of time so that no kernel spills registers on sm_90 (ptxas; tests/test_sm90_compile.py
+# 256. Chosen ahead of time so that no kernel spills registers on sm_90 (ptxas; bench/static.py
 # checks it). The 16-bit forward takes 128 keys per block where that fits (fewer instructions per score: the
 # accumulator rescale and the loop overhead are per block). The dK/dV kernel keeps two fp32 [BLOCK_N, D]
 # accumulators in registers, so it steps through the queries 32 rows at a time; its transposed scores
@@ -38,7 +39,7 @@ _GPU_TILES = {
 }
 # What autotuning (FUSEDFORMERS_AUTOTUNE=1, kernels/autotune.py) measures for 16-bit inputs: the default above
 # and other tiles that compile for sm_90 without spills (an offline ptxas sweep of BLOCK_M x BLOCK_N x warps x
-# stages per kernel and head dim class; tests/test_sm90_compile.py compiles every one of them).
+# stages per kernel and head dim class; bench/static.py compiles every one of them).
 _GPU_TILE_CANDIDATES = {
     "fwd": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
             128: [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3),
@@ -75,12 +76,12 @@ _GPU_TILES_NONCAUSAL = {
 # Triton lowers 16-bit dots to mma.sync, whose operand fragments live in registers, and pipelines the K/V loads
 # through shared memory (num_stages - 1 buffers): several sm_90 tiles spill or exceed 99 KB there (dQ at D=128
 # needs 118,784 B). These were picked by an offline ptxas sweep for sm_86/89, sm_80 and sm_75 (BLOCK_M x BLOCK_N x
-# warps x stages): the largest tile with no spills within the class's shared memory; tests/test_sm90_compile.py
-# (families tiles_sm80/86/89/75) compiles every entry for the class's architectures. The entries that spilled
-# with the rewritten kernels (three key loops: masked edge blocks, unmasked interior, masked diagonal; the holes
-# flag; the kv_batch_row check), up to 152 B, were swept again: the largest tile (more keys first, then fewer
-# stages) without spills at every head dim of its class (D=80 pads to BLOCK_D=128 and needs more registers than
-# D=128). Re-sweep when the kernels change.
+# warps x stages): the largest tile with no spills within the class's shared memory; bench/static.py compiles
+# every entry for the class's architectures, and so do the families tiles_sm80/86/89/75 of
+# tests/test_sm90_compile.py. The entries that spilled with the rewritten kernels (three key loops: masked edge
+# blocks, unmasked interior, masked diagonal; the holes flag; the kv_batch_row check), up to 152 B, were swept
+# again: the largest tile (more keys first, then fewer stages) without spills at every head dim of its class (D=80
+# pads to BLOCK_D=128 and needs more registers than D=128). Re-sweep when the kernels change.
 # sm_80 class (A100, 163 KB): ptxas allocates registers differently for sm_80 than for sm_86, so its tiles differ
 # where sm_86's spill on sm_80 (dK/dV at D=128: 12 B at 32 x 64 with 3 stages; it takes 2). The 16-bit forward
 # at D=128 takes 64 x 128 (255 registers; 128 x 64 spills 24 B at D=80, 48 B at D=128), with dropout too.

@@ -1,5 +1,5 @@
 """The opt-in tile measurement (kernels/autotune.py): picks the fastest candidate once per key, skips candidates
-that fail, and every candidate tile is one the sm_90 compile check covers (tests/test_sm90_compile.py)."""
+that fail, and every candidate tile is one the offline compile report covers (bench/static.py)."""
 import pytest
 
 from fusedformers.kernels import autotune

@@ -1,5 +1,7 @@
-"""Compile every Triton kernel for an H100 (sm_90) ahead of time, on any machine; and the attention and decode
-kernels for the other GPU generations (sm_80, sm_86, sm_89, sm_75) with the tiles the tile policy gives them.
+"""Compile the attention and decode kernels ahead of time, on any machine, with the tiles the tile policy gives each
+GPU generation (sm_90, sm_80, sm_86, sm_89, sm_75): a script for sweeping tile tables by hand. The report and CI
+gates over every variant the launchers pick are bench/static.py's (tests/test_static_report.py); CI runs this
+file's T4 family (sm_75, which the report does not cover).
 
 The interpreter runs the kernels' logic on CPU but never compiles them, so a kernel that fails to lower for
 the GPU, spills registers, or asks for more shared memory than sm_90 has (227 KB per block) would pass the CPU
@@ -261,8 +263,10 @@ def _family_cases(family, ci=False):
     return _ci_subset(cases) if ci and family.startswith("tiles_") else cases
 
 
+# CI runs the T4 family only: bench/static.py's gates (tests/test_static_report.py) compile the others' variants for
+# sm_90a, sm_89, sm_86 and sm_80; the script families stay for sweeping tiles by hand
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(CASES))
+@pytest.mark.parametrize("family", ["tiles_sm75"])
 def test_kernels_compile_for_sm90(family):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, os.path.abspath(__file__), family, "--ci"], env=env,
