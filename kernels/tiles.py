@@ -98,10 +98,11 @@ _SM80_TILES_DROPOUT = {
 # fp32 (CUDA-core dots) before sm_90: sm_90's tiles, but dK/dV at D=256 with 8 warps (4 spill 8 B on sm_80/86)
 # and, on sm_80, one stage (two spill 8 B). On sm_80 the forward and dQ take 8 warps: with 4, ptxas spills 16-40 B
 # while using only 80-128 registers (forward 16 x 64 at D=64; dQ 32 x 16 at D=64, 16 x 16 at D=256); dQ at
-# D=128 takes 16 x 32 (32 x 16 spills 4 B there)
+# D=128 takes 16 x 32 (32 x 16 spills 4 B there); dK/dV at D=128 16 x 16 with 4 warps (16 x 32 spills 32 B there
+# with 4 warps, 8 B with 8; 8 warps spill at 16 x 16 without causal masking, at 16 x 64 and 32 x 32 at D=64)
 _SM80_TILES_FP32 = {
     "fwd": {128: (16, 64, 8, 2), 256: (16, 32, 8, 2)},
-    "dkdv": {128: (16, 32, 4, 2), 256: (16, 16, 8, 1)},
+    "dkdv": {128: (16, 16, 4, 2), 256: (16, 16, 8, 1)},
     "dq": {128: (16, 32, 8, 2), 256: (16, 32, 8, 2)},
 }
 # sm_86 class (A10, A40, RTX 30; L4, L40S, RTX 40 are sm_89 with the same 99 KB). The 16-bit forward at D=128
