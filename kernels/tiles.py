@@ -75,34 +75,45 @@ _GPU_TILES_NONCAUSAL = {
 # ---- other shared-memory classes. The tables above are the sm_90 class's (wgmma, 227 KB per block). Before sm_90
 # Triton lowers 16-bit dots to mma.sync, whose operand fragments live in registers, and pipelines the K/V loads
 # through shared memory (num_stages - 1 buffers): several sm_90 tiles spill or exceed 99 KB there (dQ at D=128
-# needs 118,784 B). These were picked by an offline ptxas sweep for sm_86 and sm_80 (BLOCK_M x BLOCK_N x warps x
-# stages): the largest tile with no spills within the class's shared memory; bench/static.py compiles
-# every entry for the class's architectures.
+# needs 118,784 B). These were picked by an offline ptxas sweep for sm_86/89, sm_80 and sm_75 (BLOCK_M x BLOCK_N x
+# warps x stages): the largest tile with no spills within the class's shared memory; bench/static.py compiles
+# every entry for the class's architectures, and so do the families tiles_sm80/86/89/75 of
+# tests/test_sm90_compile.py. The entries that spilled with the rewritten kernels (three key loops: masked edge
+# blocks, unmasked interior, masked diagonal; the holes flag; the kv_batch_row check), up to 152 B, were swept
+# again: the largest tile (more keys first, then fewer stages) without spills at every head dim of its class (D=80
+# pads to BLOCK_D=128 and needs more registers than D=128). Re-sweep when the kernels change.
 # sm_80 class (A100, 163 KB): ptxas allocates registers differently for sm_80 than for sm_86, so its tiles differ
-# where sm_86's spill on sm_80 (dK/dV at D=128: 12 B at 32 x 64, 3 stages)
+# where sm_86's spill on sm_80 (dK/dV at D=128: 12 B at 32 x 64 with 3 stages; it takes 2). The 16-bit forward
+# at D=128 takes 64 x 128 (255 registers; 128 x 64 spills 24 B at D=80, 48 B at D=128), with dropout too.
 _SM80_TILES = {
-    "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 64, 8, 2)},
-    "dkdv": {64: (16, 128, 8, 2), 128: (16, 64, 8, 2), 256: (32, 32, 8, 3)},
+    "fwd": {64: (128, 64, 8, 3), 128: (64, 128, 8, 2), 256: (64, 64, 8, 2)},
+    "dkdv": {64: (16, 128, 8, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 3)},
     "dq": {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 3)},
 }
 _SM80_TILES_DROPOUT = {
-    "fwd": {64: (128, 32, 8, 3), 128: (64, 64, 8, 2)},
+    "fwd": {64: (128, 64, 8, 2), 128: (64, 128, 8, 2)},
     "dkdv": {64: (32, 32, 8, 2), 128: (32, 32, 8, 3), 256: (16, 32, 8, 2)},
+    "dq": {256: (32, 64, 8, 2)},  # 64 x 32, 3 stages spills 4 B with dropout
 }
 # fp32 (CUDA-core dots) before sm_90: sm_90's tiles, but dK/dV at D=256 with 8 warps (4 spill 8 B on sm_80/86)
-# and, on sm_80, one stage (two spill 8 B)
+# and, on sm_80, one stage (two spill 8 B). On sm_80 the forward and dQ take 8 warps: with 4, ptxas spills 16-40 B
+# while using only 80-128 registers (forward 16 x 64 at D=64; dQ 32 x 16 at D=64, 16 x 16 at D=256); dQ at
+# D=128 takes 16 x 32 (32 x 16 spills 4 B there); dK/dV at D=128 16 x 16 with 4 warps (16 x 32 spills 32 B there
+# with 4 warps, 8 B with 8; 8 warps spill at 16 x 16 without causal masking, at 16 x 64 and 32 x 32 at D=64)
 _SM80_TILES_FP32 = {
-    "fwd": {128: (16, 64, 4, 2), 256: (16, 16, 4, 2)},
-    "dkdv": {128: (16, 32, 4, 2), 256: (16, 16, 8, 1)},
-    "dq": {128: (32, 16, 4, 2), 256: (16, 16, 4, 2)},
+    "fwd": {128: (16, 64, 8, 2), 256: (16, 32, 8, 2)},
+    "dkdv": {128: (16, 16, 4, 2), 256: (16, 16, 8, 1)},
+    "dq": {128: (16, 32, 8, 2), 256: (16, 32, 8, 2)},
 }
-# sm_86 class (A10, A40, RTX 30; L4, L40S, RTX 40 are sm_89 with the same 99 KB)
+# sm_86 class (A10, A40, RTX 30; L4, L40S, RTX 40 are sm_89 with the same 99 KB). The 16-bit forward at D=128
+# takes 128 x 32 (197-212 registers, causal or not, with dropout too): 128 x 64 spills 152 B, 64 x 128 8 B at
+# D=80 (and 3 stages exceed 99 KB), 64 x 64 16 B without causal masking (ptxas stops at 128 registers)
 _SM86_TILES = {
-    "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2), 256: (64, 32, 8, 2)},
+    "fwd": {64: (128, 64, 8, 3), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
     "dkdv": {64: (16, 128, 8, 2), 128: (32, 64, 8, 3), 256: (32, 32, 8, 2)},
     "dq": {64: (128, 32, 8, 3), 128: (64, 64, 8, 3), 256: (32, 32, 8, 3)},
 }
-_SM86_TILES_DROPOUT = {"fwd": {128: (64, 64, 8, 2)}, "dkdv": {64: (32, 32, 8, 2)}}
+_SM86_TILES_DROPOUT = {"fwd": {128: (128, 32, 8, 2)}, "dkdv": {64: (32, 32, 8, 2)}}
 _SM86_TILES_FP32 = {
     "fwd": {128: (16, 64, 4, 2), 256: (16, 16, 4, 2)},
     "dkdv": {128: (16, 32, 4, 2), 256: (16, 16, 8, 2)},
@@ -111,11 +122,14 @@ _SM86_TILES_FP32 = {
 # sm_75 class (T4, RTX 20: 64 KB). Triton 3.6 has no tensor-core dot below sm_80: fp16 dots run on the CUDA cores
 # like fp32 ones, for both dtypes, with 8 warps to spread the operands. None: no 16 x 16 tile or more of that
 # kernel compiles for sm_75 without spilling (the backward at D=256: dK/dV spills 1.7 KB at 16 x 16, 8 warps),
-# so the policy raises naming the GPU. bf16 needs sm_80 (check_dtype_supported raises).
+# so the policy raises naming the GPU. bf16 needs sm_80 (check_dtype_supported raises). At 16 x 16 with 8 warps
+# ptxas spills some kernels while using only 128 registers (dQ at D=64: 4 B; the forward at D=256: 4 B, 16 B with
+# dropout), where the next larger tile gets 255 registers and does not: dQ at D=64 takes 32 x 16, the forward at
+# D=256 16 x 32 (with and without dropout).
 _SM75_TILES = {
-    "fwd": {64: (16, 32, 8, 2), 128: (16, 32, 8, 2), 256: (16, 16, 8, 2)},
+    "fwd": {64: (16, 32, 8, 2), 128: (16, 32, 8, 2), 256: (16, 32, 8, 2)},
     "dkdv": {64: (16, 16, 8, 2), 128: (16, 16, 8, 2), 256: None},
-    "dq": {64: (16, 16, 8, 2), 128: (16, 16, 8, 2), 256: None},
+    "dq": {64: (32, 16, 8, 2), 128: (16, 16, 8, 2), 256: None},
 }
 _SM75_TILES_DROPOUT = {}
 # fp32 on sm_75: ptxas spills at several of the fp16 tiles above; the backward at D=256 needs more than 64 KB
