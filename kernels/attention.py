@@ -786,7 +786,7 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: OptionalTen
                   dropout_seed: OptionalTensor, causal: bool, past_len: int, sm_scale: float,
                   dropout_p: float, window: int | None = None) -> tuple[Tensor, Tensor]:
     """The fused forward: (out [B, Hq, Lq, D], lse [B, Hq, Lq] fp32 in log2 units)."""
-    if kv_batch_index is not None and not kv_batch_index.is_cuda:  # on CUDA the kernels check (kv_batch_row)
+    if kv_batch_index is not None and kv_batch_index.device.type == "cpu":  # CUDA: the kernels check
         check_kv_batch_index_range(kv_batch_index, k.shape[0])
     masks = _MaskArgs(q, key_padding_mask, kv_batch_index, window)
     with device_context(q.device):

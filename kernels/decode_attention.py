@@ -308,7 +308,7 @@ def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=No
     """
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, k_len = k.shape[1], k.shape[2]
-    if kv_batch_index is not None and not kv_batch_index.is_cuda:  # on CUDA the kernel checks (kv_batch_row)
+    if kv_batch_index is not None and kv_batch_index.device.type == "cpu":  # CUDA: the kernel checks
         check_kv_batch_index_range(kv_batch_index, k.shape[0])
     if past_len is None:
         past_len = k_len - q_len

@@ -33,7 +33,7 @@ from fusedformers.kernels.launch import cdiv, next_power_of_2
 # (BLOCK_N = 128 at D = 128). fp32 inputs run exact (ieee) dots on the CUDA cores and need small tiles.
 # Tuning them by measurement is bench/NOTES.md's job.
 _GPU_TILES = {
-    "fwd": {64: (128, 128, 8, 3), 128: (128, 128, 8, 2), 256: (128, 32, 8, 2)},
+    "fwd": {64: (128, 128, 8, 3), 128: (128, 128, 8, 2), 256: (128, 32, 8, 3)},  # 256: 2 stages spill 4 B causal
     "dkdv": {64: (32, 128, 8, 3), 128: (32, 128, 8, 2), 256: (32, 32, 8, 2)},
     "dq": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
 }
@@ -44,7 +44,7 @@ _GPU_TILE_CANDIDATES = {
     "fwd": {64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
             128: [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3),
                   (64, 64, 4, 3)],
-            256: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)]},
+            256: [(128, 32, 8, 3), (64, 32, 8, 2), (64, 32, 8, 3), (64, 64, 8, 2)]},
     "dkdv": {64: [(32, 128, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 2), (16, 128, 8, 2)],
              128: [(32, 128, 8, 2), (32, 64, 8, 3), (32, 64, 8, 2), (32, 32, 8, 3), (16, 64, 8, 3), (16, 128, 8, 3)],
              256: [(32, 32, 8, 2), (32, 32, 8, 3), (16, 32, 8, 3), (16, 64, 8, 2)]},
@@ -65,6 +65,9 @@ _GPU_TILES_DROPOUT = {
     "dkdv": {128: (32, 32, 8, 3)},
     "dq": {128: (128, 32, 8, 3), 256: (32, 32, 8, 2)},
 }
+
+# fp32 with dropout (the Philox draws add registers): the fp32 forward tile spills 8 B at D=64 on sm_90
+_GPU_TILES_FP32_DROPOUT = {"fwd": {128: (16, 32, 8, 2)}}
 
 # Without causal masking (BART's encoder and cross-attention) the 16-bit forward at D = 128 keeps 128 x 64: its
 # 128 x 128 tile spills one register there (4 B, saved and reloaded around the key loops).
@@ -253,6 +256,8 @@ def _block_config(kernel, head_dim, dtype, device, dropout=False, gpu=None, caus
     tile = tiles[head_dim_class]
     if dropout and dtype != torch.float32:
         tile = tiles_dropout.get(kernel, {}).get(head_dim_class, tile)
+    elif dropout and gpu.tile_class == "sm90":
+        tile = _GPU_TILES_FP32_DROPOUT.get(kernel, {}).get(head_dim_class, tile)
     elif not causal and dtype != torch.float32 and gpu.tile_class == "sm90":
         tile = _GPU_TILES_NONCAUSAL.get(kernel, {}).get(head_dim_class, tile)
     elif window_only and kernel != "dkdv" and dtype != torch.float32 and gpu.tile_class == "sm90" and tile:
@@ -389,7 +394,8 @@ def decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, *, causa
     num_warps = 8 if block_m * block_d >= 64 * 128 else 4
     num_stages = 3 if block_d <= 128 else 2
     if cuda_core_dots:
-        num_warps, num_stages = 4, 2
+        # 4 warps spill 12 B at D=128 on sm_90 (fp32, causal + padding; bench/static.py)
+        num_warps, num_stages = (8 if block_d >= 128 else 4), 2
     elif on_gpu and gpu.shared_memory < 166912 and block_m * block_d >= 64 * 128:
         num_stages = 2  # 99 KB (sm_86/89): 3 stages of 64 x 128 K/V blocks with a 64-row Q tile do not fit
     return dict(block_m=block_m, block_n=block_n, block_d=block_d, num_row_blocks=num_row_blocks,
