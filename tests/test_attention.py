@@ -520,7 +520,10 @@ def test_kv_batch_index_out_of_range(bad_index, device):
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         output = result.stdout + result.stderr
-        assert result.returncode != 0 and "kv_batch_index entry outside" in output, output[-2000:]
+        # the kernel's printf, or (if the driver drops the printf buffer at the trap) the CUDA error the trap
+        # raises: never a clean exit (an unverified detail until a GPU runs this)
+        stopped = "kv_batch_index entry outside" in output or "CUDA error" in output or "AcceleratorError" in output
+        assert result.returncode != 0 and stopped, output[-2000:]
 
 
 @pytest.mark.parametrize("q_len", [4, 20], ids=["decode", "fused"])
