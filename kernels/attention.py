@@ -94,6 +94,18 @@ def _causal_window_visible(visible, rows, keys, past_len, window, HAS_WINDOW: tl
 
 
 @triton.jit
+def _query_key_visible(offs_m, offs_n, key_start, key_end, holes, b, k_len, mask_ptr, stride_mask_b, stride_mask_n,
+                       past_len, window, HAS_PADDING: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] bool of a masked block of the query-major kernels (forward, dQ): key offs_n[j] is real in
+    batch row b's padding mask and, with CAUSAL, within query offs_m[i]'s causal (and sliding) window."""
+    visible = _key_visibility(offs_n, key_start, key_end, holes, b, k_len, mask_ptr, stride_mask_b, stride_mask_n,
+                              HAS_PADDING)[None, :]
+    if CAUSAL:
+        visible = _causal_window_visible(visible, offs_m[:, None], offs_n[None, :], past_len, window, HAS_WINDOW)
+    return visible
+
+
+@triton.jit
 def _dropout_keep(seed, pid_bh, rows, keys, q_len, k_len, dropout_p):
     """Bool tile: the attention probability of (query row, key) of head pid_bh = b * Hq + h survives dropout.
     ``rows`` and ``keys`` broadcast against each other ([M, 1] and [1, N], or transposed). One Philox number
@@ -197,11 +209,8 @@ def _fwd_inner(acc, m_i, l_i, q, k_base, v_base, k_offsets, v_offsets, stride_kn
         k_t = _load_tile(k_block + k_offsets, d_ok, key_ok, HEAD_DIM != BLOCK_D, MASKED)   # [BLOCK_D, BLOCK_N]
         scores = tl.dot(q, k_t, input_precision=DOT_PRECISION)                            # [BLOCK_M, BLOCK_N]
         if MASKED:
-            visible = _key_visibility(offs_n, key_start, key_end, holes, b, k_len, mask_ptr, stride_mask_b,
-                                      stride_mask_n, HAS_PADDING)[None, :]
-            if CAUSAL:
-                visible = _causal_window_visible(visible, offs_m[:, None], offs_n[None, :], past_len, window,
-                                                 HAS_WINDOW)
+            visible = _query_key_visible(offs_m, offs_n, key_start, key_end, holes, b, k_len, mask_ptr, stride_mask_b,
+                                         stride_mask_n, past_len, window, HAS_PADDING, CAUSAL, HAS_WINDOW)
             scores = tl.where(visible, scores, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, scores, qk_scale)
         if HAS_DROPOUT:
@@ -498,11 +507,8 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, k_t_offsets, v_t_offset
         scores = tl.dot(q, k_t, input_precision=DOT_PRECISION)                      # [M, N], raw
         p = tl.math.exp2(scores * qk_scale - lse[:, None])                         # lse in log2 units
         if MASKED:
-            visible = _key_visibility(offs_n, key_start, key_end, holes, b, k_len, mask_ptr, stride_mask_b,
-                                      stride_mask_n, HAS_PADDING)[None, :]
-            if CAUSAL:
-                visible = _causal_window_visible(visible, offs_m[:, None], offs_n[None, :], past_len, window,
-                                                 HAS_WINDOW)
+            visible = _query_key_visible(offs_m, offs_n, key_start, key_end, holes, b, k_len, mask_ptr, stride_mask_b,
+                                         stride_mask_n, past_len, window, HAS_PADDING, CAUSAL, HAS_WINDOW)
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:

@@ -124,6 +124,13 @@ def real_rows(logits, mask):
     return logits[mask.bool()]
 
 
+def loss_and_gradients(model, **inputs):
+    """One training step of ``model`` (train mode) on ``inputs``: (loss, {parameter name: gradient})."""
+    loss = model.train()(**inputs).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
 def assert_same_generation(ours, sdpa, ids, settings):
     """The same tokens from HF's generate, and close step scores (tiny random models repeat tokens, so the
     scores carry most of the signal)."""
@@ -232,10 +239,7 @@ def test_causal_lm_loss_and_gradients(family, checkpoint, fused_only):
     labels = ids.masked_fill(mask == 0, -100)
 
     def loss_and_grads(attn, dtype):
-        model = load(path, attn, dtype).train()
-        loss = model(ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        return loss_and_gradients(load(path, attn, dtype), input_ids=ids, attention_mask=mask, labels=labels)
 
     loss64, grads64 = loss_and_grads("sdpa", torch.float64)
     loss_sdpa, grads_sdpa = loss_and_grads("sdpa", torch.float32)
@@ -477,10 +481,8 @@ def test_seq2seq_loss_and_gradients(checkpoint, fused_only):
 
     def loss_and_grads(attn, dtype):
         model = transformers.AutoModelForSeq2SeqLM.from_pretrained(
-            path, attn_implementation=attn, dtype=dtype, dropout=0.0, activation_dropout=0.0).to(DEVICE).train()
-        loss = model(ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+            path, attn_implementation=attn, dtype=dtype, dropout=0.0, activation_dropout=0.0).to(DEVICE)
+        return loss_and_gradients(model, input_ids=ids, attention_mask=mask, labels=labels)
 
     loss64, grads64 = loss_and_grads("sdpa", torch.float64)
     loss_sdpa, grads_sdpa = loss_and_grads("sdpa", torch.float32)
