@@ -15,6 +15,10 @@ What counts as a host synchronisation: an aten op that returns a host value read
 (``_local_scalar_dense``: ``.item()``, ``int(t)``, ``bool(t)``, ``if t:``; ``equal``, ``is_nonzero``), and
 ``Tensor.tolist()`` (on CPU tensors it reaches no aten op, so it is hooked).
 
+Not counted: the checks the launchers run on the host for CPU tensors only (``kernels.checks.host_only_check``,
+e.g. ``kv_batch_index``'s range), which CUDA kernels make themselves without a launch; they are listed in
+``cpu_only``.
+
 ``LaunchCounter`` is a context manager; ``count(fn)`` runs ``fn`` under one and returns the counter. Its ``ops``
 (a Counter by op name) say what was counted. Used by ``tests/test_launch_budget.py`` (which holds the budgets)
 and by the benchmark's model part (``launches_per_step``).
@@ -24,6 +28,8 @@ import functools
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from fusedformers.kernels.checks import in_host_only_check
 
 # ops that allocate or only describe a tensor: no kernel runs
 _NO_LAUNCH = frozenset({
@@ -69,6 +75,7 @@ class LaunchCounter:
         self.syncs = 0
         self.ops = collections.Counter()
         self.sync_ops = collections.Counter()
+        self.cpu_only = collections.Counter()
         self._inside_triton = 0
         self._mode = None
         self._restore = []
@@ -77,6 +84,9 @@ class LaunchCounter:
         if self._inside_triton:
             return
         name = _op_name(func)
+        if in_host_only_check():  # the interpreter path's host check of what CUDA kernels check themselves
+            self.cpu_only[name] += 1
+            return
         if name in _HOST_READS:
             self.syncs += 1
             self.sync_ops[name] += 1
