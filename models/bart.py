@@ -41,7 +41,7 @@ from fusedformers.models.generation import (
 )
 from fusedformers.models.kv_cache import KVCache
 from fusedformers.models.layers import ACTIVATIONS, CheckpointedLayer
-from fusedformers.models.ops import check_implementation, ops_for
+from fusedformers.models.ops import OPS, check_implementation, ops_for
 
 POSITION_OFFSET = 2  # BART's learned positions are stored shifted by 2 (a fairseq legacy)
 # BART's own bookkeeping fields in HF and fairseq-converted config.json files (see checkpoint.IGNORED_CONFIG_KEYS
@@ -623,8 +623,9 @@ class BartForConditionalGeneration(ModelBase):
             return self.decode_step(tokens, state)
 
         if resolved.num_beams > 1:
+            fused = ops_for(self.config.attn_implementation, self.device) is OPS["fused"]
             return beam_search.beam_search(step, prompt.repeat_interleave(expand, dim=0), resolved,
-                                           reorder_cache=state.self_cache.reorder)
+                                           reorder_cache=state.self_cache.reorder, fused=fused)
         # a decoder position past the learned table is an error: check for finished rows every step near it
         near_the_end = resolved.max_length > self.config.max_position_embeddings
         return sample_loop(step, prompt, resolved, stop_check_interval=1 if near_the_end else STOP_CHECK_INTERVAL)

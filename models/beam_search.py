@@ -60,7 +60,6 @@ class BeamState:
     forced_eos: torch.Tensor       # [n_forced_eos] int64 (may be empty)
     cand_scores: torch.Tensor      # [B, C] float32 this step's top candidates (scratch)
     cand_index: torch.Tensor       # [B, C] int64 their index beam * V + token (scratch)
-    scores: torch.Tensor           # [N, V] float32 processed log-probs plus the running score (scratch)
 
     @property
     def multiply_by_reciprocal(self):
@@ -108,7 +107,6 @@ def new_state(prompt, settings, vocab):
         eos=ids(eos), forced_eos=ids(settings.forced_eos_token_ids),
         cand_scores=torch.empty(batch, num_candidates, device=device),
         cand_index=torch.empty(batch, num_candidates, dtype=torch.long, device=device),
-        scores=torch.empty(rows, vocab, device=device),
     )
 
 
@@ -163,7 +161,8 @@ def advance_reference(state, logits, settings):
     No host value is read. After the search stopped it changes nothing and sets the identity ``beam_idx``."""
     s = state
     batch, num_beams, vocab = s.batch, s.num_beams, s.vocab
-    cur_len = s.prompt_len + s.step                                                   # [1]
+    # [1]; a step after the search stopped (a no-op) may see max_length: clamped so that indexing stays in range
+    cur_len = (s.prompt_len + s.step).clamp(max=s.max_length - 1)
     parity = s.step % 2
     seqs = s.running_seqs.index_select(0, parity)[0]                                 # [B, K, T]
     finished_seqs = s.finished_seqs.index_select(0, parity)[0]
