@@ -47,7 +47,8 @@ proof_step() {
 case "$what" in
   proof)
     # (a) GPU-only tests and the kernel test files, (b) the kernel fuzzer, (c) kernel benchmarks against SDPA and
-    # FlexAttention, (d) the Llama-1B-shaped model benchmark, then one table. Limits: 180 + 60 + 200 + 100 s.
+    # FlexAttention, (d) the Llama-1B- and BART-large-shaped model benchmark, then one table. Limits:
+    # 180 + 60 + 170 + 130 s.
     dry=()
     workers=()
     if [ "${1:-}" = "--dry-run" ]; then dry=(--dry-run); fi
@@ -65,9 +66,9 @@ case "$what" in
       proof_step tests 120 python -m pytest "${kernel_tests[@]}" -q --collect-only -p no:cacheprovider
       proof_step fuzz 120 python -m tests.fuzz --cases 3 --seed 1
     fi
-    proof_step kernels 200 python -m fusedformers.bench --proof --only attention decode rmsnorm --budget-s 150 \
+    proof_step kernels 170 python -m fusedformers.bench --proof --only attention decode rmsnorm --budget-s 130 \
       --results-dir "$results" "${dry[@]}"
-    proof_step models 100 python -m fusedformers.bench --proof --only models --budget-s 60 --results-dir "$results" \
+    proof_step models 130 python -m fusedformers.bench --proof --only models --budget-s 90 --results-dir "$results" \
       "${dry[@]}"
     summary_flags=()
     [ ${#dry[@]} -eq 0 ] || summary_flags=(--include-dry-run)

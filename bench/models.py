@@ -52,6 +52,7 @@ def shapes(quick):
         dict(model="llama", task="greedy", B=8, prompt=512, new=128, ours_cache="static"),
         dict(model="bart", task="greedy", B=8, source=512, new=64),
         dict(model="bart", task="beam4", B=4, source=512, new=64),
+        dict(model="bart", task="beam4", B=4, source=512, new=64, ours_cache="static"),
         dict(model="bart", task="train", B=8, source=512, target=128),
         dict(model="bart", task="train", B=8, source=512, target=128, attention_dropout=0.1),
     ]
@@ -60,6 +61,8 @@ def shapes(quick):
 # the proof: Llama-3.2-1B-shaped greedy decoding, ours with its default and its static cache
 PROOF_SHAPES = [dict(model="llama", task="greedy", B=1, prompt=128, new=64),
                 dict(model="llama", task="greedy", B=1, prompt=128, new=64, ours_cache="static",
+                     impls=("ours", "hf_sdpa")),
+                dict(model="bart", task="beam4", B=4, source=512, new=32, ours_cache="static",
                      impls=("ours", "hf_sdpa"))]
 
 DRY_RUN_SHAPES = [
@@ -69,6 +72,7 @@ DRY_RUN_SHAPES = [
     dict(model="llama", task="greedy", B=2, prompt=12, new=3, ours_cache="static"),
     dict(model="bart", task="greedy", B=2, source=16, new=3),
     dict(model="bart", task="beam4", B=2, source=16, new=3),
+    dict(model="bart", task="beam4", B=1, source=8, new=2, ours_cache="static", impls=("ours", "hf_sdpa")),
     dict(model="bart", task="train", B=2, source=16, target=8),
     dict(model="bart", task="train", B=2, source=16, target=8, attention_dropout=0.1),
 ]
@@ -92,9 +96,10 @@ def hf_llama_greedy(model, ids, mask, new_tokens, static_cache=False):
                           do_sample=False, pad_token_id=LLAMA_PAD, **extra)
 
 
-def hf_bart_generate(model, ids, mask, new_tokens, beams):
+def hf_bart_generate(model, ids, mask, new_tokens, beams, static_cache=False):
+    extra = {"cache_implementation": "static"} if static_cache else {}
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          num_beams=beams, do_sample=False, early_stopping=False)
+                          num_beams=beams, do_sample=False, early_stopping=False, **extra)
 
 
 def train_step(model, ids, mask, labels):
@@ -113,9 +118,9 @@ def ours_llama_greedy(model, ids, mask, new_tokens, cache_implementation=None):
                           do_sample=False, pad_token_id=LLAMA_PAD, cache_implementation=cache_implementation)
 
 
-def ours_bart_generate(model, ids, mask, new_tokens, beams):
+def ours_bart_generate(model, ids, mask, new_tokens, beams, cache_implementation=None):
     return model.generate(ids, attention_mask=mask, num_beams=beams, max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, early_stopping=False)
+                          min_new_tokens=new_tokens, early_stopping=False, cache_implementation=cache_implementation)
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -186,9 +191,27 @@ def compare_tokens(ours, theirs, prompt_len):
             f"first difference at new token {first}")
 
 
-def _token_check(case, outputs_of, prompt_len):
+def launches_per_step(generate_with):
+    """Kernels launched and host reads per decode step of ``generate_with(new_tokens)`` (the slope between 1 and
+    2 new tokens), counted by ``fusedformers.bench.launches`` with the recorded steps run eagerly (a CUDA graph's
+    replay issues the same kernels, but the counter cannot see inside it)."""
+    from fusedformers.bench.launches import count, per_unit
+    from fusedformers.models.cuda_graph import StepGraph
+    counters = []
+    StepGraph.enabled = False
+    try:
+        for new_tokens in (1, 2):
+            counters.append(count(generate_with, new_tokens)[1])
+    finally:
+        StepGraph.enabled = True
+    return {"launches_per_step": per_unit(counters[0].launches, counters[1].launches, 1, 2)[0],
+            "syncs_per_step": per_unit(counters[0].syncs, counters[1].syncs, 1, 2)[0]}
+
+
+def _token_check(case, outputs_of, prompt_len, counted=None):
     """Run each implementation once (its warm-up), compare the tokens with ours and HF static with HF. One that
-    fails here is marked skipped, so the timing does not pay for (say) a failing compile a second time."""
+    fails here is marked skipped, so the timing does not pay for (say) a failing compile a second time.
+    ``counted``: {name: generate_with(new_tokens)} whose launches per step are recorded too."""
     def check():
         outputs = {}
         for name in case.impls:
@@ -203,6 +226,13 @@ def _token_check(case, outputs_of, prompt_len):
                   for name, out in outputs.items() if name != "ours" and "ours" in outputs}
         if "hf_sdpa_static" in outputs and "hf_sdpa" in outputs:
             result["hf_static_vs_hf_sdpa"] = compare_tokens(outputs["hf_sdpa_static"], outputs["hf_sdpa"], prompt_len)
+        for name, generate_with in (counted or {}).items():
+            try:
+                figures = launches_per_step(generate_with)
+            except Exception as error:
+                print_error(case, f"{name} launch count", error)
+                continue
+            result.update({f"{key}_{name}": value for key, value in figures.items()})
         return result
     return check
 
@@ -243,7 +273,9 @@ def _llama_cases(spec, runner):
     if ours_cache == "static":
         label += " (ours: static cache, CUDA graph)"
     case = Case(NAME, "generate", label, label, None, shape, impls, "tok/s", batch * new, wall_clock=True)
-    case.check = _token_check(case, impls, prompt)
+    counted = {"ours": lambda n: ours_llama_greedy(ours, ids, mask, n, ours_cache),
+               "hf_sdpa": lambda n: hf_llama_greedy(hf, ids, mask, n)}
+    case.check = _token_check(case, impls, prompt, counted)
     return case
 
 
@@ -290,11 +322,18 @@ def _bart_cases(spec, runner):
     hf.eval()
     beams = 4 if spec["task"] == "beam4" else 1
     new = spec["new"]
-    impls = {"ours": lambda: ours_bart_generate(ours, ids, mask, new, beams),
+    ours_cache = spec.get("ours_cache")
+    impls = {"ours": lambda: ours_bart_generate(ours, ids, mask, new, beams, ours_cache),
              "hf_sdpa": lambda: hf_bart_generate(hf, ids, mask, new, beams)}
+    if ours_cache == "static":
+        impls["hf_sdpa_static"] = lambda: hf_bart_generate(hf, ids, mask, new, beams, static_cache=True)
     label = f"bart {'beam 4' if beams > 1 else 'greedy'} B={batch} src {source} +{new} (row 0 half padded)"
+    if ours_cache == "static":
+        label += " (ours: static cache, recorded beam step)"
     case = Case(NAME, "generate", label, label, None, shape, impls, "tok/s", batch * new, wall_clock=True)
-    case.check = _token_check(case, impls, 1)  # the decoder prompt is decoder_start_token_id
+    counted = {"ours": lambda n: ours_bart_generate(ours, ids, mask, n, beams, ours_cache),
+               "hf_sdpa": lambda n: hf_bart_generate(hf, ids, mask, n, beams)}
+    case.check = _token_check(case, impls, 1, counted)  # the decoder prompt is decoder_start_token_id
     return case
 
 

@@ -23,6 +23,7 @@ class StepGraph:
     from then on.
     """
     WARM_UP_CALLS = 2
+    enabled = True   # False: every step runs eagerly (the benchmark's launch counter looks inside the steps)
 
     def __init__(self, body, device=None):
         self.body = body
@@ -34,7 +35,7 @@ class StepGraph:
 
     def __call__(self):
         self.calls += 1
-        if not self.use_graph:
+        if not (self.use_graph and StepGraph.enabled):
             return self.body()
         # the streams, the recording and the replay all belong to the body's device, which need not be the
         # current one (a graph recorded from another device's stream would capture nothing)
