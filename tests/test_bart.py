@@ -202,6 +202,57 @@ def test_generate_matches_hf_fused(setting, hf_checkpoint, models, source_batch)
     assert_cross_kv_once_per_source(seen, models["fused"], ids.shape[0], kwargs.get("num_beams", 1))
 
 
+BEAM_SETTINGS = [name for name in GENERATION_SETTINGS if name.startswith("beam")]
+
+
+@pytest.mark.parametrize("setting", BEAM_SETTINGS)
+def test_static_beam_step_matches_default_loop_and_hf(setting, hf_checkpoint, models, source_batch, monkeypatch):
+    """generate(cache_implementation="static") with beams: the fixed-shape step (bookkeeping, whole-cache
+    reorder, decoder at the device-side position; on CUDA a recorded, replayed CUDA graph) gives the default
+    loop's tokens and HF's."""
+    from fusedformers.models.cuda_graph import StepGraph
+    recorded = []
+    record = StepGraph._record
+    monkeypatch.setattr(StepGraph, "_record", lambda self: recorded.append(self) or record(self))
+    _, hf = hf_checkpoint
+    ids, mask = source_batch
+    kwargs = GENERATION_SETTINGS[setting]
+    expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    default = models["eager"].generate(ids, attention_mask=mask, **kwargs)
+    static = models["eager"].generate(ids, attention_mask=mask, cache_implementation="static", **kwargs)
+    assert torch.equal(default, expected), f"\nours {default}\nHF   {expected}"
+    assert static.shape == expected.shape and torch.equal(static, expected), f"\nstatic {static}\nHF     {expected}"
+    if DEVICE == "cuda" and expected.shape[1] > 4:  # more than the two eager warm-up steps: the graph replays
+        assert recorded and all(graph.graph is not None for graph in recorded)
+
+
+@pytest.mark.slow
+def test_static_beam_step_fused_matches_hf(hf_checkpoint, models, source_batch):
+    """The same on the Triton kernels (attention, beam bookkeeping)."""
+    _, hf = hf_checkpoint
+    ids, mask = source_batch
+    ids, mask = ids[1:], mask[1:]
+    kwargs = dict(GENERATION_SETTINGS["beam4-ngram-min-bos-eos"], max_new_tokens=6)
+    expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    static = models["fused"].generate(ids, attention_mask=mask, cache_implementation="static", **kwargs)
+    assert torch.equal(static, expected), f"\nstatic {static}\nHF     {expected}"
+
+
+def test_static_cache_past_the_position_table_falls_back_with_a_warning(models, source_batch, monkeypatch):
+    """A length the position table cannot hold up front: the dynamic loop (which errors only if a row gets
+    there), said in a warning; a cache_implementation that does not exist: ValueError."""
+    ids, mask = source_batch
+    model = models["eager"]
+    kwargs = dict(num_beams=2, max_new_tokens=6)
+    expected = model.generate(ids, attention_mask=mask, **kwargs)
+    monkeypatch.setattr(model.config, "max_position_embeddings", 5)  # the table itself keeps its 64 rows
+    with pytest.warns(UserWarning, match=r"needs max_length \(7\) <= max_position_embeddings \(5\)"):
+        out = model.generate(ids, attention_mask=mask, cache_implementation="static", **kwargs)
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="cache_implementation must be None, 'dynamic' or 'static'"):
+        model.generate(ids, attention_mask=mask, cache_implementation="offloaded", **kwargs)
+
+
 @pytest.mark.parametrize("prefix", [[[2, 5], [2, 9], [2, 11]], [[5], [9], [11]]], ids=["with-start", "no-start"])
 def test_generate_with_decoder_prefix_matches_hf(prefix, hf_checkpoint, models, source_batch):
     """A user decoder prefix; HF prepends decoder_start_token_id when the rows do not start with it."""
