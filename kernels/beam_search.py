@@ -23,7 +23,7 @@ import triton.language as tl
 
 from fusedformers.kernels.launch import device_context, next_power_of_2
 
-NEG_LARGE = -1.0e9   # HF's "impossible" score, as fusedformers.models.beam_search.NEG_LARGE
+NEG_LARGE = tl.constexpr(-1.0e9)   # HF's "impossible" score, as fusedformers.models.beam_search.NEG_LARGE
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,6 +253,13 @@ def _beam_update_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------------------------
+def update_num_warps(num_beams, num_candidates):
+    """Warps of the update kernel: its rank matrices are ``[K + C, K + C]`` (padded), so the registers grow with
+    the beams; sm_90 without spills: 4 warps at K = 4 (96 registers), 8 at K = 8 with two eos ids (126), 16 at
+    K = 16 (116) (tests/test_sm90_compile.py, family beam_search; 4 warps at K = 16 spilled 220 B)."""
+    return min(16, max(4, next_power_of_2(num_beams + num_candidates) // 4))
+
+
 def beam_advance(state, logits, settings):
     """One beam-search step on next-token ``logits [N, V]`` (N = B * K rows): updates ``state`` (a
     ``fusedformers.models.beam_search.BeamState``) in place, reading no host value. Launches: the float32 cast
@@ -287,5 +294,6 @@ def beam_advance(state, logits, settings):
             BOUND_AT_MAX_LENGTH=settings.early_stopping == "never" and settings.length_penalty > 0.0,
             MULTIPLY=s.multiply_by_reciprocal,
             BLOCK_K=next_power_of_2(s.num_beams), BLOCK_C=next_power_of_2(s.num_candidates),
-            BLOCK_M=next_power_of_2(s.num_beams + s.num_candidates), BLOCK_T=128, BLOCK_B=128, num_warps=4,
+            BLOCK_M=next_power_of_2(s.num_beams + s.num_candidates), BLOCK_T=128, BLOCK_B=128,
+            num_warps=update_num_warps(s.num_beams, s.num_candidates),
         )

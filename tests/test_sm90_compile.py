@@ -196,6 +196,30 @@ def check_rope_kernel(dtype, num_heads, head_dim):
     assert_fits_sm90(f"_rope_kernel {dtype} H={num_heads} D={head_dim}", compiled)
 
 
+def check_beam_kernels(num_beams, ngram, num_eos):
+    """The beam-search bookkeeping kernels as generate launches them (kernels/beam_search.py)."""
+    from fusedformers.kernels import beam_search as beam_mod
+    pointers = dict(scores_ptr="*fp32", seqs_ptr="*i64", running_scores_ptr="*fp32", step_ptr="*i64",
+                    eos_ptr="*i64", forced_eos_ptr="*i64")
+    compiled = compile_sm90(beam_mod._beam_scores_kernel, pointers,
+                            dict(NGRAM=ngram, NUM_EOS=num_eos, NUM_FORCED_EOS=1, HAS_FORCED_BOS=True, BLOCK_V=1024,
+                                 BLOCK_J=64), 4, 1)
+    assert_fits_sm90(f"_beam_scores_kernel ngram={ngram}", compiled)
+    num_candidates = max(2, 1 + num_eos) * num_beams
+    pointers = {name: ("*fp32" if name in ("cand_scores_ptr", "running_scores_ptr", "finished_scores_ptr",
+                                           "length_scale_ptr") else
+                       "*i1" if name in ("is_finished_ptr", "can_improve_ptr", "stop_flags_ptr", "stopped_ptr") else
+                       "*i32" if name == "arrivals_ptr" else "*i64")
+                for name in beam_mod._beam_update_kernel.arg_names if name.endswith("_ptr")}
+    compiled = compile_sm90(beam_mod._beam_update_kernel, pointers,
+                            dict(K=num_beams, NUM_EOS=num_eos, EARLY_STOP=False, BOUND_AT_MAX_LENGTH=False,
+                                 MULTIPLY=True, BLOCK_K=triton.next_power_of_2(num_beams),
+                                 BLOCK_C=triton.next_power_of_2(num_candidates),
+                                 BLOCK_M=triton.next_power_of_2(num_beams + num_candidates), BLOCK_T=128,
+                                 BLOCK_B=128), beam_mod.update_num_warps(num_beams, num_candidates), 1)
+    assert_fits_sm90(f"_beam_update_kernel K={num_beams}", compiled)
+
+
 def check_autotune_candidates(dtype, kernel_name):
     """Every tile autotuning may pick (kernels/tiles.py _GPU_TILE_CANDIDATES) for this kernel."""
     element = "*" + TRITON_DTYPE[dtype]
@@ -261,6 +285,8 @@ CASES = {
     "autotune": (check_autotune_candidates, [(torch.bfloat16, name) for name in ("fwd", "dkdv", "dq")]),
     # the other GPU generations' tile classes (sm_89 shares sm_86's tables: compiled for both)
     **{f"tiles_sm{arch}": (check_tiles_for_arch, _arch_cases(arch)) for arch in (80, 86, 89, 75)},
+    # beam search: BART-large-cnn's 4 beams, n-gram 3, one eos; 8 beams with two eos ids
+    "beam_search": (check_beam_kernels, [(4, 3, 1), (8, 0, 2), (16, 3, 1)]),
     "rope": (check_rope_kernel, [(torch.bfloat16, 32, 64), (torch.bfloat16, 8, 128), (torch.float16, 64, 128),
                                  (torch.float32, 32, 256), (torch.bfloat16, 16, 80)]),
     # hidden 16384: the backward spills 156 B (a whole row in registers; bench/NOTES.md step 11)
@@ -277,7 +303,7 @@ def _family_cases(family, ci=False):
 # CI runs the T4 family only: bench/static.py's gates (tests/test_static_report.py) compile the others' variants for
 # sm_90a, sm_89, sm_86 and sm_80; the script families stay for sweeping tiles by hand
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["tiles_sm75"])
+@pytest.mark.parametrize("family", ["tiles_sm75", "beam_search"])
 def test_kernels_compile_for_sm90(family):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, os.path.abspath(__file__), family, "--ci"], env=env,
