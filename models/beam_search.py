@@ -22,6 +22,7 @@ Two implementations share the state: ``fusedformers.kernels.beam_search`` (two T
 ``advance(..., fused=True)``) and :func:`advance_reference`, the readable PyTorch version, which the eager
 implementation runs and the tests compare against.
 """
+import collections
 from dataclasses import dataclass
 
 import torch
@@ -245,31 +246,32 @@ def finalize(state, num_return_sequences):
 
 
 class StopPoll:
-    """Whether the search has stopped, read without waiting for the device: on CUDA each step's verdict is copied
-    to pinned host memory behind an event and looked at once the event has passed, so the host keeps queueing
-    steps (later ones are no-ops, see :class:`BeamState`); on CPU the copy is done when it returns."""
+    """Whether the search has stopped, read without draining the device's queue.
 
-    def __init__(self, flag):
+    Each step's verdict is copied to (pinned) host memory without waiting and read from there: a copy still in
+    flight may leave the previous verdict, which is still right, since the verdict only ever turns True (and
+    steps after the stop are no-ops). On CUDA the host also keeps at most ``lead`` steps queued ahead of the GPU
+    (it waits for the event of the step ``lead`` back, which leaves ``lead`` steps in the queue), so that an
+    early stop does not leave a whole max_length of no-op steps queued. On CPU every copy is done when it
+    returns."""
+
+    def __init__(self, flag, lead=4):
         self.flag = flag
         self.cuda = flag.is_cuda
+        self.lead = lead
         self.host = torch.zeros(flag.shape, dtype=flag.dtype, pin_memory=self.cuda)
-        self.pending = []
+        self.events = collections.deque()
 
     def after_step(self):
-        """Queue the copy of this step's verdict; True if a verdict already seen says the search is over."""
-        if not self.cuda:
-            self.host.copy_(self.flag)
-            return bool(self.host.numpy()[0])  # a CPU tensor: a plain memory read, no device to wait for
-        copy = torch.empty_like(self.host, pin_memory=True)
-        copy.copy_(self.flag, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self.pending.append((event, copy))
-        while self.pending and self.pending[0][0].query():
-            _, seen = self.pending.pop(0)
-            if bool(seen.numpy()[0]):
-                return True
-        return False
+        """Queue the copy of this step's verdict; True if the host has seen that the search is over."""
+        self.host.copy_(self.flag, non_blocking=self.cuda)
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self.events.append(event)
+            if len(self.events) > self.lead:
+                self.events.popleft().synchronize()
+        return bool(self.host.numpy()[0])  # host memory: a plain read
 
 
 def beam_search(step, prompt, settings, reorder_cache, fused=False, recorded_step=None):
