@@ -346,11 +346,11 @@ def record_launch(variant, arch="sm_90a"):
             x = torch.empty(rows, v.hidden, device=meta, dtype=dtype)
             weight = torch.empty(v.hidden, device=meta, dtype=dtype)
             if v.kernel == "rms_norm_fwd":
-                rms_norm._rms_norm_forward(x, weight, 1e-6, residual=x if v.residual else None)
+                rms_norm._norm_forward(x, weight, 1e-6, residual=x if v.residual else None)
             else:
                 rstd = torch.empty(rows, device=meta, dtype=torch.float32)
-                rms_norm._rms_norm_backward(x, x, weight, rstd, dh=x if v.residual else None,
-                                            num_programs=4 * SM_COUNT)
+                rms_norm._norm_backward(x, x, weight, rstd, dh=x if v.residual else None,
+                                        num_programs=4 * SM_COUNT)
         elif v.kernel == "rope":
             (num_heads,) = v.heads
             x = torch.empty(BATCH, SEQ_LEN, num_heads, v.head_dim, device=meta, dtype=dtype)
