@@ -15,6 +15,10 @@ What counts as a host synchronisation: an aten op that returns a host value read
 (``_local_scalar_dense``: ``.item()``, ``int(t)``, ``bool(t)``, ``if t:``; ``equal``, ``is_nonzero``), and
 ``Tensor.tolist()`` (on CPU tensors it reaches no aten op, so it is hooked).
 
+Not counted: the checks the launchers run on the host for CPU tensors only (``kernels.checks.host_only_check``,
+e.g. ``kv_batch_index``'s range), which CUDA kernels make themselves without a launch; they are listed in
+``cpu_only``.
+
 ``LaunchCounter`` is a context manager; ``count(fn)`` runs ``fn`` under one and returns the counter. Its ``ops``
 (a Counter by op name) say what was counted. Used by ``tests/test_launch_budget.py`` (which holds the budgets)
 and by the benchmark's model part (``launches_per_step``).
@@ -25,6 +29,8 @@ import functools
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fusedformers.kernels.checks import in_host_only_check
+
 # ops that allocate or only describe a tensor: no kernel runs
 _NO_LAUNCH = frozenset({
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted", "resize_",
@@ -32,6 +38,7 @@ _NO_LAUNCH = frozenset({
     "sym_numel", "sym_storage_offset", "_has_compatible_shallow_copy_type", "is_coalesced", "dim", "size",
     "stride", "numel", "storage_offset", "is_contiguous", "_nested_tensor_size", "record_stream",
     "_unsafe_view", "_reshape_alias", "promote_types", "result_type",   # views without an alias annotation
+    "scalar_tensor",   # torch.where(cond, x, 0.0) wraps the Python scalar in a 0-dim host tensor
 })
 # ops that read a value back to the host (on a GPU: wait for every queued kernel)
 _HOST_READS = frozenset({"_local_scalar_dense", "equal", "is_nonzero"})
@@ -69,6 +76,7 @@ class LaunchCounter:
         self.syncs = 0
         self.ops = collections.Counter()
         self.sync_ops = collections.Counter()
+        self.cpu_only = collections.Counter()
         self._inside_triton = 0
         self._mode = None
         self._restore = []
@@ -77,6 +85,9 @@ class LaunchCounter:
         if self._inside_triton:
             return
         name = _op_name(func)
+        if in_host_only_check():  # the interpreter path's host check of what CUDA kernels check themselves
+            self.cpu_only[name] += 1
+            return
         if name in _HOST_READS:
             self.syncs += 1
             self.sync_ops[name] += 1
@@ -152,7 +163,7 @@ def count(fn, *args, **kwargs):
 
 
 def per_unit(count_small, count_large, units_small, units_large):
-    """The slope and intercept of a count measured at two sizes (per layer from 2- and 4-layer models, per step
+    """The slope and intercept of a count measured at two sizes (per layer from 1- and 2-layer models, per step
     from two generation lengths): ``(per unit, rest)``."""
     slope = (count_large - count_small) / (units_large - units_small)
     return slope, count_small - slope * units_small
@@ -164,8 +175,8 @@ def per_unit(count_small, count_large, units_small, units_large):
 LLAMA_SHAPE = dict(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=64, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
                    pad_token_id=0)
-BART_SHAPE = dict(model_type="bart", vocab_size=96, d_model=64, encoder_layers=1, encoder_attention_heads=4,
-                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128)
+BART_SHAPE = dict(model_type="bart", vocab_size=96, d_model=32, encoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128)
 
 
 def _ours(kind, layers):
@@ -204,7 +215,7 @@ def _generate_counts(model, kind, new_tokens, settings):
     return counter
 
 
-def decode_step_launches(kind, impl="ours", layers=(2, 4), steps=(3, 6), **settings):
+def decode_step_launches(kind, impl="ours", layers=(1, 2), steps=(1, 2), **settings):
     """Launches and syncs per decode step of ``generate`` (tiny model of ``kind`` "llama" or "bart", ``impl``
     "ours" or "hf"), split into per decoder layer and outside the layers: the slope between two generation
     lengths (``steps``, so the prefill and the final cut are excluded), then between two layer counts.

@@ -1,4 +1,6 @@
 """Argument checks shared by the kernel wrappers: every error names the argument and what was expected."""
+import contextlib
+
 import torch
 
 from fusedformers.kernels.interpreter import interpreter_on
@@ -86,13 +88,37 @@ def check_kv_batch_index_range(kv_batch_index, kv_batch):
     not move the version counter). The launchers call this for CPU tensors (the interpreter: a ValueError); on
     CUDA the kernels check each entry they read themselves (``decode_attention.kv_batch_row``: print and trap,
     no host sync, no extra launch); on CUDA this is an asynchronous device assert (one min/max reduction)."""
-    lowest, highest = torch.aminmax(kv_batch_index)
-    in_range = (lowest >= 0) & (highest < kv_batch)
-    if kv_batch_index.is_cuda:
-        torch._assert_async(in_range, f"kv_batch_index entries must be in [0, {kv_batch}) (k's batch)")
-    elif not in_range:
-        raise ValueError(f"kv_batch_index entries must be in [0, {kv_batch}) (k's batch), "
-                         f"got {kv_batch_index.tolist()}")
+    with host_only_check(kv_batch_index):
+        lowest, highest = torch.aminmax(kv_batch_index)
+        in_range = (lowest >= 0) & (highest < kv_batch)
+        if kv_batch_index.is_cuda:
+            torch._assert_async(in_range, f"kv_batch_index entries must be in [0, {kv_batch}) (k's batch)")
+        elif not in_range:
+            raise ValueError(f"kv_batch_index entries must be in [0, {kv_batch}) (k's batch), "
+                             f"got {kv_batch_index.tolist()}")
+
+
+class _HostOnlyChecks:
+    """Marks the checks that the launchers run for CPU tensors only (through the interpreter), which a CUDA run
+    does in the kernels themselves. ``fusedformers.bench.launches`` counts their ops apart (``cpu_only``): they
+    are not launches a GPU decode step makes. ``depth`` > 0 inside such a check."""
+    depth = 0
+
+
+def in_host_only_check():
+    """True inside :func:`host_only_check` (read by ``fusedformers.bench.launches``)."""
+    return _HostOnlyChecks.depth > 0
+
+
+@contextlib.contextmanager
+def host_only_check(t):
+    """The body checks ``t`` on the host in place of the kernels (CPU tensors only; see :class:`_HostOnlyChecks`)."""
+    cpu = t.device.type == "cpu"
+    _HostOnlyChecks.depth += cpu
+    try:
+        yield
+    finally:
+        _HostOnlyChecks.depth -= cpu
 
 
 # read once: triton reads it when it is imported (before this module), and it cannot change after that

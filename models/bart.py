@@ -13,7 +13,9 @@ bidirectional with the source padding mask; decoder self-attention is causal and
 preallocated :class:`KVCache`; cross-attention K/V are projected once per source sentence and read by every beam
 through ``kv_batch_index`` (never expanded, never reordered: beam search reorders the self-attention cache only).
 """
+import functools
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -29,6 +31,7 @@ from fusedformers.models.checkpoint import (
     refuse_unknown_fields,
     save_safetensors,
 )
+from fusedformers.models.cuda_graph import StepGraph
 from fusedformers.models.generation import (
     BEAM_SEARCH,
     INITIAL_ROOM,
@@ -41,7 +44,7 @@ from fusedformers.models.generation import (
 )
 from fusedformers.models.kv_cache import KVCache
 from fusedformers.models.layers import ACTIVATIONS, CheckpointedLayer, LayerNorm
-from fusedformers.models.ops import check_implementation, ops_for
+from fusedformers.models.ops import OPS, check_implementation, ops_for
 
 POSITION_OFFSET = 2  # BART's learned positions are stored shifted by 2 (a fairseq legacy)
 # BART's own bookkeeping fields in HF and fairseq-converted config.json files (see checkpoint.IGNORED_CONFIG_KEYS
@@ -281,12 +284,17 @@ class BartDecoderLayer(_BartLayer):
         precomputed once per source; kv_batch_index ``[N]`` maps decoder rows to source rows (None: N == B).
         encoder_attention_mask ``[N, Ls]``; attention_mask ``[N, Lt]`` decoder padding (training only).
         cache: the self-attention KVCache (generation): the new K/V are written at the device positions
-        ``cache_position [Lt]``, after the ``past_len`` positions already there.
+        ``cache_position [Lt]``, after the ``past_len`` positions already there. ``past_len=None``: a fixed-shape
+        step (one token per row, see ``BartDecoder.forward``): the whole cache is attended, attention_mask
+        ``[N, max_len]`` marking the written positions.
         """
         k, v = self.self_attn.project_kv(hidden_states)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, cache_position, past_len + hidden_states.shape[1])
-        attn = self.self_attn(hidden_states, k, v, causal=True, key_padding_mask=attention_mask, past_len=past_len)
+            kv_len = None if past_len is None else past_len + hidden_states.shape[1]
+            k, v = cache.update(self.layer_idx, k, v, cache_position, kv_len)
+        # a fixed-shape step has one query row: the mask alone hides the positions after it
+        attn = self.self_attn(hidden_states, k, v, causal=past_len is not None, key_padding_mask=attention_mask,
+                              past_len=past_len)
         hidden_states = self.self_attn_layer_norm(F.dropout(attn, self.dropout, self.training), residual=hidden_states)
 
         if cross_kv is None:
@@ -322,7 +330,8 @@ class BartScaledEmbedding(nn.Embedding):
         self.embed_scale = embed_scale
 
     def forward(self, input_ids):
-        return super().forward(input_ids) * self.embed_scale
+        embedded = super().forward(input_ids)
+        return embedded * self.embed_scale if self.embed_scale != 1.0 else embedded  # x * 1.0 is x: no launch
 
 
 def _expand_mask_check(mask, ids, what):
@@ -344,12 +353,16 @@ class _Stack(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.dropout, self.layerdrop = config.dropout, layerdrop
 
-    def _embed(self, input_ids, past_len=0):
-        """LN(tokens + positions): the positions ``[L, d]`` are the residual of the fused add, broadcast over the
-        batch (a zero row stride at L = 1, the decode step: no copy; a longer one is expanded by the kernel's
-        wrapper, one copy in place of the add)."""
+    def _embed(self, input_ids, past_len=0, position=None):
+        """LN(tokens + positions), the add fused into the LayerNorm; ``position``: a device ``[1]`` tensor, the
+        position of the one token per row of a fixed-shape step (instead of ``past_len``, a host int). The
+        positions ``[L, d]`` are the residual, broadcast over the batch: a zero row stride at L = 1 (a decode
+        step, no copy); a longer one is expanded by the kernel's wrapper (one copy in place of the add)."""
+        if position is None:
+            positions = self.embed_positions(input_ids.shape[1], past_len)
+        else:  # a view of the table from row POSITION_OFFSET on: no offset add
+            positions = F.embedding(position, self.embed_positions.weight[POSITION_OFFSET:])
         tokens = self.embed_tokens(input_ids)
-        positions = self.embed_positions(input_ids.shape[1], past_len)
         return F.dropout(self.layernorm_embedding(tokens, residual=positions.expand_as(tokens)), self.dropout,
                          self.training)
 
@@ -384,18 +397,25 @@ class BartDecoder(_Stack):
                          config.decoder_layerdrop)
 
     def forward(self, input_ids, encoder_hidden_states=None, encoder_attention_mask=None, attention_mask=None, *,
-                cache=None, cross_kv=None, kv_batch_index=None):
+                cache=None, cross_kv=None, kv_batch_index=None, position=None):
         """input_ids ``[N, Lt]`` -> ``[N, Lt, d]``. Training/scoring: encoder_hidden_states ``[N, Ls, d]``.
-        Generation: cache (advanced by Lt here), cross_kv (one (k, v) per layer) and kv_batch_index."""
-        attention_mask = _expand_mask_check(attention_mask, input_ids, "decoder_attention_mask")
+        Generation: cache (advanced by Lt here), cross_kv (one (k, v) per layer) and kv_batch_index.
+        ``position`` (a device ``[1]`` tensor): a fixed-shape step, one token per row at that position (no
+        host value read, so it can be recorded as a CUDA graph): its K/V are written there, the whole cache is
+        attended with attention_mask ``[N, max_len]`` (True: written), and cache.length is not moved."""
         if encoder_attention_mask is not None and encoder_attention_mask.dtype != torch.bool:
             encoder_attention_mask = encoder_attention_mask != 0
-        past_len = cache.length if cache is not None else 0
-        cache_position = None
-        if cache is not None:
-            cache.reserve(past_len + input_ids.shape[1])  # a cache continued past its size grows
-            cache_position = cache.next_positions(input_ids.shape[1])
-        hidden = self._embed(input_ids, past_len)
+        if position is not None:
+            past_len, cache_position = None, position
+            hidden = self._embed(input_ids, position=position)
+        else:
+            attention_mask = _expand_mask_check(attention_mask, input_ids, "decoder_attention_mask")
+            past_len = cache.length if cache is not None else 0
+            cache_position = None
+            if cache is not None:
+                cache.reserve(past_len + input_ids.shape[1])  # a cache continued past its size grows
+                cache_position = cache.next_positions(input_ids.shape[1])
+            hidden = self._embed(input_ids, past_len)
         for layer in self.layers:
             if self._skip_layer():
                 continue
@@ -403,7 +423,7 @@ class BartDecoder(_Stack):
             hidden = layer(hidden, encoder_hidden_states, encoder_attention_mask, attention_mask, cache=cache,
                            cache_position=cache_position, past_len=past_len, cross_kv=layer_kv,
                            kv_batch_index=kv_batch_index)
-        if cache is not None:
+        if cache is not None and position is None:
             cache.advance(input_ids.shape[1])
         return hidden
 
@@ -598,7 +618,8 @@ class BartForConditionalGeneration(ModelBase):
         return self.logits(hidden[:, -1])
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, *, decoder_input_ids=None, **settings):
+    def generate(self, input_ids, attention_mask=None, *, decoder_input_ids=None, cache_implementation=None,
+                 **settings):
         """Greedy (num_beams=1) or beam search with HF ``generate`` semantics.
 
         ``settings`` are HF's generation arguments (num_beams, max_new_tokens, max_length, min_new_tokens,
@@ -611,7 +632,14 @@ class BartForConditionalGeneration(ModelBase):
         NotImplementedError; ``use_cache`` is accepted and ignored (the cache is always used, same result).
 
         input_ids/attention_mask ``[B, Ls]``. Returns ``[B * num_return_sequences, P + generated]`` token ids,
-        P the decoder prompt length (1: decoder_start_token_id); finished rows are padded with pad_token_id."""
+        P the decoder prompt length (1: decoder_start_token_id); finished rows are padded with pad_token_id.
+
+        ``cache_implementation="static"`` (HF's name for its fixed-shape path), with beams: the self-attention
+        cache is allocated for the whole length, and after the decoder prompt every step — bookkeeping, cache
+        reorder and decoder — has fixed shapes and reads no host value, so on CUDA it is recorded once as a CUDA
+        graph and replayed (``_recorded_beam_step``); same tokens. Greedy decoding ignores it."""
+        if cache_implementation not in (None, "dynamic", "static"):
+            raise ValueError(f"cache_implementation must be None, 'dynamic' or 'static', got {cache_implementation!r}")
         check_prompt(input_ids, attention_mask, "input_ids")
         if decoder_input_ids is not None:
             check_prompt(decoder_input_ids, None, "decoder_input_ids")
@@ -621,16 +649,50 @@ class BartForConditionalGeneration(ModelBase):
                                     decoder_input_ids=decoder_input_ids)
         prompt = decoder_prompt(resolved, input_ids.shape[0], decoder_input_ids, input_ids.device)
         expand = max(resolved.num_beams, resolved.num_return_sequences)
-        # the self-attention cache starts with room for a first stretch of tokens and grows (doubling)
-        state = self.prepare_decoding(input_ids, attention_mask, expand,
+        static = cache_implementation == "static" and resolved.num_beams > 1
+        if static and resolved.max_length > self.config.max_position_embeddings:
+            warnings.warn(f"cache_implementation='static' needs max_length ({resolved.max_length}) <= "
+                          f"max_position_embeddings ({self.config.max_position_embeddings}); generating with the "
+                          "dynamic cache", stacklevel=2)
+            static = False
+        # the self-attention cache: the whole length (static), or room for a first stretch of tokens, grown by
+        # doubling
+        state = self.prepare_decoding(input_ids, attention_mask, expand, resolved.max_length if static else
                                       min(resolved.max_length, prompt.shape[1] + INITIAL_ROOM))
 
         def step(tokens):
             return self.decode_step(tokens, state)
 
         if resolved.num_beams > 1:
+            fused = ops_for(self.config.attn_implementation, self.device) is OPS["fused"]
+            recorded = functools.partial(self._recorded_beam_step, state, resolved, fused) if static else None
             return beam_search.beam_search(step, prompt.repeat_interleave(expand, dim=0), resolved,
-                                           reorder_cache=state.self_cache.reorder)
+                                           reorder_cache=state.self_cache.reorder, fused=fused,
+                                           recorded_step=recorded)
         # a decoder position past the learned table is an error: check for finished rows every step near it
         near_the_end = resolved.max_length > self.config.max_position_embeddings
         return sample_loop(step, prompt, resolved, stop_check_interval=1 if near_the_end else STOP_CHECK_INTERVAL)
+
+    def _recorded_beam_step(self, decoding, settings, fused, beams, logits):
+        """The fixed-shape beam step of ``generate(cache_implementation="static")``: a :class:`StepGraph` whose
+        every call runs one whole step — the bookkeeping (``beam_search.advance``) on the logits buffer, the
+        reorder of the whole self-attention cache, the decoder on ``beams.next_tokens`` at the device-side
+        position ``prompt_len + step - 1`` — and returns the next logits in the same buffer. Nothing reads a
+        host value, so on CUDA the step is a replayed CUDA graph. ``beams``: the ``BeamState``; ``logits``: the
+        decoder prompt's next-token logits ``[N, V]``."""
+        cache = decoding.self_cache
+        logits_buffer = logits.clone()
+        cache_positions = torch.arange(cache.max_len, device=logits.device)
+
+        def body():
+            beam_search.advance(beams, logits_buffer, settings, fused)
+            cache.reorder(beams.beam_idx, cache.max_len)
+            position = beams.step + (beams.prompt_len - 1)   # of the token fed (after a stop: unchanged)
+            written = (cache_positions <= position).expand(cache.batch_size, cache.max_len)
+            hidden = self.model.decoder(beams.next_tokens, encoder_attention_mask=decoding.cross_mask,
+                                        attention_mask=written, cache=cache, cross_kv=decoding.cross_kv,
+                                        kv_batch_index=decoding.kv_batch_index, position=position)
+            logits_buffer.copy_(self.logits(hidden[:, -1]))
+            return logits_buffer
+
+        return StepGraph(body, logits.device if logits.is_cuda else None)

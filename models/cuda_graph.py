@@ -12,14 +12,17 @@ import torch
 
 
 class StepGraph:
-    """Runs ``body()`` eagerly, or (``device`` a CUDA device) records it as a CUDA graph the first time and
-    replays it.
+    """Runs ``body()`` once per call: eagerly, or (``device`` a CUDA device) as a CUDA graph recorded on the
+    third call and replayed from then on.
 
-    ``body`` must read its inputs only from fixed buffers, return a tensor of a fixed shape, and be idempotent
-    for the same inputs (it runs twice to warm up — compiling the Triton kernels and settling the allocator —
-    before it is recorded). The returned tensor is the same buffer after every replay: consume it before the
-    next call. If recording fails, a warning is given and the step runs eagerly from then on.
+    ``body`` must read its inputs only from fixed buffers (which it may update itself: a beam-search step moves
+    its own state), return a tensor of a fixed shape, and read no host value. The first ``WARM_UP_CALLS`` calls
+    run it eagerly on a side stream (compiling the Triton kernels and settling the allocator, as recording
+    requires); they are real steps, so nothing runs twice. The returned tensor is the same buffer after every
+    replay: consume it before the next call. If recording fails, a warning is given and the step runs eagerly
+    from then on.
     """
+    WARM_UP_CALLS = 2
 
     def __init__(self, body, device=None):
         self.body = body
@@ -27,13 +30,17 @@ class StepGraph:
         self.use_graph = self.device is not None and self.device.type == "cuda"
         self.graph = None
         self.output = None
+        self.calls = 0
 
     def __call__(self):
+        self.calls += 1
         if not self.use_graph:
             return self.body()
         # the streams, the recording and the replay all belong to the body's device, which need not be the
         # current one (a graph recorded from another device's stream would capture nothing)
         with torch.cuda.device(self.device):
+            if self.graph is None and self.calls <= self.WARM_UP_CALLS:
+                return self._warm_up()
             if self.graph is None:
                 self._record()
             if self.graph is None:
@@ -41,14 +48,16 @@ class StepGraph:
             self.graph.replay()
         return self.output
 
-    def _record(self):
+    def _warm_up(self):
         current = torch.cuda.current_stream(self.device)
-        warm_up = torch.cuda.Stream(device=self.device)
-        warm_up.wait_stream(current)
-        with torch.cuda.stream(warm_up):
-            for _ in range(2):
-                self.body()
-        current.wait_stream(warm_up)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            output = self.body()
+        current.wait_stream(side)
+        return output
+
+    def _record(self):
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=self.device)):

@@ -17,11 +17,16 @@ class KVCache:
                  device="cpu"):
         if max_len <= 0:
             raise ValueError(f"KVCache max_len must be positive, got {max_len}")
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # one buffer for every layer's keys and values, so that a beam reorder is one gather and one copy
+        self.storage = torch.zeros((2, num_layers, batch_size, num_kv_heads, max_len, head_dim), dtype=dtype,
+                                   device=device)
+        self._views()
         self.max_len = max_len
         self.length = 0
+
+    def _views(self):
+        self.k = list(self.storage[0].unbind(0))   # [B, Hkv, max_len, D] per layer, contiguous views
+        self.v = list(self.storage[1].unbind(0))
 
     @property
     def num_layers(self):
@@ -29,14 +34,14 @@ class KVCache:
 
     @property
     def batch_size(self):
-        return self.k[0].shape[0] if self.k else 0
+        return self.storage.shape[2]
 
     def __len__(self):
         return self.length
 
     def next_positions(self, n):
         """``cache_position [n]``: the next ``n`` positions ``[length, length + n)``, on the cache's device."""
-        return torch.arange(self.length, self.length + n, device=self.k[0].device if self.k else None)
+        return torch.arange(self.length, self.length + n, device=self.storage.device)
 
     def update(self, layer_idx, k_new, v_new, cache_position, kv_len=None):
         """Write ``k_new, v_new [B, Hkv, n, D]`` (any strides) of one layer at the positions ``cache_position``
@@ -64,11 +69,10 @@ class KVCache:
         if length <= self.max_len:
             return
         new_len = max(length, 2 * self.max_len)
-        for buffers in (self.k, self.v):
-            for i, old in enumerate(buffers):
-                new = old.new_zeros(old.shape[:2] + (new_len,) + old.shape[3:])
-                new[:, :, :self.length] = old[:, :, :self.length]
-                buffers[i] = new
+        old = self.storage
+        self.storage = old.new_zeros(old.shape[:4] + (new_len,) + old.shape[5:])
+        self.storage[:, :, :, :, :self.length] = old[:, :, :, :, :self.length]
+        self._views()
         self.max_len = new_len
 
     def advance(self, n):
@@ -78,11 +82,14 @@ class KVCache:
                              f"{self.max_len}")
         self.length += n
 
-    def reorder(self, beam_idx):
-        """Permute/duplicate batch rows in place: row b becomes old row ``beam_idx[b]`` (beam search)."""
-        beam_idx = beam_idx.to(device=self.k[0].device, dtype=torch.long) if self.k else beam_idx
-        for cache in self.k + self.v:
-            cache[:, :, :self.length].copy_(cache[:, :, :self.length].index_select(0, beam_idx))
+    def reorder(self, beam_idx, length=None):
+        """Permute/duplicate batch rows in place: row b becomes old row ``beam_idx[b]`` (beam search), for every
+        layer's keys and values at once (two launches). ``length``: the positions to move (default: the filled
+        ones; a fixed-shape step, which does not know the length on the host, passes max_len)."""
+        length = self.length if length is None else length
+        beam_idx = beam_idx.to(device=self.storage.device, dtype=torch.long)
+        rows = self.storage[:, :, :, :, :length]
+        rows.copy_(rows.index_select(2, beam_idx))
 
     def reset(self):
         self.length = 0
