@@ -13,10 +13,11 @@ passes, the launchers' tiles and the autotune candidates) this records, per arch
   and its backward branch) and per score: ``loop instructions x num_warps x 32 / (BLOCK_M x BLOCK_N)``.
 
 The launch arguments are the launchers' own: each launcher (``kernels/attention.py``, ``decode_attention.py``,
-``rms_norm.py``, ``rope.py``) is called on ``meta`` tensors with its kernels replaced by recorders, its tile
-choice asked of ``kernels/tiles.py`` for a CUDA device, and every recorded launch is specialised by Triton's own
-JIT binder (pointers 16-byte aligned, integer 1 a constexpr, other integers divisible by 16 get
-``tt.divisibility``, ``do_not_specialize`` honoured): what is compiled here is what the JIT would compile.
+``rms_norm.py``, also LayerNorm's, ``rope.py``) is called on ``meta`` tensors with its kernels replaced by
+recorders, its tile choice asked of ``kernels/tiles.py`` for a CUDA device, and every recorded launch is
+specialised by Triton's own JIT binder (pointers 16-byte aligned, integer 1 a constexpr, other integers divisible
+by 16 get ``tt.divisibility``, ``do_not_specialize`` honoured): what is compiled here is what the JIT would
+compile.
 
 The full set (``all_variants``): on sm_90a every flag set for bf16 (wgmma serialization depends on the mask
 kind), fp16 / fp32 / D=80 with FEWER_FLAGS, and the autotune candidates; on the other architectures FEWER_FLAGS
@@ -86,8 +87,9 @@ class Variant:
     dropout: bool = False
     tile: tuple = None           # an autotune candidate, else the launcher's default
     heads: tuple = ()            # decode (Hq, Hkv, Lq); rope (H,)
-    hidden: int = 0              # rms_norm
-    residual: bool = False       # rms_norm: fused residual add (forward) / gradient of h (backward)
+    hidden: int = 0              # rms_norm, layer_norm
+    residual: bool = False       # rms_norm: fused residual add (forward) / gradient of h (backward); layer_norm:
+                                 # fused residual add with h kept for the backward (forward only)
     backward: bool = False       # rope
 
     @property
@@ -123,6 +125,7 @@ AUTOTUNE_FLAGS = [(True, "int64", False, False)]
 DECODE_HEADS = ((32, 8, 1), (8, 1, 1), (32, 4, 16))
 DECODE_FLAGS = [(True, "int64", False), (True, "none", False), (False, "int64", True)]
 RMS_NORM_HIDDEN = (1024, 4096, 8192, 16384)
+LAYER_NORM_HIDDEN = (768, 1024, 4096)  # BART-base, BART-large, a wide one
 ROPE_SHAPES = ((32, 64), (8, 128), (32, 128), (16, 80), (32, 256))
 
 
@@ -154,6 +157,10 @@ def all_variants(arch="sm_90a"):
             for residual in (False, True):
                 out.append(Variant("rms_norm_fwd", dtype, hidden=hidden, residual=residual))
                 out.append(Variant("rms_norm_bwd", dtype, hidden=hidden, residual=residual))
+        for hidden in LAYER_NORM_HIDDEN:
+            for residual in (False, True):
+                out.append(Variant("layer_norm_fwd", dtype, hidden=hidden, residual=residual))
+            out.append(Variant("layer_norm_bwd", dtype, hidden=hidden))
         for heads, head_dim in ROPE_SHAPES:
             for backward in (False, True):
                 out.append(Variant("rope", dtype, head_dim, heads=(heads,), backward=backward))
@@ -195,6 +202,8 @@ def ci_variants(arch):
             keep = v.dtype == "bf16" and v.head_dim == 128 and v.padding == "int64" and v.causal
         elif v.kernel in ("rms_norm_fwd", "rms_norm_bwd"):
             keep = v.dtype == "bf16" and v.hidden in (4096, 16384) and v.residual
+        elif v.kernel in ("layer_norm_fwd", "layer_norm_bwd"):
+            keep = v.dtype == "bf16" and v.hidden == 1024 and (v.residual or v.kernel == "layer_norm_bwd")
         elif v.kernel == "rope":
             keep = v.dtype == "bf16" and v.heads == (32,) and v.head_dim == 128 and v.backward
         else:  # bwd_preprocess, dropout_mask, decode_combine
@@ -265,7 +274,8 @@ def _kernel_names():
     return dict(fwd="_attn_fwd_kernel", dkdv="_attn_bwd_dkdv_kernel", dq="_attn_bwd_dq_kernel",
                 bwd_preprocess="_bwd_preprocess_kernel", dropout_mask="_dropout_mask_kernel",
                 decode_split="_decode_split_kernel", decode_combine="_decode_combine_kernel",
-                rms_norm_fwd="_rms_norm_fwd_kernel", rms_norm_bwd="_rms_norm_bwd_kernel", rope="_rope_kernel")
+                rms_norm_fwd="_rms_norm_fwd_kernel", rms_norm_bwd="_rms_norm_bwd_kernel", rope="_rope_kernel",
+                layer_norm_fwd="_rms_norm_fwd_kernel", layer_norm_bwd="_rms_norm_bwd_kernel")
 
 
 def record_launch(variant, arch="sm_90a"):
@@ -346,11 +356,21 @@ def record_launch(variant, arch="sm_90a"):
             x = torch.empty(rows, v.hidden, device=meta, dtype=dtype)
             weight = torch.empty(v.hidden, device=meta, dtype=dtype)
             if v.kernel == "rms_norm_fwd":
-                rms_norm._rms_norm_forward(x, weight, 1e-6, residual=x if v.residual else None)
+                rms_norm._norm_forward(x, weight, 1e-6, residual=x if v.residual else None)
             else:
                 rstd = torch.empty(rows, device=meta, dtype=torch.float32)
-                rms_norm._rms_norm_backward(x, x, weight, rstd, dh=x if v.residual else None,
-                                            num_programs=4 * SM_COUNT)
+                rms_norm._norm_backward(x, x, weight, rstd, dh=x if v.residual else None,
+                                        num_programs=4 * SM_COUNT)
+        elif v.kernel in ("layer_norm_fwd", "layer_norm_bwd"):
+            rows = BATCH * SEQ_LEN
+            x = torch.empty(rows, v.hidden, device=meta, dtype=dtype)
+            weight = torch.empty(v.hidden, device=meta, dtype=dtype)
+            if v.kernel == "layer_norm_fwd":
+                rms_norm._norm_forward(x, weight, 1e-5, residual=x if v.residual else None, bias=weight,
+                                       layer_norm=True)
+            else:
+                stats = torch.empty(rows, device=meta, dtype=torch.float32)
+                rms_norm._norm_backward(x, x, weight, stats, mean=stats, num_programs=4 * SM_COUNT)
         elif v.kernel == "rope":
             (num_heads,) = v.heads
             x = torch.empty(BATCH, SEQ_LEN, num_heads, v.head_dim, device=meta, dtype=dtype)
@@ -655,7 +675,8 @@ def _tile(record):
 def _label(variant):
     v = variant
     what = {"decode_split": "decode split", "decode_combine": "decode combine", "rms_norm_fwd": "rms_norm fwd",
-            "rms_norm_bwd": "rms_norm bwd", "bwd_preprocess": "bwd preprocess"}.get(v["kernel"], v["kernel"])
+            "rms_norm_bwd": "rms_norm bwd", "layer_norm_fwd": "layer_norm fwd", "layer_norm_bwd": "layer_norm bwd",
+            "bwd_preprocess": "bwd preprocess"}.get(v["kernel"], v["kernel"])
     if v.get("hidden"):
         return f"{what} N={v['hidden']}"
     return f"{what} D={v['head_dim']}" if v.get("head_dim") else what

@@ -1,5 +1,5 @@
 """fusedformers Triton kernels: fused masked attention (forward and backward, with a split-KV decode path,
-attention dropout), RMSNorm (forward and backward, optionally fused with the residual add) and RoPE.
+attention dropout), RMSNorm and LayerNorm (forward and backward, optionally fused with the residual add) and RoPE.
 
 With ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU through Triton's interpreter;
 importing this package applies the interpreter fixes of ``fusedformers.kernels.interpreter`` by itself.
@@ -10,8 +10,14 @@ if interpreter.interpreter_on():
     interpreter.install()
 
 from fusedformers.kernels.attention import attention  # noqa: E402
-from fusedformers.kernels.reference import attention_reference, rms_norm_reference, rope_reference  # noqa: E402
-from fusedformers.kernels.rms_norm import rms_norm  # noqa: E402
+from fusedformers.kernels.reference import (  # noqa: E402
+    attention_reference,
+    layer_norm_reference,
+    rms_norm_reference,
+    rope_reference,
+)
+from fusedformers.kernels.rms_norm import layer_norm, rms_norm  # noqa: E402
 from fusedformers.kernels.rope import rope  # noqa: E402
 
-__all__ = ["attention", "rms_norm", "rope", "attention_reference", "rms_norm_reference", "rope_reference"]
+__all__ = ["attention", "layer_norm", "rms_norm", "rope", "attention_reference", "layer_norm_reference",
+           "rms_norm_reference", "rope_reference"]

@@ -93,3 +93,12 @@ def rms_norm_reference(x, weight, eps=1e-6, residual=None):
     hidden = hidden * torch.rsqrt(variance + eps)
     out = weight * hidden.to(x.dtype)
     return (out, x) if residual is not None else out
+
+
+def layer_norm_reference(x, weight, bias, eps=1e-5, residual=None):
+    """``torch.nn.LayerNorm`` of the last dimension (aten's ``layer_norm``: statistics and the affine map in float32
+    for 16-bit x, one rounding to x's dtype), as HF's BART uses it; with ``residual``, of ``x + residual`` (in
+    x's dtype): BART's post-LN ``LN(hidden + sublayer_out)``. x ``[..., N]``, weight and bias ``[N]``."""
+    if residual is not None:
+        x = x + residual
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)

@@ -405,15 +405,17 @@ def decode_plan(batch, num_heads, num_kv_heads, q_len, k_len, head_dim, *, causa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# RMSNorm (kernels/rms_norm.py)
+# RMSNorm and LayerNorm (kernels/rms_norm.py: one forward and one backward kernel serve both)
 # ----------------------------------------------------------------------------------------------------------------
 def rms_norm_num_warps(block_n):
-    """Warps per program for a row block of ``block_n`` elements (about 256 elements per warp, 1 to 16 warps)."""
+    """Warps per program for a row block of ``block_n`` elements (about 256 elements per warp, 1 to 16 warps);
+    RMSNorm's and LayerNorm's (whose rows cost one more reduction and, in the backward, one more partial sum)."""
     return min(max(block_n // 256, 1), 16)
 
 
 def rms_norm_backward_programs(rows, device):
-    """Programs of the backward kernel: a few per SM on a GPU (each keeps a float32 dweight partial sum)."""
+    """Programs of the backward kernel: a few per SM on a GPU (each keeps a float32 dweight partial sum, and
+    LayerNorm's a dbias one)."""
     if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:

@@ -43,7 +43,7 @@ from fusedformers.models.generation import (
     sample_loop,
 )
 from fusedformers.models.kv_cache import KVCache
-from fusedformers.models.layers import ACTIVATIONS, CheckpointedLayer
+from fusedformers.models.layers import ACTIVATIONS, CheckpointedLayer, LayerNorm
 from fusedformers.models.ops import OPS, check_implementation, ops_for
 
 POSITION_OFFSET = 2  # BART's learned positions are stored shifted by 2 (a fairseq legacy)
@@ -232,14 +232,14 @@ class _BartLayer(CheckpointedLayer):
         d = config.d_model
         self.fc1 = nn.Linear(d, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, d)
-        self.final_layer_norm = nn.LayerNorm(d)
+        self.final_layer_norm = LayerNorm(config, d)
         self.activation = ACTIVATIONS[config.activation_function]
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
 
     def _residual_ffn(self, x):
-        """x = LN(x + fc2(act(fc1(x))))."""
+        """x = LN(x + fc2(act(fc1(x)))) (the residual add fused into the LayerNorm)."""
         h = F.dropout(self.activation(self.fc1(x)), self.activation_dropout, self.training)
-        return self.final_layer_norm(x + F.dropout(self.fc2(h), self.dropout, self.training))
+        return self.final_layer_norm(F.dropout(self.fc2(h), self.dropout, self.training), residual=x)
 
 
 class BartEncoderLayer(_BartLayer):
@@ -248,14 +248,14 @@ class BartEncoderLayer(_BartLayer):
     def __init__(self, config):
         super().__init__()
         self.self_attn = BartAttention(config, config.encoder_attention_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
+        self.self_attn_layer_norm = LayerNorm(config, config.d_model)
         self._init_ffn(config, config.encoder_ffn_dim)
 
     def forward(self, hidden_states, attention_mask=None):
         """hidden_states ``[B, Ls, d]``, attention_mask ``[B, Ls]`` bool (True = token) -> ``[B, Ls, d]``."""
         k, v = self.self_attn.project_kv(hidden_states)
         attn = self.self_attn(hidden_states, k, v, causal=False, key_padding_mask=attention_mask)
-        hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attn, self.dropout, self.training))
+        hidden_states = self.self_attn_layer_norm(F.dropout(attn, self.dropout, self.training), residual=hidden_states)
         hidden_states = self._residual_ffn(hidden_states)
         if hidden_states.dtype == torch.float16 and not torch.isfinite(hidden_states).all():
             clamp = torch.finfo(torch.float16).max - 1000  # as HF: keep fp16 activations finite
@@ -271,9 +271,9 @@ class BartDecoderLayer(_BartLayer):
         d, heads = config.d_model, config.decoder_attention_heads
         self.layer_idx = layer_idx
         self.self_attn = BartAttention(config, heads)
-        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.self_attn_layer_norm = LayerNorm(config, d)
         self.encoder_attn = BartAttention(config, heads)
-        self.encoder_attn_layer_norm = nn.LayerNorm(d)
+        self.encoder_attn_layer_norm = LayerNorm(config, d)
         self._init_ffn(config, config.decoder_ffn_dim)
 
     def forward(self, hidden_states, encoder_hidden_states=None, encoder_attention_mask=None, attention_mask=None,
@@ -295,13 +295,14 @@ class BartDecoderLayer(_BartLayer):
         # a fixed-shape step has one query row: the mask alone hides the positions after it
         attn = self.self_attn(hidden_states, k, v, causal=past_len is not None, key_padding_mask=attention_mask,
                               past_len=past_len)
-        hidden_states = self.self_attn_layer_norm(hidden_states + F.dropout(attn, self.dropout, self.training))
+        hidden_states = self.self_attn_layer_norm(F.dropout(attn, self.dropout, self.training), residual=hidden_states)
 
         if cross_kv is None:
             cross_kv = self.encoder_attn.project_kv(encoder_hidden_states)
         attn = self.encoder_attn(hidden_states, *cross_kv, causal=False, key_padding_mask=encoder_attention_mask,
                                  kv_batch_index=kv_batch_index)
-        hidden_states = self.encoder_attn_layer_norm(hidden_states + F.dropout(attn, self.dropout, self.training))
+        hidden_states = self.encoder_attn_layer_norm(F.dropout(attn, self.dropout, self.training),
+                                                     residual=hidden_states)
         return self._residual_ffn(hidden_states)
 
 
@@ -348,19 +349,22 @@ class _Stack(nn.Module):
         super().__init__()
         self.embed_tokens = shared
         self.embed_positions = BartLearnedPositionalEmbedding(config.max_position_embeddings, config.d_model)
-        self.layernorm_embedding = nn.LayerNorm(config.d_model)
+        self.layernorm_embedding = LayerNorm(config, config.d_model)
         self.layers = nn.ModuleList(layers)
         self.dropout, self.layerdrop = config.dropout, layerdrop
 
     def _embed(self, input_ids, past_len=0, position=None):
-        """Token + position embeddings, normalised; ``position``: a device ``[1]`` tensor, the position of the
-        one token per row of a fixed-shape step (instead of ``past_len``, a host int)."""
+        """LN(tokens + positions), the add fused into the LayerNorm; ``position``: a device ``[1]`` tensor, the
+        position of the one token per row of a fixed-shape step (instead of ``past_len``, a host int). The
+        positions ``[L, d]`` are the residual, broadcast over the batch: a zero row stride at L = 1 (a decode
+        step, no copy); a longer one is expanded by the kernel's wrapper (one copy in place of the add)."""
         if position is None:
             positions = self.embed_positions(input_ids.shape[1], past_len)
         else:  # a view of the table from row POSITION_OFFSET on: no offset add
             positions = F.embedding(position, self.embed_positions.weight[POSITION_OFFSET:])
-        hidden = self.embed_tokens(input_ids) + positions
-        return F.dropout(self.layernorm_embedding(hidden), self.dropout, self.training)
+        tokens = self.embed_tokens(input_ids)
+        return F.dropout(self.layernorm_embedding(tokens, residual=positions.expand_as(tokens)), self.dropout,
+                         self.training)
 
     def _skip_layer(self):
         """LayerDrop. As HF, one draw per layer in training even when layerdrop is 0, so that a seeded run
@@ -499,7 +503,7 @@ class BartForConditionalGeneration(ModelBase):
                     module.weight.normal_(0.0, std)
                     if module.padding_idx is not None:
                         module.weight[module.padding_idx].zero_()
-                elif isinstance(module, nn.LayerNorm):
+                elif isinstance(module, LayerNorm):
                     module.weight.fill_(1.0)
                     module.bias.zero_()
             self.final_logits_bias.zero_()

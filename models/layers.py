@@ -1,10 +1,13 @@
-"""Pieces both models build their layers from: the activation table and the gradient-checkpointing base."""
+"""Pieces the models build their layers from: the activation table, the gradient-checkpointing base, LayerNorm."""
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+# the module, not its names: models/ops.py imports this module too (warn_once)
+from fusedformers.models import ops
 
 
 def _gelu_tanh(x):
@@ -61,3 +64,29 @@ def set_gradient_checkpointing(model, enabled):
     for module in model.modules():
         if isinstance(module, CheckpointedLayer):
             module.gradient_checkpointing = enabled
+
+
+class LayerNorm(nn.Module):
+    """``nn.LayerNorm`` over the last dim (parameters ``weight`` and ``bias``, as in HF checkpoints) on the op
+    registry's ``layer_norm`` (the fused kernel, or aten's), optionally fused with the residual add before it."""
+
+    def __init__(self, config, dim, eps=1e-5):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x, residual=None):
+        """x ``[..., dim]`` (and residual of x's shape and dtype) -> ``LN(x + residual)`` ``[..., dim]``."""
+        return ops.ops_for(self.config.attn_implementation, x.device).layer_norm(x, self.weight, self.bias,
+                                                                                 self.eps, residual=residual)
+
+    def reset_parameters(self):
+        """Unit weight, zero bias (``nn.LayerNorm``'s initialisation)."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -1,5 +1,6 @@
 """The op implementations the models call, looked up by name at call time (the shape of HF's
-``ALL_ATTENTION_FUNCTIONS``): ``OPS[name]`` holds the attention, RMSNorm and RoPE functions of one implementation.
+``ALL_ATTENTION_FUNCTIONS``): ``OPS[name]`` holds the attention, RMSNorm, RoPE and LayerNorm functions of one
+implementation.
 
 A model stores the name in ``config.attn_implementation`` (``model.set_attn_implementation(name)`` changes it)
 and its modules call ``ops_for(config.attn_implementation, device)`` on every forward, so a switch takes effect
@@ -11,11 +12,22 @@ dropout_p, scale_before_matmul)`` with the shapes of :func:`fusedformers.kernels
 """
 from collections import namedtuple
 
-from fusedformers.kernels import attention, attention_reference, rms_norm, rms_norm_reference, rope, rope_reference
+from fusedformers.kernels import (
+    attention,
+    attention_reference,
+    layer_norm,
+    layer_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+    rope,
+    rope_reference,
+)
 from fusedformers.kernels.checks import triton_can_run
-from fusedformers.models.layers import warn_once
 
-Ops = namedtuple("Ops", "attention rms_norm rope")
+# the module, not its names: models/layers.py imports this module too (its LayerNorm looks up ops_for)
+from fusedformers.models import layers
+
+Ops = namedtuple("Ops", "attention rms_norm rope layer_norm")
 
 
 def fused_attention(q, k, v, *, scale_before_matmul=False, **kwargs):
@@ -31,8 +43,8 @@ def eager_attention(q, k, v, **kwargs):
 
 
 OPS = {
-    "fused": Ops(fused_attention, rms_norm, rope),
-    "eager": Ops(eager_attention, rms_norm_reference, rope_reference),
+    "fused": Ops(fused_attention, rms_norm, rope, layer_norm),
+    "eager": Ops(eager_attention, rms_norm_reference, rope_reference, layer_norm_reference),
 }
 
 def check_implementation(name):
@@ -45,7 +57,7 @@ def ops_for(name, device):
     """The :class:`Ops` registered under ``name``; ``"fused"`` on a device where Triton cannot run gives the eager
     ops, with one warning per process."""
     if name == "fused" and not triton_can_run(device):
-        warn_once("cpu fallback", f"the fused Triton kernels need CUDA (or TRITON_INTERPRET=1); tensors are on "
-                                  f"{device}, so the models run the eager PyTorch references")
+        layers.warn_once("cpu fallback", f"the fused Triton kernels need CUDA (or TRITON_INTERPRET=1); tensors are on "
+                                         f"{device}, so the models run the eager PyTorch references")
         name = "eager"
     return OPS[name]

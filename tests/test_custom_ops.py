@@ -8,14 +8,19 @@ same (``aot_eager`` compiles the graph without code generation, so no C++ compil
 import pytest
 import torch
 
-from fusedformers.kernels import attention, rms_norm, rope
+from fusedformers.kernels import attention, layer_norm, rms_norm, rope
 from fusedformers.kernels.attention import (
     attention_backward_op,
     attention_forward_op,
     decode_attention_op,
     draw_dropout_seed,
 )
-from fusedformers.kernels.rms_norm import rms_norm_backward_op, rms_norm_forward_op
+from fusedformers.kernels.rms_norm import (
+    layer_norm_backward_op,
+    layer_norm_forward_op,
+    rms_norm_backward_op,
+    rms_norm_forward_op,
+)
 from fusedformers.kernels.rope import rope_op
 from tests.conftest import DEVICE
 from tests.helpers import make_padding_mask
@@ -57,6 +62,40 @@ def test_opcheck_rms_norm_and_rope(with_residual):
     rows = torch.randn(2, 5, 3, 16, device=DEVICE, dtype=DTYPE)
     cos, sin = (torch.randn(2, 5, 16, device=DEVICE, dtype=DTYPE) for _ in range(2))
     torch.library.opcheck(rope_op, (rows, cos, sin, with_residual))  # the backward flag, both ways
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("weight_dtype", [DTYPE, torch.float32], ids=["weight_fp16", "weight_fp32"])
+def test_opcheck_layer_norm(with_residual, weight_dtype):
+    x = torch.randn(2, 5, 48, device=DEVICE, dtype=DTYPE)
+    weight, bias = (torch.randn(48, device=DEVICE, dtype=weight_dtype) for _ in range(2))
+    residual = torch.randn_like(x) if with_residual else None
+    for keep_h in (False, True):
+        torch.library.opcheck(layer_norm_forward_op, (x, weight, bias, 1e-5, residual, keep_h))
+    out, h, mean, rstd = layer_norm_forward_op(x, weight, bias, 1e-5, residual, True)
+    normalised = h if with_residual else x
+    torch.library.opcheck(layer_norm_backward_op, (torch.randn_like(out), normalised, weight, mean, rstd))
+
+
+def test_layer_norm_compiles_without_graph_breaks():
+    """BART's post-LN ``LN(hidden + attn)`` through the fused op: one graph, eager's values and gradients."""
+    x, residual = (torch.randn(2, 20, 64, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    weight, bias = (torch.randn(64, device=DEVICE, dtype=DTYPE) for _ in range(2))
+
+    def step(x, residual, weight, bias):
+        return layer_norm(x * 2, weight, bias, residual=residual).float().square().sum()
+
+    leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+    explanation = torch._dynamo.explain(step)(*leaves)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    compiled_leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, expected = compiled(*compiled_leaves), step(*leaves)
+    assert torch.equal(loss, expected)
+    loss.backward()
+    expected.backward()
+    for ours, eager in zip(compiled_leaves, leaves):
+        assert torch.equal(ours.grad, eager.grad)
 
 
 def test_kernel_functions_compile_without_graph_breaks():

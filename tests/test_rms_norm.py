@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fusedformers.kernels.reference import rms_norm_reference
-from fusedformers.kernels.rms_norm import MAX_HIDDEN_SIZE, _as_rows, _rms_norm_backward, _rms_norm_forward, rms_norm
+from fusedformers.kernels.rms_norm import MAX_HIDDEN_SIZE, _as_rows, _norm_backward, _norm_forward, rms_norm
 from tests.conftest import DEVICE, ON_GPU
 from tests.helpers import (
     DTYPE_PARAMS,
@@ -177,7 +177,7 @@ def test_forward_writes_every_element_and_nothing_else(dtype):
     out_buf = poisoned(rows, n + pad, dtype=dtype, device=DEVICE)
     h_buf = poisoned(rows, n + pad, dtype=dtype, device=DEVICE)
     rstd = poisoned(rows, dtype=torch.float32, device=DEVICE)
-    out, h, rstd = _rms_norm_forward(x, weight, EPS, residual, out=out_buf[:, :n], h_out=h_buf[:, :n], rstd=rstd)
+    out, h, _, rstd = _norm_forward(x, weight, EPS, residual, out=out_buf[:, :n], h_out=h_buf[:, :n], rstd=rstd)
     assert not torch.isnan(out).any() and not torch.isnan(h).any() and not torch.isnan(rstd).any()
     assert torch.isnan(out_buf[:, n:]).all() and torch.isnan(h_buf[:, n:]).all()
     expected_out, expected_h = rms_norm(x, weight, EPS, residual=residual)
@@ -197,11 +197,11 @@ def test_backward_writes_every_element_and_nothing_else(num_programs, with_dh):
     rstd = torch.rsqrt(h.float().pow(2).mean(-1) + EPS)
     dx_buf = poisoned(rows, n + pad, dtype=dtype, device=DEVICE)
     # 3 programs over 11 rows: blocks of 4 rows, the last one partly past the end
-    dx, dweight = _rms_norm_backward(dy, h, weight, rstd, dh, dx=dx_buf[:, :n], num_programs=num_programs)
+    dx, dweight, _ = _norm_backward(dy, h, weight, rstd, dh, dx=dx_buf[:, :n], num_programs=num_programs)
     assert not torch.isnan(dx).any() and not torch.isnan(dweight).any()
     assert torch.isnan(dx_buf[:, n:]).all()
     # the split of rows over programs changes only the order of dweight's float32 sum
-    ref_dx, ref_dweight = _rms_norm_backward(dy, h, weight, rstd, dh, num_programs=1)
+    ref_dx, ref_dweight, _ = _norm_backward(dy, h, weight, rstd, dh, num_programs=1)
     assert torch.equal(dx, ref_dx)
     torch.testing.assert_close(dweight.float(), ref_dweight.float(), rtol=2**-7, atol=1e-3)
 

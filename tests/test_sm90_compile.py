@@ -10,7 +10,7 @@ and stages that the launchers choose on a GPU, and checks the resources.
 
 Under TRITON_INTERPRET=1 (the CPU test suite) ``@triton.jit`` yields interpreter objects that cannot be
 compiled, so each test runs this file as a script in a subprocess with the interpreter off:
-``python tests/test_sm90_compile.py attention|decode|rms_norm|tiles_sm86|...``.
+``python tests/test_sm90_compile.py attention|decode|rms_norm|layer_norm|tiles_sm86|...``.
 """
 import importlib
 import os
@@ -171,19 +171,25 @@ def check_decode_kernels(dtype, head_dim, num_heads, num_kv_heads, q_len, arch=9
                      compiled)
 
 
-def check_rms_norm_kernels(dtype, hidden):
+def check_rms_norm_kernels(dtype, hidden, layer_norm=False):
+    """RMSNorm's kernels with the fused residual (and the gradient of h), or (``layer_norm``) LayerNorm's: the
+    forward with the residual, writing h (training) and not (inference), and the backward."""
     block_n = triton.next_power_of_2(hidden)
     num_warps = tiles.rms_norm_num_warps(block_n)
     element = "*" + TRITON_DTYPE[dtype]
-    pointers = dict(x_ptr=element, residual_ptr=element, weight_ptr=element, out_ptr=element, h_ptr=element,
-                    rstd_ptr="*fp32", dout_ptr=element, dh_ptr=element, dx_ptr=element,
-                    dweight_partial_ptr="*fp32")
-    compiled = compile_sm90(rms_norm_mod._rms_norm_fwd_kernel, pointers,
-                            dict(HAS_RESIDUAL=True, BLOCK_N=block_n), num_warps, 1)
-    assert_fits_sm90("_rms_norm_fwd_kernel", compiled)
+    pointers = dict(x_ptr=element, residual_ptr=element, weight_ptr=element, bias_ptr=element, out_ptr=element,
+                    h_ptr=element, mean_ptr="*fp32", rstd_ptr="*fp32", dout_ptr=element, dh_ptr=element,
+                    dx_ptr=element, dweight_partial_ptr="*fp32", dbias_partial_ptr="*fp32")
+    what = f"{'LayerNorm' if layer_norm else 'RMSNorm'} {dtype} N={hidden}"
+    for store_h in ((False, True) if layer_norm else (True,)):
+        compiled = compile_sm90(rms_norm_mod._rms_norm_fwd_kernel, pointers,
+                                dict(HAS_RESIDUAL=True, STORE_H=store_h, IS_LAYER_NORM=layer_norm, BLOCK_N=block_n),
+                                num_warps, 1)
+        assert_fits_sm90(f"_rms_norm_fwd_kernel {what}{' storing h' if store_h else ''}", compiled)
     compiled = compile_sm90(rms_norm_mod._rms_norm_bwd_kernel, pointers,
-                            dict(HAS_DH=True, ROWS_PER_PROGRAM=8, BLOCK_N=block_n), num_warps, 1)
-    assert_fits_sm90("_rms_norm_bwd_kernel", compiled)
+                            dict(HAS_DH=not layer_norm, IS_LAYER_NORM=layer_norm, ROWS_PER_PROGRAM=8,
+                                 BLOCK_N=block_n), num_warps, 1)
+    assert_fits_sm90(f"_rms_norm_bwd_kernel {what}", compiled)
 
 
 def check_rope_kernel(dtype, num_heads, head_dim):
@@ -292,6 +298,9 @@ CASES = {
     # hidden 16384: the backward spills 156 B (a whole row in registers; bench/NOTES.md step 11)
     "rms_norm": (check_rms_norm_kernels, [(dtype, hidden) for dtype in (torch.bfloat16, torch.float32)
                                           for hidden in (1024, 5120, 8192)]),
+    # BART-base's and BART-large's d_model, and a wide one
+    "layer_norm": (check_rms_norm_kernels, [(dtype, hidden, True) for dtype in (torch.bfloat16, torch.float32)
+                                            for hidden in (768, 1024, 4096)]),
 }
 
 
