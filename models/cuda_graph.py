@@ -16,13 +16,16 @@ class StepGraph:
     replays it.
 
     ``body`` must read its inputs only from fixed buffers, return a tensor of a fixed shape, and be idempotent
-    for the same inputs (it runs twice to warm up — compiling the Triton kernels and settling the allocator —
-    before it is recorded). The returned tensor is the same buffer after every replay: consume it before the
-    next call. If recording fails, a warning is given and the step runs eagerly from then on.
+    for the same inputs, except for the tensors listed in ``state``, which it may update in place (e.g. advance
+    its own positions): it runs twice to warm up — compiling the Triton kernels and settling the allocator —
+    before it is recorded, and ``state`` is put back as it was after each warm-up run. The returned tensor is the
+    same buffer after every replay: consume it before the next call. If recording fails, a warning is given and
+    the step runs eagerly from then on.
     """
 
-    def __init__(self, body, device=None):
+    def __init__(self, body, device=None, state=()):
         self.body = body
+        self.state = tuple(state)
         self.device = torch.device(device) if device is not None else None
         self.use_graph = self.device is not None and self.device.type == "cuda"
         self.graph = None
@@ -46,8 +49,11 @@ class StepGraph:
         warm_up = torch.cuda.Stream(device=self.device)
         warm_up.wait_stream(current)
         with torch.cuda.stream(warm_up):
+            saved = [t.clone() for t in self.state]
             for _ in range(2):
                 self.body()
+                for t, before in zip(self.state, saved):
+                    t.copy_(before)
         current.wait_stream(warm_up)
         graph = torch.cuda.CUDAGraph()
         try:
