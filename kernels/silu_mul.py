@@ -65,13 +65,15 @@ def _as_rows(t):
     return rows if rows.stride(-1) == 1 or rows.shape[0] == 0 else rows.contiguous()
 
 
-def _silu_mul(gate_up, dout=None):
-    """Forward (``dout`` None): ``[..., 2I] -> [..., I]``; backward: the gradient ``[..., 2I]`` of gate_up."""
+def _silu_mul(gate_up, dout=None, out=None):
+    """Forward (``dout`` None): ``[..., 2I] -> [..., I]``; backward: the gradient ``[..., 2I]`` of gate_up.
+    Returns ``out`` (a new contiguous tensor in gate_up's dtype unless given, contiguous)."""
     width = gate_up.shape[-1]
     intermediate = width // 2
     backward = dout is not None
-    out = torch.empty(gate_up.shape if backward else gate_up.shape[:-1] + (intermediate,), dtype=gate_up.dtype,
-                      device=gate_up.device)
+    if out is None:
+        out = torch.empty(gate_up.shape if backward else gate_up.shape[:-1] + (intermediate,), dtype=gate_up.dtype,
+                          device=gate_up.device)
     if out.numel() == 0:
         return out
     rows = _as_rows(gate_up)
