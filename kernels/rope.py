@@ -238,8 +238,8 @@ def _rope_qkv_fake(qkv, cos, sin, num_heads):
     batch, seq_len, width = qkv.shape
     head_dim = cos.shape[-1]
     num_kv_heads = (width // head_dim - num_heads) // 2
-    return (qkv.new_empty(batch, seq_len, num_heads, head_dim),
-            qkv.new_empty(batch, seq_len, num_kv_heads, head_dim), qkv.new_empty(batch, seq_len, num_kv_heads, head_dim))
+    kv_shape = (batch, seq_len, num_kv_heads, head_dim)
+    return qkv.new_empty(batch, seq_len, num_heads, head_dim), qkv.new_empty(kv_shape), qkv.new_empty(kv_shape)
 
 
 def _rope_qkv_backward_impl(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
@@ -349,8 +349,9 @@ def _check_qkv_inputs(qkv, cos, sin, num_heads, num_kv_heads, k_cache, v_cache, 
     batch, seq_len, width = qkv.shape
     head_dim = cos.shape[-1]
     if head_dim % 2 != 0 or width != (num_heads + 2 * num_kv_heads) * head_dim:
-        raise ValueError(f"qkv must be [B, L, (num_heads + 2 * num_kv_heads) * D] = [B, L, {num_heads + 2 * num_kv_heads}"
-                         f" * D] with D = cos's last dim ({head_dim}, even), got {list(qkv.shape)}")
+        raise ValueError(f"qkv must be [B, L, (num_heads + 2 * num_kv_heads) * D] = "
+                         f"[B, L, {num_heads + 2 * num_kv_heads} * D] with D = cos's last dim ({head_dim}, even), "
+                         f"got {list(qkv.shape)}")
     _check_cos_sin("qkv", qkv, cos, sin, batch, seq_len, head_dim, "qkv is [B, L, (Hq + 2 Hkv) * D]")
     if (k_cache is None) != (v_cache is None) or (k_cache is None) != (cache_position is None):
         raise ValueError("k_cache, v_cache and cache_position go together: pass all three or none")

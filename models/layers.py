@@ -137,9 +137,9 @@ def _pack_state_dict(module, state_dict, prefix, local_metadata, strict, missing
                     state_dict.pop(k)
                 continue
             tensors = [state_dict.pop(k) for k in keys]
+            shapes = [(size,) + tuple(target.shape[1:]) for _, size in child.parts]
             bad = [f"size mismatch for {k}: copying a param with shape {tuple(t.shape)} from checkpoint, the shape "
-                   f"in current model is {(size,) + tuple(target.shape[1:])}."
-                   for k, t, (_, size) in zip(keys, tensors, child.parts) if tuple(t.shape) != (size,) + target.shape[1:]]
+                   f"in current model is {shape}." for k, t, shape in zip(keys, tensors, shapes) if t.shape != shape]
             if bad:
                 error_msgs.extend(bad)
                 module._missing_parts[packed_key] = []
