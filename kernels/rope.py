@@ -136,9 +136,9 @@ def _launch(q, cos, sin, q_out, backward=False, kv=None, kv_out=None, cache_posi
     tensors, or with ``cache_position [L]`` (int64) cache buffers ``[B, Hkv, max_len, D]`` written at those rows.
     Every tensor has unit stride along D."""
     batch, seq_len, num_heads, head_dim = q.shape
-    if batch * seq_len == 0:
-        return
     num_kv_heads = kv[0].shape[2] if kv is not None else 0
+    if batch * seq_len * head_dim * (num_heads + num_kv_heads) == 0:
+        return
     # one head block size for q, k and v: the smaller head count's (GQA: Hkv), so k and v blocks are not mostly
     # masked off
     block_h, block_half, num_warps = rope_plan(min(num_heads, num_kv_heads) if kv is not None else num_heads,

@@ -240,7 +240,8 @@ class LlamaForCausalLM(ModelBase):
         """Load an HF LLaMA directory (config.json + model.safetensors or sharded safetensors). Built on the meta
         device, then each checkpoint tensor is loaded straight to ``device`` in ``dtype`` and becomes the
         parameter (one copy; HF's q/k/v and gate/up tensors are concatenated into the packed ``qkv_proj`` and
-        ``gate_up_proj``, and missing or unexpected tensors are named as HF names them). ``dtype``: a torch dtype, its name, or "auto" (as HF 5: the checkpoint's dtype).
+        ``gate_up_proj``, and missing or unexpected tensors are named as HF names them). ``dtype``: a torch
+        dtype, its name, or "auto" (as HF 5: the checkpoint's dtype).
         ``lm_head`` is tied to ``embed_tokens`` (one Parameter) when the config says so; a checkpoint whose stored
         lm_head differs from the embedding is loaded untied, with a warning, as HF does. An untied config without
         ``lm_head.weight`` is an error naming the missing tensor (HF reports it missing).
