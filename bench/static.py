@@ -86,11 +86,12 @@ class Variant:
     kv_index: bool = False
     dropout: bool = False
     tile: tuple = None           # an autotune candidate, else the launcher's default
-    heads: tuple = ()            # decode (Hq, Hkv, Lq); rope (H,)
-    hidden: int = 0              # rms_norm, layer_norm
+    heads: tuple = ()            # decode (Hq, Hkv, Lq); rope (H,), or (Hq, Hkv): the packed q/k/v
+    hidden: int = 0              # rms_norm, layer_norm; silu_mul (its I)
     residual: bool = False       # rms_norm: fused residual add (forward) / gradient of h (backward); layer_norm:
                                  # fused residual add with h kept for the backward (forward only)
-    backward: bool = False       # rope
+    backward: bool = False       # rope, silu_mul
+    cache: bool = False          # rope of the packed q/k/v: k and v written into a KV cache
 
     @property
     def key(self):
@@ -103,7 +104,8 @@ class Variant:
             parts.append(f"N{self.hidden}")
         flags = [name for name, on in (("causal", self.causal), (f"pad_{self.padding}", self.padding != "none"),
                                        ("kv_index", self.kv_index), ("dropout", self.dropout),
-                                       ("residual", self.residual), ("backward", self.backward)) if on]
+                                       ("residual", self.residual), ("backward", self.backward),
+                                       ("cache", self.cache)) if on]
         parts.append("+".join(flags) or "plain")
         parts.append("default" if self.tile is None else "tile{}x{}w{}s{}".format(*self.tile))
         return "/".join(parts)
@@ -127,6 +129,9 @@ DECODE_FLAGS = [(True, "int64", False), (True, "none", False), (False, "int64", 
 RMS_NORM_HIDDEN = (1024, 4096, 8192, 16384)
 LAYER_NORM_HIDDEN = (768, 1024, 4096)  # BART-base, BART-large, a wide one
 ROPE_SHAPES = ((32, 64), (8, 128), (32, 128), (16, 80), (32, 256))
+# the packed q/k/v (Hq, Hkv, D): LLaMA-3 8B / 70B GQA, LLaMA-2 7B MHA, a D=64 MHA
+ROPE_QKV_SHAPES = ((32, 8, 128), (64, 8, 128), (32, 32, 128), (16, 16, 64))
+SILU_MUL_SIZES = (11008, 14336, 28672)  # LLaMA-2 7B, LLaMA-3 8B, LLaMA-3 70B intermediate sizes
 
 
 def all_variants(arch="sm_90a"):
@@ -164,6 +169,13 @@ def all_variants(arch="sm_90a"):
         for heads, head_dim in ROPE_SHAPES:
             for backward in (False, True):
                 out.append(Variant("rope", dtype, head_dim, heads=(heads,), backward=backward))
+        # the packed q/k/v: the forward into a KV cache (inference) and the backward (training, no cache)
+        for heads, kv_heads, head_dim in ROPE_QKV_SHAPES:
+            out.append(Variant("rope", dtype, head_dim, heads=(heads, kv_heads), cache=True))
+            out.append(Variant("rope", dtype, head_dim, heads=(heads, kv_heads), backward=True))
+        for size in SILU_MUL_SIZES:
+            for backward in (False, True):
+                out.append(Variant("silu_mul", dtype, hidden=size, backward=backward))
     # autotune (FUSEDFORMERS_AUTOTUNE=1): 16-bit, no dropout; every candidate of kernels/tiles.py per head-dim
     # class (D=80 has D=128's candidates); the default tile is already above. The candidates are sm_90's (on
     # other GPUs a candidate that fails to launch is skipped)
@@ -205,7 +217,9 @@ def ci_variants(arch):
         elif v.kernel in ("layer_norm_fwd", "layer_norm_bwd"):
             keep = v.dtype == "bf16" and v.hidden == 1024 and (v.residual or v.kernel == "layer_norm_bwd")
         elif v.kernel == "rope":
-            keep = v.dtype == "bf16" and v.heads == (32,) and v.head_dim == 128 and v.backward
+            keep = v.dtype == "bf16" and v.heads in ((32,), (32, 8)) and v.head_dim == 128 and (v.backward or v.cache)
+        elif v.kernel == "silu_mul":
+            keep = v.dtype == "bf16" and v.hidden == 14336
         else:  # bwd_preprocess, dropout_mask, decode_combine
             keep = v.dtype in ("bf16", "fp32") and v.head_dim in (0, 128)
         if keep:
@@ -275,7 +289,8 @@ def _kernel_names():
                 bwd_preprocess="_bwd_preprocess_kernel", dropout_mask="_dropout_mask_kernel",
                 decode_split="_decode_split_kernel", decode_combine="_decode_combine_kernel",
                 rms_norm_fwd="_rms_norm_fwd_kernel", rms_norm_bwd="_rms_norm_bwd_kernel", rope="_rope_kernel",
-                layer_norm_fwd="_rms_norm_fwd_kernel", layer_norm_bwd="_rms_norm_bwd_kernel")
+                layer_norm_fwd="_rms_norm_fwd_kernel", layer_norm_bwd="_rms_norm_bwd_kernel",
+                silu_mul="_silu_mul_kernel")
 
 
 def record_launch(variant, arch="sm_90a"):
@@ -288,6 +303,7 @@ def record_launch(variant, arch="sm_90a"):
     decode = importlib.import_module("fusedformers.kernels.decode_attention")
     rms_norm = importlib.import_module("fusedformers.kernels.rms_norm")
     rope = importlib.import_module("fusedformers.kernels.rope")
+    silu_mul = importlib.import_module("fusedformers.kernels.silu_mul")
     tiles = importlib.import_module("fusedformers.kernels.tiles")
     meta, cuda = torch.device("meta"), torch.device("cuda")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[variant.dtype]
@@ -318,7 +334,7 @@ def record_launch(variant, arch="sm_90a"):
         # HF's projections: [B, L, H, D] viewed as [B, H, L, D]
         return torch.empty(batch, length, heads, head_dim, device=meta, dtype=dtype).transpose(1, 2)
 
-    modules = (attention, decode, rms_norm, rope)
+    modules = (attention, decode, rms_norm, rope, silu_mul)
     with _recording(modules) as launches, _patched(attention, "attention_tile", attention_tile), \
             _patched(attention, "elementwise_rows", lambda device: tiles.elementwise_rows(cuda)), \
             _patched(decode, "decode_plan", decode_plan), \
@@ -371,11 +387,27 @@ def record_launch(variant, arch="sm_90a"):
             else:
                 stats = torch.empty(rows, device=meta, dtype=torch.float32)
                 rms_norm._norm_backward(x, x, weight, stats, mean=stats, num_programs=4 * SM_COUNT)
-        elif v.kernel == "rope":
+        elif v.kernel == "rope" and len(v.heads) == 1:
             (num_heads,) = v.heads
             x = torch.empty(BATCH, SEQ_LEN, num_heads, v.head_dim, device=meta, dtype=dtype)
             cos = torch.empty(BATCH, SEQ_LEN, v.head_dim, device=meta, dtype=dtype)
             rope._rotate(x, cos, cos, backward=v.backward)
+        elif v.kernel == "rope":
+            num_heads, num_kv_heads = v.heads
+            cos = torch.empty(BATCH, SEQ_LEN, v.head_dim, device=meta, dtype=dtype)
+            if v.backward:
+                dq = torch.empty(BATCH, SEQ_LEN, num_heads, v.head_dim, device=meta, dtype=dtype)
+                dk = torch.empty(BATCH, SEQ_LEN, num_kv_heads, v.head_dim, device=meta, dtype=dtype)
+                rope._rotate_qkv_backward(dq, dk, dk, cos, cos)
+            else:  # a decode step's launch shape: rows of the packed projection into a [B, Hkv, 2 S, D] cache
+                qkv = torch.empty(BATCH, 1, (num_heads + 2 * num_kv_heads) * v.head_dim, device=meta, dtype=dtype)
+                cache = torch.empty(BATCH, num_kv_heads, 2 * SEQ_LEN, v.head_dim, device=meta, dtype=dtype)
+                rope._rotate_qkv(qkv, cos[:, :1], cos[:, :1], num_heads, cache, cache,
+                                 torch.empty(1, device=meta, dtype=torch.int64))
+        elif v.kernel == "silu_mul":
+            gate_up = torch.empty(BATCH * SEQ_LEN, 2 * v.hidden, device=meta, dtype=dtype)
+            dout = torch.empty(BATCH * SEQ_LEN, v.hidden, device=meta, dtype=dtype) if v.backward else None
+            silu_mul._silu_mul(gate_up, dout)
         else:
             raise ValueError(f"bench/static.py: unknown kernel {v.kernel!r} in variant {v.key}")
     wanted = _kernel_names()[v.kernel]

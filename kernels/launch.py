@@ -20,14 +20,15 @@ def next_power_of_2(n):
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def custom_op(name, impl, fake):
+def custom_op(name, impl, fake, mutates_args=()):
     """Register ``impl`` (its type annotations give the schema) as the PyTorch custom op ``fusedformers::name``,
-    with ``fake`` computing its outputs' shapes, dtypes and strides for tracing. Returns the op.
+    with ``fake`` computing its outputs' shapes, dtypes and strides for tracing; ``mutates_args``: the names of
+    the arguments it writes in place (e.g. a KV cache). Returns the op.
 
     The kernels are launched from Python, which torch.compile cannot trace; as registered ops they appear in the
     graph as single nodes (no graph break, ``torch.compile(fullgraph=True)`` works) and run their launcher when
     the graph runs. Outside tracing, :func:`call_op` skips the dispatcher."""
-    op = torch.library.custom_op(f"fusedformers::{name}", mutates_args=())(impl)
+    op = torch.library.custom_op(f"fusedformers::{name}", mutates_args=mutates_args)(impl)
     op.register_fake(fake)
     return op
 

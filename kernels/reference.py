@@ -7,6 +7,7 @@ select them with ``attn_implementation="eager"``.
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def causal_padding_mask(batch, q_len, k_len, *, causal=True, key_padding_mask=None, past_len=None, device=None,
@@ -79,6 +80,29 @@ def rope_reference(x, cos, sin):
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def rope_qkv_reference(qkv, cos, sin, num_heads, num_kv_heads, *, k_cache=None, v_cache=None, cache_position=None):
+    """:func:`fusedformers.kernels.rope.rope_qkv` in PyTorch: the packed projection ``qkv [B, L, (Hq + 2 Hkv) * D]``
+    split into q, k, v heads, HF's RoPE on q and k; without a cache returns ``(q, k, v)`` (``[B, L, H, D]``),
+    with one writes k and v into ``k_cache, v_cache [B, Hkv, max_len, D]`` at rows ``cache_position [L]``
+    (``index_copy_``, cast to the cache's dtype) and returns q."""
+    head_dim = cos.shape[-1]
+    heads = qkv.unflatten(-1, (num_heads + 2 * num_kv_heads, head_dim))
+    q, k, v = heads.split((num_heads, num_kv_heads, num_kv_heads), dim=2)
+    q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    if k_cache is None:
+        return q, k, v
+    k_cache.index_copy_(2, cache_position, k.transpose(1, 2).to(k_cache.dtype))
+    v_cache.index_copy_(2, cache_position, v.transpose(1, 2).to(v_cache.dtype))
+    return q
+
+
+def silu_mul_reference(gate_up):
+    """HF's SwiGLU product ``act_fn(gate_proj(x)) * up_proj(x)`` on the packed ``gate_up [..., 2I]`` (gate, then
+    up): ``silu(gate) * up`` ``[..., I]``, the SiLU rounded to the dtype, then the product."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def rms_norm_reference(x, weight, eps=1e-6, residual=None):

@@ -432,3 +432,14 @@ def rope_plan(num_heads, head_dim):
     block_half = next_power_of_2(head_dim // 2)
     num_warps = 4 if block_h * block_half >= 1024 else 1
     return block_h, block_half, num_warps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SiLU * mul (kernels/silu_mul.py)
+# ----------------------------------------------------------------------------------------------------------------
+def silu_mul_plan(intermediate_size):
+    """(BLOCK_N columns of the output row per program, num_warps): at most 1024 columns (8 per thread with 4
+    warps), so a decode step's single row still spreads over several programs."""
+    block_n = min(next_power_of_2(intermediate_size), 1024)
+    num_warps = 4 if block_n >= 1024 else (2 if block_n >= 256 else 1)
+    return block_n, num_warps

@@ -14,7 +14,7 @@ from fusedformers.models.checkpoint import (
     weights_source,
 )
 from fusedformers.models.generation import generation_defaults_from_model_config
-from fusedformers.models.layers import set_gradient_checkpointing
+from fusedformers.models.layers import named_grads, set_gradient_checkpointing
 from fusedformers.models.ops import check_implementation
 
 
@@ -41,6 +41,14 @@ class ModelBase(nn.Module):
     def gradient_checkpointing_disable(self):
         set_gradient_checkpointing(self, False)
         self.gradient_checkpointing = False
+
+    def named_grads(self):
+        """The parameters' gradients under HF's parameter names: ``{name: grad or None}`` for every name of
+        ``named_parameters()``, except that a packed projection (LLaMA's ``qkv_proj``, ``gate_up_proj``) appears
+        as HF's parts (``q_proj.weight``, ``k_proj.weight``, ...; views of the packed gradient). The names of
+        ``state_dict()``, tied duplicates left out, as HF's ``named_parameters()``: compare gradients with an HF
+        model's by name."""
+        return named_grads(self)
 
     def checkpointing_now(self):
         """The layers recompute in backward in this call: checkpointing is on, the model trains, autograd

@@ -7,7 +7,9 @@ class KVCache:
 
     One write path, keyed by positions held in a device tensor (HF's ``cache_position``, gpt-fast's
     ``input_pos``): a forward computes ``cache_position [n]`` once, every layer calls
-    ``update(layer, k_new, v_new, cache_position, kv_len)``, then the caller moves ``length`` with ``advance(n)``.
+    ``update(layer, k_new, v_new, cache_position, kv_len)`` (or ``update_rope``, which takes the packed q/k/v
+    projection and writes RoPE'd k and v in the RoPE launch itself), then the caller moves ``length`` with
+    ``advance(n)``.
     Prefill and the dynamic decode loop pass ``kv_len = length + n`` and attend over that prefix; a fixed-shape
     decode step (a recorded CUDA graph) passes ``kv_len=None`` and attends over the whole buffer, its mask hiding
     what is not written yet. ``reorder(beam_idx)`` permutes the batch rows in place for beam search.
@@ -43,6 +45,20 @@ class KVCache:
         """``cache_position [n]``: the next ``n`` positions ``[length, length + n)``, on the cache's device."""
         return torch.arange(self.length, self.length + n, device=self.storage.device)
 
+    def _check(self, layer_idx, num_kv_heads, head_dim, kv_len, what):
+        k_cache = self.k[layer_idx]
+        if num_kv_heads != k_cache.shape[1] or head_dim != k_cache.shape[3]:
+            raise ValueError(f"KVCache layer {layer_idx} holds [B, Hkv, *, D] = {tuple(k_cache.shape)}, got {what}")
+        if kv_len is not None and kv_len > self.max_len:
+            raise ValueError(f"KVCache overflow: attending over {kv_len} positions exceeds max_len {self.max_len}; "
+                             f"allocate the cache for prompt + max_new_tokens")
+
+    def _views(self, layer_idx, kv_len):
+        k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]
+        if kv_len is None:
+            return k_cache, v_cache
+        return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+
     def update(self, layer_idx, k_new, v_new, cache_position, kv_len=None):
         """Write ``k_new, v_new [B, Hkv, n, D]`` (any strides) of one layer at the positions ``cache_position``
         (a device tensor ``[n]``: no host value is read, so a CUDA graph can replay the write).
@@ -50,18 +66,31 @@ class KVCache:
         Returns views ``k, v [B, Hkv, kv_len, D]`` of the cache (no copy); ``kv_len=None``: the whole buffers
         ``[B, Hkv, max_len, D]``. ``length`` moves only on advance()."""
         k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]
-        if k_new.shape[:2] != k_cache.shape[:2] or k_new.shape[3] != k_cache.shape[3]:
+        if k_new.shape[0] != k_cache.shape[0]:
             raise ValueError(f"KVCache layer {layer_idx} holds [B, Hkv, *, D] = {tuple(k_cache.shape)}, "
                              f"got k_new {tuple(k_new.shape)}")
-        if kv_len is not None and kv_len > self.max_len:
-            raise ValueError(f"KVCache overflow: attending over {kv_len} positions exceeds max_len {self.max_len}; "
-                             f"allocate the cache for prompt + max_new_tokens")
+        self._check(layer_idx, k_new.shape[1], k_new.shape[3], kv_len, f"k_new {tuple(k_new.shape)}")
         # in the cache's dtype: under autocast the projections come out in the autocast dtype
         k_cache.index_copy_(2, cache_position, k_new.to(k_cache.dtype))
         v_cache.index_copy_(2, cache_position, v_new.to(v_cache.dtype))
-        if kv_len is None:
-            return k_cache, v_cache
-        return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+        return self._views(layer_idx, kv_len)
+
+    def update_rope(self, layer_idx, rope_qkv, qkv, cos, sin, num_heads, cache_position, kv_len=None):
+        """``update`` with the RoPE fused in: ``rope_qkv`` (an op registry's, ``fusedformers.models.ops``: the
+        fused kernel, or the eager reference) rotates q and k of the packed projection ``qkv [B, n, (Hq + 2 Hkv)
+        * D]`` and writes k and v at the positions ``cache_position [n]`` in the same launch (no host value read).
+
+        Returns q ``[B, n, Hq, D]`` and views ``k, v`` as ``update``'s. Not differentiable (the fused op writes
+        in place): a call that autograd records goes through ``update``."""
+        k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]
+        num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+        if qkv.shape[0] != k_cache.shape[0] or qkv.shape[-1] != (num_heads + 2 * num_kv_heads) * head_dim:
+            raise ValueError(f"KVCache layer {layer_idx} holds [B, Hkv, *, D] = {tuple(k_cache.shape)}: qkv must be "
+                             f"[B, n, (num_heads + 2 * Hkv) * D] with num_heads={num_heads}, got {tuple(qkv.shape)}")
+        self._check(layer_idx, num_kv_heads, head_dim, kv_len, f"qkv {tuple(qkv.shape)}")
+        q = rope_qkv(qkv, cos, sin, num_heads, num_kv_heads, k_cache=k_cache, v_cache=v_cache,
+                     cache_position=cache_position)
+        return (q, *self._views(layer_idx, kv_len))
 
     def reserve(self, length):
         """Make room for ``length`` positions: when the cache is shorter, its buffers are reallocated (at least

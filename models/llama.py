@@ -4,13 +4,17 @@ Layout (one decoder layer, the residual add fused into the following RMSNorm)::
 
     x = embed_tokens(input_ids)                                   # [B, L, hidden]
     for layer:  normed, h = input_layernorm(x, residual=h)         # h = x + h, normed = rms_norm(h)
-                x = o_proj(attention(rope(q), rope(k), v))         # GQA/MQA: K/V heads never repeated
+                q, k, v = rope_qkv(qkv_proj(normed))               # one launch; with a cache, k and v go into it
+                x = o_proj(attention(q, k, v))                     # GQA/MQA: K/V heads never repeated
                 normed, h = post_attention_layernorm(x, residual=h)
-                x = down_proj(act(gate_proj(normed)) * up_proj(normed))
+                x = down_proj(silu_mul(gate_up_proj(normed)))      # act(gate) * up in one launch
     logits = lm_head(norm(x, residual=h))                          # [B, L, vocab]
 
-Module names follow HF's checkpoint names without the ``model.`` prefix (``layers.0.self_attn.q_proj``, ...).
-The ops (attention, RMSNorm, RoPE) come from the registry ``fusedformers.models.ops.OPS`` under
+Nine launches per layer and decode step. HF's q/k/v and gate/up projections are packed into one matmul each
+(``qkv_proj``, ``gate_up_proj``: ``fusedformers.models.layers.PackedLinear``); ``state_dict()``, ``save_pretrained``
+and ``load_state_dict`` use HF's names (``layers.0.self_attn.q_proj.weight``, ... without the ``model.`` prefix),
+and ``named_grads()`` gives the gradients under them. The ops (attention, RMSNorm, RoPE, SiLU * mul) come from the
+registry ``fusedformers.models.ops.OPS`` under
 ``config.attn_implementation``, read at call time: ``"fused"`` runs the Triton kernels, ``"eager"`` the PyTorch
 references of ``fusedformers.kernels.reference``. Config parsing and RoPE math live in
 ``fusedformers.models.llama_config``; the generation loop in ``fusedformers.models.generation``.
@@ -39,7 +43,7 @@ from fusedformers.models.generation import (
     with_room,
 )
 from fusedformers.models.kv_cache import KVCache
-from fusedformers.models.layers import ACTIVATIONS, CheckpointedLayer, warn_once
+from fusedformers.models.layers import ACTIVATIONS, CheckpointedLayer, PackedLinear, PackedProjections, warn_once
 from fusedformers.models.llama_config import LlamaConfig, rope_cos_sin, rope_inv_freq
 from fusedformers.models.ops import check_implementation, ops_for
 
@@ -72,8 +76,9 @@ class RMSNorm(nn.Module):
                                                                             residual=residual)
 
 
-class Attention(nn.Module):
-    """Self-attention of one layer: q/k/v projections, RoPE, a KV-cache write, masked causal GQA attention."""
+class Attention(PackedProjections):
+    """Self-attention of one layer: the q/k/v projection (one matmul), RoPE of q and k fused with the KV-cache write,
+    masked causal GQA attention, the output projection."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -82,28 +87,35 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # HF's q_proj, k_proj, v_proj stacked: [(Hq + 2 Hkv) * D, hidden]; state_dict shows them under HF's names
+        self.qkv_proj = PackedLinear(config.hidden_size, (("q_proj", q_size), ("k_proj", kv_size),
+                                                          ("v_proj", kv_size)), bias=bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=bias)
 
     def forward(self, x, cos, sin, key_padding_mask, *, cache=None, cache_position=None, past_len=0):
         """x ``[B, L, hidden]``; cos/sin ``[B, L, D]``; key_padding_mask ``[B, past_len + L]`` or None.
 
-        cache: a KVCache that this call's K/V are written into, at the device positions ``cache_position [L]``.
-        ``past_len`` (an int) is the number of positions before this call: attention runs causally over the
-        cache's first ``past_len + L`` positions. ``past_len=None`` marks a fixed-shape decode step (one token,
-        see ``LlamaForCausalLM.static_step``): it attends over the whole cache, whose unwritten positions
-        key_padding_mask ``[B, max_len]`` marks as padding. Returns ``[B, L, hidden]``."""
+        cache: a KVCache that this call's K/V are written into, at the device positions ``cache_position [L]``
+        (by the RoPE launch itself: ``KVCache.update_rope``). ``past_len`` (an int) is the number of positions
+        before this call: attention runs causally over the cache's first ``past_len + L`` positions.
+        ``past_len=None`` marks a fixed-shape decode step (one token, see ``LlamaForCausalLM.static_step``): it
+        attends over the whole cache, whose unwritten positions key_padding_mask ``[B, max_len]`` marks as padding.
+        Returns ``[B, L, hidden]``."""
         batch, q_len, _ = x.shape
         ops = ops_for(self.config.attn_implementation, x.device)
-        q = ops.rope(self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim), cos, sin)
-        k = ops.rope(self.k_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D] views, no copies
-        if cache is not None:
+        qkv = self.qkv_proj(x)                                             # [B, L, (Hq + 2 Hkv) * D]
+        if cache is not None and not (torch.is_grad_enabled() and qkv.requires_grad):
             kv_len = None if past_len is None else past_len + q_len
-            k, v = cache.update(self.layer_idx, k, v, cache_position, kv_len)
+            q, k, v = cache.update_rope(self.layer_idx, ops.rope_qkv, qkv, cos, sin, self.num_heads, cache_position,
+                                        kv_len)
+        else:  # no cache, or a cached call that autograd records: the differentiable op, then the cache write
+            q, k, v = ops.rope_qkv(qkv, cos, sin, self.num_heads, self.num_kv_heads)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)                    # [B, Hkv, L, D] views, no copies
+            if cache is not None:
+                kv_len = None if past_len is None else past_len + q_len
+                k, v = cache.update(self.layer_idx, k, v, cache_position, kv_len)
+        q = q.transpose(1, 2)                                              # [B, Hq, L, D]
         dropout_p = self.config.attention_dropout if self.training else 0.0   # on the probabilities, like HF's
         # a fixed-shape step has one query row: the mask alone hides the positions after it
         out = ops.attention(q, k, v, causal=past_len is not None, key_padding_mask=key_padding_mask,
@@ -111,19 +123,29 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
 
 
-class MLP(nn.Module):
-    """SwiGLU feed-forward: ``down(act(gate(x)) * up(x))``, ``[B, L, hidden] -> [B, L, hidden]``."""
+class MLP(PackedProjections):
+    """SwiGLU feed-forward: ``down(act(gate(x)) * up(x))``, ``[B, L, hidden] -> [B, L, hidden]``; gate and up are
+    one matmul, and with SiLU the activation and the product one launch (``silu_mul``)."""
 
     def __init__(self, config):
         super().__init__()
+        self.config = config
         bias = config.mlp_bias
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        size = config.intermediate_size
+        # HF's gate_proj, up_proj stacked: [2I, hidden]; state_dict shows them under HF's names
+        self.gate_up_proj = PackedLinear(config.hidden_size, (("gate_proj", size), ("up_proj", size)), bias=bias)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
         self.act = ACTIVATIONS[config.hidden_act]
+        self.fused_act = config.hidden_act in ("silu", "swish")
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)                                     # [B, L, 2I]
+        if self.fused_act:
+            h = ops_for(self.config.attn_implementation, x.device).silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        return self.down_proj(h)
 
 
 class DecoderLayer(CheckpointedLayer):
@@ -161,14 +183,21 @@ class CausalLMOutput:
 class StaticDecoding:
     """``generate(cache_implementation="static")``'s state, kept on the model for the next call of the same
     shape: the KV cache, the fixed input buffers of the decode step and the recorded step (a CUDA graph on CUDA,
-    ``fusedformers.models.cuda_graph``)."""
+    ``fusedformers.models.cuda_graph``). The step advances ``position`` and ``cache_position`` itself, on the
+    device: set once after the prefill (``start``), they need nothing from the host between steps."""
     key: tuple                    # (batch, total, dtype, device, implementation, parameter storage)
     cache: KVCache                # [B, Hkv, total, D] per layer
     token: torch.Tensor           # [B, 1] the token to feed
-    position: torch.Tensor        # [B, 1] its position id (RoPE)
-    cache_position: torch.Tensor  # [1] the cache position it is written at
+    position: torch.Tensor        # [B, 1] its position id (RoPE); +1 by each step
+    cache_position: torch.Tensor  # [1] the cache position it is written at; +1 by each step
     key_mask: torch.Tensor        # [B, total] bool: the cache positions to attend to
     step: StepGraph | None = None
+
+    def start(self, last_positions, cache_length):
+        """Before the first decode step: the next token's position ids are ``last_positions [B, 1] + 1`` (the
+        prompt's last ones) and it goes to cache position ``cache_length`` (the prompt's length)."""
+        torch.add(last_positions, 1, out=self.position)
+        self.cache_position.fill_(cache_length)
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -210,7 +239,9 @@ class LlamaForCausalLM(ModelBase):
     def from_pretrained(cls, model_dir, dtype="auto", device="cpu", attn_implementation="fused"):
         """Load an HF LLaMA directory (config.json + model.safetensors or sharded safetensors). Built on the meta
         device, then each checkpoint tensor is loaded straight to ``device`` in ``dtype`` and becomes the
-        parameter (one copy). ``dtype``: a torch dtype, its name, or "auto" (as HF 5: the checkpoint's dtype).
+        parameter (one copy; HF's q/k/v and gate/up tensors are concatenated into the packed ``qkv_proj`` and
+        ``gate_up_proj``, and missing or unexpected tensors are named as HF names them). ``dtype``: a torch
+        dtype, its name, or "auto" (as HF 5: the checkpoint's dtype).
         ``lm_head`` is tied to ``embed_tokens`` (one Parameter) when the config says so; a checkpoint whose stored
         lm_head differs from the embedding is loaded untied, with a warning, as HF does. An untied config without
         ``lm_head.weight`` is an error naming the missing tensor (HF reports it missing).
@@ -379,10 +410,13 @@ class LlamaForCausalLM(ModelBase):
         def step(tokens):
             nonlocal positions, mask
             if cache.length == 0:
-                return self.prefill(tokens, mask if padded else None, positions, cache)
-            positions = positions[:, -1:] + 1
+                logits = self.prefill(tokens, mask if padded else None, positions, cache)
+                if static is not None:  # from here on the recorded step advances its own positions
+                    static.start(positions[:, -1:], cache.length)
+                return logits
             if static is not None:
-                return self.static_step(static, tokens, positions)
+                return self.static_step(static, tokens)
+            positions = positions[:, -1:] + 1
             length = cache.length + 1
             mask = with_room(mask, length, 1)
             return self.decode_step(tokens, mask[:, :length] if padded else None, positions, cache)
@@ -400,12 +434,13 @@ class LlamaForCausalLM(ModelBase):
         return self(tokens, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
                     logits_to_keep=1).logits[:, -1]
 
-    def static_step(self, state, tokens, position_ids):
-        """``decode_step`` through the fixed buffers of a :class:`StaticDecoding` (its recorded step): the
-        inputs are copied in, the step runs, the cache advances. Returns logits ``[B, vocab]``."""
+    def static_step(self, state, tokens):
+        """``decode_step`` through the fixed buffers of a :class:`StaticDecoding` (its recorded step, after
+        ``state.start``): the tokens ``[B, 1]`` are copied in and the step runs; it reads its position and cache
+        position from the device and advances them itself, so nothing of the host's feeds it (no sync, no
+        length bookkeeping; ``cache.length`` only follows along, for the host's view). Returns logits
+        ``[B, vocab]``."""
         state.token.copy_(tokens)
-        state.position.copy_(position_ids)
-        state.cache_position.fill_(state.cache.length)
         logits = state.step()
         state.cache.advance(1)
         return logits
@@ -413,12 +448,14 @@ class LlamaForCausalLM(ModelBase):
     def _fixed_shape_step(self, state):
         """The body a CUDA graph records: every launch has the same arguments each time. Reads the token,
         position and cache position from the state's device buffers, writes the token's K/V into the cache, marks
-        its position in ``key_mask`` and returns the next-token logits ``[B, vocab]``; cache.length is not
-        moved."""
+        its position in ``key_mask``, advances ``position`` and ``cache_position`` by one (on the device) and
+        returns the next-token logits ``[B, vocab]``; cache.length is not moved."""
         state.key_mask.index_fill_(1, state.cache_position, True)
         x, residual = self.decoder(state.token, state.position, state.key_mask, state.cache, state.cache_position,
                                    past_len=None)
         x, _ = self.norm(x, residual)
+        state.position.add_(1)
+        state.cache_position.add_(1)
         return self.lm_head(x)[:, -1]
 
     def _static_decoding(self, batch, total, attention_mask):

@@ -1,6 +1,6 @@
 """The op implementations the models call, looked up by name at call time (the shape of HF's
-``ALL_ATTENTION_FUNCTIONS``): ``OPS[name]`` holds the attention, RMSNorm, RoPE and LayerNorm functions of one
-implementation.
+``ALL_ATTENTION_FUNCTIONS``): ``OPS[name]`` holds the attention, RMSNorm, RoPE (one tensor, and the packed q/k/v
+with its KV-cache write), SiLU * mul and LayerNorm functions of one implementation.
 
 A model stores the name in ``config.attn_implementation`` (``model.set_attn_implementation(name)`` changes it)
 and its modules call ``ops_for(config.attn_implementation, device)`` on every forward, so a switch takes effect
@@ -8,7 +8,9 @@ at the next call and no name is passed through constructors. ``"fused"`` falls b
 warning per process, where Triton cannot run (CPU tensors without ``TRITON_INTERPRET=1``).
 
 Every attention function takes ``(q, k, v, *, causal, key_padding_mask, past_len, sm_scale, kv_batch_index,
-dropout_p, scale_before_matmul)`` with the shapes of :func:`fusedformers.kernels.attention`.
+dropout_p, scale_before_matmul)`` with the shapes of :func:`fusedformers.kernels.attention`; ``rope_qkv`` and
+``silu_mul`` those of :func:`fusedformers.kernels.rope_qkv` and :func:`fusedformers.kernels.silu_mul` (the eager
+ones: HF's RoPE on q and k then ``index_copy_`` into the cache; ``F.silu(gate) * up``).
 """
 from collections import namedtuple
 
@@ -20,14 +22,18 @@ from fusedformers.kernels import (
     rms_norm,
     rms_norm_reference,
     rope,
+    rope_qkv,
+    rope_qkv_reference,
     rope_reference,
+    silu_mul,
+    silu_mul_reference,
 )
 from fusedformers.kernels.checks import triton_can_run
 
 # the module, not its names: models/layers.py imports this module too (its LayerNorm looks up ops_for)
 from fusedformers.models import layers
 
-Ops = namedtuple("Ops", "attention rms_norm rope layer_norm")
+Ops = namedtuple("Ops", "attention rms_norm rope rope_qkv silu_mul layer_norm")
 
 
 def fused_attention(q, k, v, *, scale_before_matmul=False, **kwargs):
@@ -43,8 +49,9 @@ def eager_attention(q, k, v, **kwargs):
 
 
 OPS = {
-    "fused": Ops(fused_attention, rms_norm, rope, layer_norm),
-    "eager": Ops(eager_attention, rms_norm_reference, rope_reference, layer_norm_reference),
+    "fused": Ops(fused_attention, rms_norm, rope, rope_qkv, silu_mul, layer_norm),
+    "eager": Ops(eager_attention, rms_norm_reference, rope_reference, rope_qkv_reference, silu_mul_reference,
+                 layer_norm_reference),
 }
 
 def check_implementation(name):

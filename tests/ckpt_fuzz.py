@@ -132,7 +132,8 @@ class Expected:
             model = load(family, self.originals[family], dtype=dtype)
             with torch.no_grad():
                 for name, values in (edits or {}).items():
-                    target = dict(model.named_parameters(), **dict(model.named_buffers()))[model_name(family, name)]
+                    # state_dict's views: LLaMA's packed projections appear under HF's names
+                    target = model.state_dict(keep_vars=True)[model_name(family, name)]
                     target.copy_(values.to(target.dtype))
             result = (logits_of(family, model), model.state_dict(), tied_parameter_groups(model))
             if edits:

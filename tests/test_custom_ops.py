@@ -8,7 +8,7 @@ same (``aot_eager`` compiles the graph without code generation, so no C++ compil
 import pytest
 import torch
 
-from fusedformers.kernels import attention, layer_norm, rms_norm, rope
+from fusedformers.kernels import attention, layer_norm, rms_norm, rope, rope_qkv, silu_mul
 from fusedformers.kernels.attention import (
     attention_backward_op,
     attention_forward_op,
@@ -21,7 +21,8 @@ from fusedformers.kernels.rms_norm import (
     rms_norm_backward_op,
     rms_norm_forward_op,
 )
-from fusedformers.kernels.rope import rope_op
+from fusedformers.kernels.rope import rope_op, rope_qkv_backward_op, rope_qkv_cache_op, rope_qkv_op
+from fusedformers.kernels.silu_mul import silu_mul_backward_op, silu_mul_op
 from tests.conftest import DEVICE
 from tests.helpers import make_padding_mask
 
@@ -98,9 +99,25 @@ def test_layer_norm_compiles_without_graph_breaks():
         assert torch.equal(ours.grad, eager.grad)
 
 
+def test_opcheck_rope_qkv_and_silu_mul():
+    """The packed q/k/v RoPE (returning q, k, v; its backward; the variant that writes a KV cache in place, declared
+    as mutating it) and SiLU * mul with its backward."""
+    qkv = torch.randn(2, 5, (4 + 2 * 2) * 16, device=DEVICE, dtype=DTYPE)
+    cos, sin = (torch.randn(2, 5, 16, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    torch.library.opcheck(rope_qkv_op, (qkv, cos, sin, 4))
+    q, k, v = rope_qkv_op(qkv, cos, sin, 4)
+    grads = tuple(torch.randn_like(t) for t in (q, k, v))
+    torch.library.opcheck(rope_qkv_backward_op, (*grads, cos, sin))
+    k_cache, v_cache = (torch.zeros(2, 2, 9, 16, device=DEVICE, dtype=DTYPE) for _ in range(2))
+    torch.library.opcheck(rope_qkv_cache_op, (qkv, cos, sin, 4, k_cache, v_cache, torch.arange(3, 8, device=DEVICE)))
+    gate_up = torch.randn(2, 5, 48, device=DEVICE, dtype=DTYPE)
+    torch.library.opcheck(silu_mul_op, (gate_up,))
+    torch.library.opcheck(silu_mul_backward_op, (torch.randn(2, 5, 24, device=DEVICE, dtype=DTYPE), gate_up))
+
+
 def test_kernel_functions_compile_without_graph_breaks():
-    """attention (prefill with gradients, and the decode path), RMSNorm with residual, RoPE: one graph each, the
-    same values as the eager calls, and the same gradients."""
+    """attention (prefill with gradients, and the decode path), RMSNorm with residual, RoPE (one tensor and the
+    packed q/k/v), SiLU * mul: one graph, the same values as the eager calls, and the same gradients."""
     q, k, v = _qkv()
     mask = make_padding_mask(2, k.shape[2], "left", device=DEVICE)
     x = torch.randn(2, 20, 64, device=DEVICE, dtype=DTYPE)
@@ -112,7 +129,10 @@ def test_kernel_functions_compile_without_graph_breaks():
         decoded = attention(q[:, :, -1:].detach(), k.detach(), v.detach(), key_padding_mask=mask)
         normed, h = rms_norm(x, weight, residual=out.transpose(1, 2).reshape(2, 20, 64))
         rotated = rope(normed.view(2, 20, 4, 16), cos, sin)
-        return rotated.float().square().sum() + h.float().sum() + decoded.float().sum()
+        rq, rk, rv = rope_qkv(normed[..., :48], cos, sin, 1, 1)  # the packed q/k/v: one head each
+        gated = silu_mul(normed)
+        return (rotated.float().square().sum() + h.float().sum() + decoded.float().sum()
+                + (rq.float() * rk.float()).sum() + rv.float().sum() + gated.float().square().sum())
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v, x, weight)]
     explanation = torch._dynamo.explain(step)(*leaves)

@@ -1,19 +1,56 @@
 """Launch and host-sync budgets of a decode step, counted on CPU (``fusedformers.bench.launches``: every Triton
-launch and every aten op that launches device work; per layer = the slope between 1- and 2-layer models).
+launch and every aten op that launches device work; a host sync is a value read back to the host; per layer = the
+slope between 1- and 2-layer models).
 
 These are the budgets of the issue "a decode step near the memory roofline"; the figures before it were:
 LLaMA 16 per layer; BART 19 per decoder layer (greedy and beams) and 77 launches outside the layers per beam
-step, with 4 host reads per step."""
+step, with 4 host reads per step. LLaMA's layer is now nine launches (two RMSNorms, the packed q/k/v matmul, RoPE +
+the KV-cache write, attention, o_proj, the packed gate/up matmul, SiLU * mul, down_proj); the budget leaves one
+spare. The static paths (a recorded CUDA graph on a GPU) must not sync at all: the recorded steps advance their own
+positions on the device.
+"""
 import pytest
 import torch
 
-from fusedformers.bench.launches import count, decode_step_launches
+from fusedformers.bench.launches import LLAMA_SHAPE, count, decode_step_launches
 from fusedformers.models import beam_search
 from fusedformers.models.generation import GenerationSettings
 from fusedformers.models.kv_cache import KVCache
 
+LLAMA_LAUNCHES_PER_LAYER = 10
 BART_PER_LAYER = 16
 BEAM_BOOKKEEPING = 20
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
+def test_llama_launches_per_layer(cache_implementation):
+    settings = {"cache_implementation": cache_implementation} if cache_implementation else {}
+    result = decode_step_launches("llama", "ours", **settings)
+    assert result["per_layer"] <= LLAMA_LAUNCHES_PER_LAYER, result
+    if cache_implementation == "static":
+        assert result["syncs_per_step"] == 0, result
+
+
+def test_llama_static_step_reads_nothing_from_the_host():
+    """One recorded step (run eagerly here) does not sync, and it advances its own position and cache position
+    on the device, writing the token's K/V at the next cache row."""
+    from fusedformers.models.llama import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig.from_dict(dict(LLAMA_SHAPE, num_hidden_layers=2))).eval()
+    prompt = torch.randint(3, 90, (2, 5))
+    mask = torch.ones_like(prompt)
+    with torch.no_grad():
+        state = model._static_decoding(2, 9, mask)
+        positions = torch.arange(5).expand(2, 5)
+        model.prefill(prompt, None, positions, state.cache)
+        state.start(positions[:, -1:], state.cache.length)
+        for step in range(2):
+            before = state.cache.k[0][:, :, 5 + step].clone()
+            _, counter = count(model.static_step, state, torch.tensor([[7], [8]]))
+            assert counter.syncs == 0, counter.sync_ops
+            assert not torch.equal(state.cache.k[0][:, :, 5 + step], before)  # written at the advanced row
+            assert state.position.tolist() == [[6 + step], [6 + step]]
+            assert state.cache_position.tolist() == [6 + step]
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(num_beams=4), dict(num_beams=4, cache_implementation="static")],

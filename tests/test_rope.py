@@ -104,3 +104,140 @@ def test_bad_input(mutate, error, match, device):
     cos, sin = cos_sin(1, 4, 16, torch.float16, device)
     with pytest.raises(error, match=match):
         kernels.rope(*mutate(x, cos, sin))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The packed q/k/v (rope_qkv): q and k rotated, v copied, optionally into a KV cache, in one launch
+# ----------------------------------------------------------------------------------------------------------------
+def packed_qkv(batch, seq_len, heads, kv_heads, head_dim, dtype, device):
+    """[B, L, (Hq + 2 Hkv) * D] view of a wider projection: strided rows, as a fused projection's slice."""
+    width = (heads + 2 * kv_heads) * head_dim
+    return torch.randn(batch, seq_len, width + 8, device=device, dtype=dtype)[..., :width]
+
+
+def hf_rotary(q, k, cos, sin):
+    """transformers' own apply_rotary_pos_emb on [B, L, H, D] tensors (it takes [B, H, L, D])."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
+def assert_rotated_like_hf(got, expected, dtype):
+    if dtype == torch.float32:  # the compiler may fuse a product into the sum (one rounding less)
+        torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)
+    else:
+        assert torch.equal(got, expected), (got.float() - expected.float()).abs().max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", params([(4, 2, 16), (4, 4, 32), (8, 1, 64), (3, 3, 80),
+                                                           (6, 2, 128)], id=lambda s: "Hq{}-Hkv{}-D{}".format(*s)))
+def test_qkv_forward_matches_hf(dtype, heads, kv_heads, head_dim, device):
+    qkv = packed_qkv(2, 5, heads, kv_heads, head_dim, dtype, device)
+    cos, sin = cos_sin(2, 5, head_dim, dtype, device, offset=500)
+    q, k, v = kernels.rope_qkv(qkv, cos, sin, heads, kv_heads)
+    q_in, k_in, v_in = qkv.unflatten(-1, (heads + 2 * kv_heads, head_dim)).split((heads, kv_heads, kv_heads), dim=2)
+    expected_q, expected_k = hf_rotary(q_in, k_in, cos, sin)
+    assert q.shape == (2, 5, heads, head_dim) and k.shape == v.shape == (2, 5, kv_heads, head_dim)
+    assert all(t.is_contiguous() and t.dtype == dtype for t in (q, k, v))
+    assert_rotated_like_hf(q, expected_q, dtype)
+    assert_rotated_like_hf(k, expected_k, dtype)
+    assert torch.equal(v, v_in)
+    ref_q, ref_k, ref_v = kernels.rope_qkv_reference(qkv, cos, sin, heads, kv_heads)
+    assert_rotated_like_hf(q, ref_q, dtype)
+    assert torch.equal(v, ref_v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_qkv_into_cache_at_positions(dtype, device):
+    """Poisoned cache (NaN): the tokens land at rows cache_position (not at 0, not in order), rotated like HF's;
+    every other row stays untouched; q as without a cache. GQA: 6 query heads, 2 K/V heads."""
+    heads, kv_heads, head_dim, max_len = 6, 2, 32, 12
+    qkv = packed_qkv(2, 3, heads, kv_heads, head_dim, dtype, device)
+    cos, sin = cos_sin(2, 3, head_dim, dtype, device, offset=40)
+    k_cache = poisoned(2, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+    v_cache = poisoned(2, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+    cache_position = torch.tensor([7, 4, 9], device=device)
+    q = kernels.rope_qkv(qkv, cos, sin, heads, kv_heads, k_cache=k_cache, v_cache=v_cache,
+                         cache_position=cache_position)
+    expected_q, expected_k, expected_v = kernels.rope_qkv_reference(qkv, cos, sin, heads, kv_heads)
+    assert_rotated_like_hf(q, expected_q, dtype)
+    assert_rotated_like_hf(k_cache[:, :, cache_position].transpose(1, 2), expected_k, dtype)
+    assert torch.equal(v_cache[:, :, cache_position].transpose(1, 2), expected_v)
+    others = torch.ones(max_len, dtype=torch.bool, device=device)
+    others[cache_position] = False
+    assert torch.isnan(k_cache[:, :, others]).all() and torch.isnan(v_cache[:, :, others]).all()
+    # the eager implementation of the op registry: the same cache
+    k_ref, v_ref = (poisoned(2, kv_heads, max_len, head_dim, dtype=dtype, device=device) for _ in range(2))
+    q_ref = kernels.rope_qkv_reference(qkv, cos, sin, heads, kv_heads, k_cache=k_ref, v_cache=v_ref,
+                                       cache_position=cache_position)
+    assert_rotated_like_hf(q, q_ref, dtype)
+    assert torch.equal(v_cache.nan_to_num(), v_ref.nan_to_num())
+
+
+def test_qkv_every_q_element_is_written_and_cache_dtype_cast(device):
+    """Poisoned q output (launcher level); a float32 cache fed from bfloat16 q/k/v gets the bfloat16 rotation
+    cast up (HF rotates in the projection's dtype, the cache update casts)."""
+    from fusedformers.kernels.rope import _launch, _split_qkv
+    heads, kv_heads, head_dim = 4, 2, 16
+    qkv = packed_qkv(2, 3, heads, kv_heads, head_dim, torch.bfloat16, device)
+    cos, sin = cos_sin(2, 3, head_dim, torch.bfloat16, device)
+    q_in, k_in, v_in = _split_qkv(qkv, heads, kv_heads, head_dim)
+    q_out = poisoned(2, 3, heads, head_dim, dtype=torch.bfloat16, device=device)
+    k_cache, v_cache = (poisoned(2, kv_heads, 3, head_dim, dtype=torch.float32, device=device) for _ in range(2))
+    _launch(q_in, cos, sin, q_out, kv=(k_in, v_in), kv_out=(k_cache, v_cache),
+            cache_position=torch.arange(3, device=device))
+    expected_q, expected_k, expected_v = kernels.rope_qkv_reference(qkv, cos, sin, heads, kv_heads)
+    assert torch.equal(q_out, expected_q)
+    assert torch.equal(k_cache, expected_k.transpose(1, 2).float())
+    assert torch.equal(v_cache, expected_v.transpose(1, 2).float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_qkv_gradients_match_autograd_through_hf(dtype, device):
+    """Backward into the packed gradient: rope backward for q and k, identity for v; within 2x the eager error of
+    the float64 reference, and (16-bit) the same roundings as autograd through HF's RoPE."""
+    heads, kv_heads, head_dim = 4, 2, 32
+    qkv = packed_qkv(2, 6, heads, kv_heads, head_dim, dtype, device)
+    cos, sin = cos_sin(2, 6, head_dim, dtype, device, offset=90)
+    grads = (torch.randn(2, 6, heads, head_dim, device=device, dtype=dtype),
+             *(torch.randn(2, 6, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(2)))
+
+    def grad_of(fn, qkv, cos, sin, dtype=None):
+        return grads_on_fresh_leaves(lambda x: fn(x, cos, sin, heads, kv_heads), (qkv,), grads, dtype=dtype)[1][0]
+
+    got = grad_of(kernels.rope_qkv, qkv, cos, sin)
+    expected64 = grad_of(kernels.rope_qkv_reference, *to64(qkv, cos, sin), dtype=torch.float64)
+    eager = grad_of(kernels.rope_qkv_reference, qkv, cos, sin)
+    assert got.shape == qkv.shape
+    assert_within_eager_error("dqkv", got, expected64, eager)
+    v_cols = slice((heads + kv_heads) * head_dim, None)
+    assert torch.equal(got[..., v_cols], grads[2].flatten(-2))
+    if dtype != torch.float32:
+        assert torch.equal(got, eager)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(num_kv_heads=3), ValueError, r"qkv must be \[B, L, \(num_heads \+ 2 \* num_kv_heads\) \* D\]"),
+    (dict(num_heads=0), ValueError, "num_heads must be a positive int"),
+    (dict(k_cache="only"), ValueError, "go together"),
+    (dict(cache_position="int32"), ValueError, "cache_position must be an int64 tensor"),
+    (dict(k_cache="wrong_heads"), ValueError, r"k_cache must have shape \[B, Hkv, max_len, D\]"),
+], ids=["width", "heads", "cache_alone", "position_dtype", "cache_heads"])
+def test_qkv_bad_input(change, error, match, device):
+    qkv = packed_qkv(1, 2, 4, 2, 16, torch.float16, device)
+    cos, sin = cos_sin(1, 2, 16, torch.float16, device)
+    kwargs = dict(num_heads=4, num_kv_heads=2)
+    cache = dict(k_cache=torch.zeros(1, 2, 8, 16, device=device, dtype=torch.float16),
+                 v_cache=torch.zeros(1, 2, 8, 16, device=device, dtype=torch.float16),
+                 cache_position=torch.arange(2, device=device))
+    if change.get("k_cache") == "only":
+        kwargs.update(k_cache=cache["k_cache"])
+    elif change.get("k_cache") == "wrong_heads":
+        kwargs.update(cache, k_cache=torch.zeros(1, 3, 8, 16, device=device, dtype=torch.float16))
+    elif change.get("cache_position") == "int32":
+        kwargs.update(cache, cache_position=cache["cache_position"].int())
+    else:
+        kwargs.update(change)
+    with pytest.raises(error, match=match):
+        kernels.rope_qkv(qkv, cos, sin, kwargs.pop("num_heads"), kwargs.pop("num_kv_heads"), **kwargs)

@@ -34,6 +34,7 @@ attention_mod = importlib.import_module("fusedformers.kernels.attention")
 decode_mod = importlib.import_module("fusedformers.kernels.decode_attention")
 rms_norm_mod = importlib.import_module("fusedformers.kernels.rms_norm")
 rope_mod = importlib.import_module("fusedformers.kernels.rope")
+silu_mul_mod = importlib.import_module("fusedformers.kernels.silu_mul")
 tiles = importlib.import_module("fusedformers.kernels.tiles")
 
 SM90_MAX_SHARED_BYTES = 232448  # 227 KB: the most dynamic shared memory one block may use on sm_90
@@ -192,14 +193,30 @@ def check_rms_norm_kernels(dtype, hidden, layer_norm=False):
     assert_fits_sm90(f"_rms_norm_bwd_kernel {what}", compiled)
 
 
-def check_rope_kernel(dtype, num_heads, head_dim):
+def check_rope_kernel(dtype, num_heads, head_dim, num_kv_heads=0):
+    """One tensor (``num_kv_heads`` 0, the backward), or the packed q/k/v: into a KV cache (forward) and without
+    (backward)."""
     element = "*" + TRITON_DTYPE[dtype]
-    block_h, block_half, num_warps = tiles.rope_plan(num_heads, head_dim)
-    pointers = dict(x_ptr=element, cos_ptr=element, sin_ptr=element, out_ptr=element)
-    compiled = compile_sm90(rope_mod._rope_kernel, pointers,
-                            dict(BACKWARD=True, HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h),
-                            num_warps, 1)
-    assert_fits_sm90(f"_rope_kernel {dtype} H={num_heads} D={head_dim}", compiled)
+    block_h, block_half, num_warps = tiles.rope_plan(min(num_heads, num_kv_heads or num_heads), head_dim)
+    pointers = {name: element for name in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr",
+                                           "v_out_ptr")}
+    pointers["cache_position_ptr"] = "*i64"
+    flags = [dict(BACKWARD=True, QKV=False, TO_CACHE=False)] if not num_kv_heads else \
+        [dict(BACKWARD=False, QKV=True, TO_CACHE=True), dict(BACKWARD=True, QKV=True, TO_CACHE=False)]
+    for flag in flags:
+        compiled = compile_sm90(rope_mod._rope_kernel, pointers,
+                                dict(flag, HALF=head_dim // 2, BLOCK_HALF=block_half, BLOCK_H=block_h), num_warps, 1)
+        assert_fits_sm90(f"_rope_kernel {dtype} H={num_heads}/{num_kv_heads} D={head_dim} {flag}", compiled)
+
+
+def check_silu_mul_kernel(dtype, intermediate_size):
+    element = "*" + TRITON_DTYPE[dtype]
+    block_n, num_warps = tiles.silu_mul_plan(intermediate_size)
+    pointers = dict(gate_up_ptr=element, dout_ptr=element, out_ptr=element)
+    for backward in (False, True):
+        compiled = compile_sm90(silu_mul_mod._silu_mul_kernel, pointers, dict(BACKWARD=backward, BLOCK_N=block_n),
+                                num_warps, 1)
+        assert_fits_sm90(f"_silu_mul_kernel {dtype} I={intermediate_size} backward={backward}", compiled)
 
 
 def check_beam_kernels(num_beams, ngram, num_eos):
@@ -294,7 +311,12 @@ CASES = {
     # beam search: BART-large-cnn's 4 beams, n-gram 3, one eos; 8 beams with two eos ids
     "beam_search": (check_beam_kernels, [(4, 3, 1), (8, 0, 2), (16, 3, 1)]),
     "rope": (check_rope_kernel, [(torch.bfloat16, 32, 64), (torch.bfloat16, 8, 128), (torch.float16, 64, 128),
-                                 (torch.float32, 32, 256), (torch.bfloat16, 16, 80)]),
+                                 (torch.float32, 32, 256), (torch.bfloat16, 16, 80),
+                                 # the packed q/k/v: GQA, MHA, fp32
+                                 (torch.bfloat16, 32, 128, 8), (torch.float16, 32, 128, 32),
+                                 (torch.float32, 64, 128, 8), (torch.bfloat16, 16, 64, 16)]),
+    "silu_mul": (check_silu_mul_kernel, [(dtype, size) for dtype in (torch.bfloat16, torch.float32)
+                                         for size in (11008, 14336, 28672)]),
     # hidden 16384: the backward spills 156 B (a whole row in registers; bench/NOTES.md step 11)
     "rms_norm": (check_rms_norm_kernels, [(dtype, hidden) for dtype in (torch.bfloat16, torch.float32)
                                           for hidden in (1024, 5120, 8192)]),

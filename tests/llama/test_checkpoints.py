@@ -99,7 +99,7 @@ def test_sharded_checkpoint_and_dtype(tmp_path, base):
                                              attn_implementation="eager")
     assert all(p.dtype == torch.bfloat16 and p.device.type == torch.device(DEVICE).type
                for p in model.parameters())
-    torch.testing.assert_close(model.layers[1].mlp.up_proj.weight,
+    torch.testing.assert_close(model.state_dict()["layers.1.mlp.up_proj.weight"],
                                hf.model.layers[1].mlp.up_proj.weight.to(torch.bfloat16))
     ids, mask = left_padded_batch([6, 4], 6, seed=10)
     with torch.no_grad():
@@ -212,7 +212,7 @@ def test_save_pretrained_loads_in_hf(tmp_path, base, tied):
     model = LlamaForCausalLM.from_pretrained(path, device=DEVICE)
     with torch.no_grad():  # make the round trip non-trivial: weights that differ from the source checkpoint
         model.norm.weight.mul_(1.5)
-        model.layers[0].self_attn.k_proj.weight.add_(0.01)
+        model.state_dict()["layers.0.self_attn.k_proj.weight"].add_(0.01)  # a view of the packed qkv_proj
     out = str(tmp_path / "saved")
     model.save_pretrained(out)
     hf = transformers.LlamaForCausalLM.from_pretrained(out).to(DEVICE).eval()
@@ -505,3 +505,64 @@ def test_undecodable_json_names_the_file(broken, file_name, content):
     (broken / file_name).write_bytes(content)
     with pytest.raises(ValueError, match=rf"{file_name} is not (valid|a usable) JSON"):
         _load(broken)
+
+
+# ------------------------------------------------------------------------------- packed projections, HF's names
+
+def test_state_dict_has_hf_names_and_a_save_is_byte_identical(tmp_path, base):
+    """q/k/v and gate/up are packed into one matmul each, but state_dict lists HF's names with HF's values (within
+    an attention or MLP module in HF's order), a load -> save round trip writes the very same safetensors file,
+    and load_state_dict takes HF's names (strict)."""
+    path, hf = base
+    model = LlamaForCausalLM.from_pretrained(path, device=DEVICE)
+    state = model.state_dict()
+    hf_state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    assert sorted(state) == sorted(hf_state)
+    assert [k for k in state if k.startswith("layers.0.self_attn.")] == [f"layers.0.self_attn.{p}_proj.weight"
+                                                                        for p in "qkvo"]
+    for name, tensor in state.items():
+        assert torch.equal(tensor, hf_state[name]), name
+    assert "layers.0.self_attn.qkv_proj.weight" in dict(model.named_parameters())
+    model.save_pretrained(str(tmp_path))
+    with open(os.path.join(path, "model.safetensors"), "rb") as f, open(tmp_path / "model.safetensors", "rb") as g:
+        assert f.read() == g.read()
+    fresh = LlamaForCausalLM(model.config).to(DEVICE)
+    name = "layers.1.self_attn.v_proj.weight"
+    assert not torch.equal(fresh.state_dict()[name], hf_state[name])
+    result = fresh.load_state_dict(hf_state)
+    assert not result.missing_keys and not result.unexpected_keys
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, hf_state[name]), name
+
+
+def test_load_state_dict_names_hf_tensors(base):
+    """A dict without k_proj / with an unknown bias: load_state_dict's errors name HF's tensors, not the packed
+    ones."""
+    model = LlamaForCausalLM.from_pretrained(base[0], device=DEVICE)
+    state = model.state_dict()
+    partial = {k: v for k, v in state.items() if k != "layers.1.self_attn.k_proj.weight"}
+    partial["layers.0.mlp.up_proj.bias"] = torch.zeros(TINY["intermediate_size"])
+    with pytest.raises(RuntimeError) as error:
+        model.load_state_dict(partial)
+    message = str(error.value)
+    assert '"layers.1.self_attn.k_proj.weight"' in message and '"layers.0.mlp.up_proj.bias"' in message
+    assert "qkv_proj" not in message and "gate_up_proj" not in message
+    result = model.load_state_dict(partial, strict=False)
+    assert result.missing_keys == ["layers.1.self_attn.k_proj.weight"]
+    assert result.unexpected_keys == ["layers.0.mlp.up_proj.bias"]
+    wrong = dict(state, **{"layers.0.mlp.gate_proj.weight": torch.zeros(3, TINY["hidden_size"])})
+    with pytest.raises(RuntimeError, match=r"size mismatch for layers\.0\.mlp\.gate_proj\.weight"):
+        model.load_state_dict(wrong)
+
+
+def test_named_grads_has_hf_names(base):
+    model = LlamaForCausalLM.from_pretrained(base[0], device=DEVICE, attn_implementation="eager").train()
+    ids, mask = left_padded_batch([5, 4], 5, seed=3)
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    grads = model.named_grads()
+    assert list(grads) == list(model.state_dict())
+    qkv = model.layers[0].self_attn.qkv_proj.weight.grad
+    q_rows = TINY["num_attention_heads"] * TINY["head_dim"]
+    assert torch.equal(grads["layers.0.self_attn.q_proj.weight"], qkv[:q_rows])
+    assert torch.equal(grads["layers.0.self_attn.k_proj.weight"],
+                       qkv[q_rows:q_rows + TINY["num_key_value_heads"] * TINY["head_dim"]])

@@ -40,7 +40,7 @@ def trained(base):
 def test_loss_and_gradients_match_hf(trained):
     model, loss, ref_loss, ref_grads = trained
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    grads = {name: p.grad for name, p in model.named_parameters()}
+    grads = model.named_grads()  # under HF's names: the packed q/k/v and gate/up gradients cut into HF's parts
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         assert grad is not None, f"no gradient for {name}"
