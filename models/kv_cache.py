@@ -22,17 +22,27 @@ class KVCache:
         # one buffer for every layer's keys and values, so that a beam reorder is one gather and one copy
         self.storage = torch.zeros((2, num_layers, batch_size, num_kv_heads, max_len, head_dim), dtype=dtype,
                                    device=device)
-        self._views()
         self.max_len = max_len
         self.length = 0
 
-    def _views(self):
-        self.k = list(self.storage[0].unbind(0))   # [B, Hkv, max_len, D] per layer, contiguous views
-        self.v = list(self.storage[1].unbind(0))
+    def layer(self, layer_idx):
+        """``(k, v)`` of one layer, ``[B, Hkv, max_len, D]`` views of the storage, made at each call: a view made
+        before autograd recorded a write into the storage could not be written in place afterwards."""
+        return self.storage[0, layer_idx], self.storage[1, layer_idx]
+
+    @property
+    def k(self):
+        """Every layer's keys ``[B, Hkv, max_len, D]`` (views)."""
+        return [self.storage[0, i] for i in range(self.storage.shape[1])]
+
+    @property
+    def v(self):
+        """Every layer's values ``[B, Hkv, max_len, D]`` (views)."""
+        return [self.storage[1, i] for i in range(self.storage.shape[1])]
 
     @property
     def num_layers(self):
-        return len(self.k)
+        return self.storage.shape[1]
 
     @property
     def batch_size(self):
@@ -46,7 +56,7 @@ class KVCache:
         return torch.arange(self.length, self.length + n, device=self.storage.device)
 
     def _check(self, layer_idx, num_kv_heads, head_dim, kv_len, what):
-        k_cache = self.k[layer_idx]
+        k_cache = self.storage[0, layer_idx]
         if num_kv_heads != k_cache.shape[1] or head_dim != k_cache.shape[3]:
             raise ValueError(f"KVCache layer {layer_idx} holds [B, Hkv, *, D] = {tuple(k_cache.shape)}, got {what}")
         if kv_len is not None and kv_len > self.max_len:
@@ -54,7 +64,7 @@ class KVCache:
                              f"allocate the cache for prompt + max_new_tokens")
 
     def _views(self, layer_idx, kv_len):
-        k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]
+        k_cache, v_cache = self.layer(layer_idx)
         if kv_len is None:
             return k_cache, v_cache
         return k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
@@ -65,14 +75,15 @@ class KVCache:
 
         Returns views ``k, v [B, Hkv, kv_len, D]`` of the cache (no copy); ``kv_len=None``: the whole buffers
         ``[B, Hkv, max_len, D]``. ``length`` moves only on advance()."""
-        k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]
+        k_cache, v_cache = self.layer(layer_idx)
         if k_new.shape[0] != k_cache.shape[0]:
             raise ValueError(f"KVCache layer {layer_idx} holds [B, Hkv, *, D] = {tuple(k_cache.shape)}, "
                              f"got k_new {tuple(k_new.shape)}")
         self._check(layer_idx, k_new.shape[1], k_new.shape[3], kv_len, f"k_new {tuple(k_new.shape)}")
         # in the cache's dtype: under autocast the projections come out in the autocast dtype
         k_cache.index_copy_(2, cache_position, k_new.to(k_cache.dtype))
-        v_cache.index_copy_(2, cache_position, v_new.to(v_cache.dtype))
+        # a view made now: one made before the write above (if it was recorded) could not be written in place
+        self.storage[1, layer_idx].index_copy_(2, cache_position, v_new.to(v_cache.dtype))
         return self._views(layer_idx, kv_len)
 
     def update_rope(self, layer_idx, rope_qkv, qkv, cos, sin, num_heads, cache_position, kv_len=None):
@@ -82,7 +93,7 @@ class KVCache:
 
         Returns q ``[B, n, Hq, D]`` and views ``k, v`` as ``update``'s. Not differentiable (the fused op writes
         in place): a call that autograd records goes through ``update``."""
-        k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]
+        k_cache, v_cache = self.layer(layer_idx)
         num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
         if qkv.shape[0] != k_cache.shape[0] or qkv.shape[-1] != (num_heads + 2 * num_kv_heads) * head_dim:
             raise ValueError(f"KVCache layer {layer_idx} holds [B, Hkv, *, D] = {tuple(k_cache.shape)}: qkv must be "
@@ -101,7 +112,6 @@ class KVCache:
         old = self.storage
         self.storage = old.new_zeros(old.shape[:4] + (new_len,) + old.shape[5:])
         self.storage[:, :, :, :, :self.length] = old[:, :, :, :, :self.length]
-        self._views()
         self.max_len = new_len
 
     def advance(self, n):
