@@ -43,7 +43,7 @@ from fusedformers.models.generation import (
     sample_loop,
 )
 from fusedformers.models.kv_cache import KVCache
-from fusedformers.models.layers import ACTIVATIONS, CheckpointedLayer, LayerNorm
+from fusedformers.models.layers import ACTIVATIONS, CheckpointedLayer, LayerNorm, PackedLinear, PackedProjections
 from fusedformers.models.ops import OPS, check_implementation, ops_for
 
 POSITION_OFFSET = 2  # BART's learned positions are stored shifted by 2 (a fairseq legacy)
@@ -186,33 +186,43 @@ def shift_tokens_right(input_ids, pad_token_id, decoder_start_token_id):
 # ----------------------------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------------------------
-class BartAttention(nn.Module):
-    """Multi-head attention: q/k/v/out projections around the fused (or eager) attention kernel."""
+class BartAttention(PackedProjections):
+    """Multi-head attention: projections around the fused (or eager) attention kernel. Self-attention packs HF's
+    q/k/v projections into one matmul (``qkv_proj``), cross-attention its k/v (``kv_proj``: projected once per
+    source) and keeps ``q_proj``; ``state_dict`` shows HF's names (``q_proj.weight``, ...,
+    ``fusedformers.models.layers.PackedProjections``)."""
 
-    def __init__(self, config, num_heads):
+    def __init__(self, config, num_heads, cross=False):
         super().__init__()
         self.config = config
         d_model = config.d_model
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.scaling = self.head_dim ** -0.5
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
+        if cross:
+            self.q_proj = nn.Linear(d_model, d_model)
+            self.kv_proj = PackedLinear(d_model, (("k_proj", d_model), ("v_proj", d_model)))
+        else:
+            self.qkv_proj = PackedLinear(d_model, (("q_proj", d_model), ("k_proj", d_model), ("v_proj", d_model)))
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def split_heads(self, x):
-        """``[B, L, d]`` -> ``[B, H, L, D]`` (a view)."""
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+    def _heads(self, packed, count):
+        """``[B, L, count * d]`` -> ``count`` tensors ``[B, H, L, D]`` (views)."""
+        parts = packed.unflatten(-1, (count, self.num_heads, self.head_dim))
+        return [parts[:, :, i].transpose(1, 2) for i in range(count)]
+
+    def project_qkv(self, hidden_states):
+        """Self-attention: ``[B, L, d]`` -> q, k, v ``[B, H, L, D]`` (views of one matmul's output)."""
+        return self._heads(self.qkv_proj(hidden_states), 3)
 
     def project_kv(self, source):
-        """source ``[B, L, d]`` -> k, v ``[B, H, L, D]`` (views of the projections)."""
-        return self.split_heads(self.k_proj(source)), self.split_heads(self.v_proj(source))
+        """Cross-attention: source ``[B, L, d]`` -> k, v ``[B, H, L, D]`` (views of one matmul's output)."""
+        return self._heads(self.kv_proj(source), 2)
 
-    def forward(self, hidden_states, key, value, *, causal, key_padding_mask=None, past_len=None,
-                kv_batch_index=None):
-        """hidden_states ``[N, Lq, d]`` (queries), key/value ``[N or Bkv, H, Lk, D]`` -> ``[N, Lq, d]``."""
-        q = self.split_heads(self.q_proj(hidden_states))
+    def forward(self, query, key, value, *, causal, key_padding_mask=None, past_len=None, kv_batch_index=None):
+        """query: q ``[N, H, Lq, D]`` (self-attention, from :meth:`project_qkv`) or the hidden states
+        ``[N, Lq, d]`` (cross-attention: projected here); key/value ``[N or Bkv, H, Lk, D]`` -> ``[N, Lq, d]``."""
+        q = query if query.dim() == 4 else self._heads(self.q_proj(query), 1)[0]
         attention = ops_for(self.config.attn_implementation, q.device).attention
         dropout_p = self.config.attention_dropout if self.training else 0.0
         # the eager path scales q before the matmul, as HF's BART rounds it
@@ -253,8 +263,8 @@ class BartEncoderLayer(_BartLayer):
 
     def forward(self, hidden_states, attention_mask=None):
         """hidden_states ``[B, Ls, d]``, attention_mask ``[B, Ls]`` bool (True = token) -> ``[B, Ls, d]``."""
-        k, v = self.self_attn.project_kv(hidden_states)
-        attn = self.self_attn(hidden_states, k, v, causal=False, key_padding_mask=attention_mask)
+        q, k, v = self.self_attn.project_qkv(hidden_states)
+        attn = self.self_attn(q, k, v, causal=False, key_padding_mask=attention_mask)
         hidden_states = self.self_attn_layer_norm(F.dropout(attn, self.dropout, self.training), residual=hidden_states)
         hidden_states = self._residual_ffn(hidden_states)
         if hidden_states.dtype == torch.float16 and not torch.isfinite(hidden_states).all():
@@ -272,7 +282,7 @@ class BartDecoderLayer(_BartLayer):
         self.layer_idx = layer_idx
         self.self_attn = BartAttention(config, heads)
         self.self_attn_layer_norm = LayerNorm(config, d)
-        self.encoder_attn = BartAttention(config, heads)
+        self.encoder_attn = BartAttention(config, heads, cross=True)
         self.encoder_attn_layer_norm = LayerNorm(config, d)
         self._init_ffn(config, config.decoder_ffn_dim)
 
@@ -288,12 +298,12 @@ class BartDecoderLayer(_BartLayer):
         step (one token per row, see ``BartDecoder.forward``): the whole cache is attended, attention_mask
         ``[N, max_len]`` marking the written positions.
         """
-        k, v = self.self_attn.project_kv(hidden_states)
+        q, k, v = self.self_attn.project_qkv(hidden_states)
         if cache is not None:
             kv_len = None if past_len is None else past_len + hidden_states.shape[1]
             k, v = cache.update(self.layer_idx, k, v, cache_position, kv_len)
         # a fixed-shape step has one query row: the mask alone hides the positions after it
-        attn = self.self_attn(hidden_states, k, v, causal=past_len is not None, key_padding_mask=attention_mask,
+        attn = self.self_attn(q, k, v, causal=past_len is not None, key_padding_mask=attention_mask,
                               past_len=past_len)
         hidden_states = self.self_attn_layer_norm(F.dropout(attn, self.dropout, self.training), residual=hidden_states)
 

@@ -22,10 +22,11 @@ Two implementations share the state: ``fusedformers.kernels.beam_search`` (two T
 ``advance(..., fused=True)``) and :func:`advance_reference`, the readable PyTorch version, which the eager
 implementation runs and the tests compare against.
 """
-import collections
 from dataclasses import dataclass
 
 import torch
+
+from fusedformers.models.generation import StopPoll
 
 NEG_LARGE = -1.0e9  # HF's "impossible" score for beams
 STOP_FLAGS = 3      # per source: cannot improve, all finished with early_stopping=True, every candidate ended
@@ -243,35 +244,6 @@ def finalize(state, num_return_sequences):
     sequences = current[:, :num_return_sequences].reshape(state.batch * num_return_sequences, -1)
     generated = int(state.finished_len[:, :num_return_sequences].max())
     return sequences[:, :state.prompt_len + generated]
-
-
-class StopPoll:
-    """Whether the search has stopped, read without draining the device's queue.
-
-    Each step's verdict is copied to (pinned) host memory without waiting and read from there: a copy still in
-    flight may leave the previous verdict, which is still right, since the verdict only ever turns True (and
-    steps after the stop are no-ops). On CUDA the host also keeps at most ``lead`` steps queued ahead of the GPU
-    (it waits for the event of the step ``lead`` back, which leaves ``lead`` steps in the queue), so that an
-    early stop does not leave a whole max_length of no-op steps queued. On CPU every copy is done when it
-    returns."""
-
-    def __init__(self, flag, lead=4):
-        self.flag = flag
-        self.cuda = flag.is_cuda
-        self.lead = lead
-        self.host = torch.zeros(flag.shape, dtype=flag.dtype, pin_memory=self.cuda)
-        self.events = collections.deque()
-
-    def after_step(self):
-        """Queue the copy of this step's verdict; True if the host has seen that the search is over."""
-        self.host.copy_(self.flag, non_blocking=self.cuda)
-        if self.cuda:
-            event = torch.cuda.Event()
-            event.record()
-            self.events.append(event)
-            if len(self.events) > self.lead:
-                self.events.popleft().synchronize()
-        return bool(self.host.numpy()[0])  # host memory: a plain read
 
 
 def beam_search(step, prompt, settings, reorder_cache, fused=False, recorded_step=None):

@@ -18,6 +18,7 @@ HF semantics reproduced here:
 - a setting HF would apply that the chosen search does not implement raises NotImplementedError rather than
   giving other tokens.
 """
+import collections
 import operator
 from dataclasses import dataclass
 
@@ -344,6 +345,37 @@ def with_room(buffer, length, fill):
     return grown
 
 
+class StopPoll:
+    """Whether a generation loop (beam search, greedy / sampling) has stopped, read without draining the device's
+    queue.
+
+    Each step's verdict is copied to (pinned) host memory without waiting and read from there: a copy still in
+    flight may leave the previous verdict, which is still right, since the verdict only ever turns True (and
+    steps after the stop are no-ops). On CUDA the host also keeps at most ``lead`` steps queued ahead of the GPU
+    (it waits for the event of the step ``lead`` back, which leaves ``lead`` steps in the queue), so that an
+    early stop does not leave a whole max_length of no-op steps queued. On CPU every copy is done when it
+    returns."""
+
+    def __init__(self, flag, lead=4):
+        self.flag = flag
+        self.cuda = flag.is_cuda
+        self.lead = lead
+        self.host = torch.zeros(flag.shape, dtype=flag.dtype, pin_memory=self.cuda)
+        self.events = collections.deque()
+
+    def after_step(self, flag=None):
+        """Queue the copy of this step's verdict (``flag``, else the one given at construction); True if the host
+        has seen that the search is over."""
+        self.host.copy_(self.flag if flag is None else flag, non_blocking=self.cuda)
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self.events.append(event)
+            if len(self.events) > self.lead:
+                self.events.popleft().synchronize()
+        return bool(self.host.numpy()[0])  # host memory: a plain read
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The greedy / sampling loop
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,7 +385,9 @@ def sample_loop(step, prompt, settings, generator=None, stop_check_interval=STOP
     ``step(tokens [N, n]) -> logits [N, V]`` feeds the prompt first, then one token per step. A row that produced
     eos continues with pad; the loop stops early once every row has finished (asking the device once per
     ``stop_check_interval`` steps, since a host sync stalls the launch queue; the extra steps only produce pad)
-    and the result is cut at the step where the last row finished, as HF's."""
+    and the result is cut at the step where the last row finished, as HF's. The look is a ``StopPoll``: no host
+    sync (on CUDA the verdict arrives a few steps late, which only adds pad steps); ``stop_check_interval=1``
+    reads it synchronously, for a caller that must not step past the last row's end."""
     batch, prompt_len = prompt.shape
     total = settings.max_length
     pad = settings.pad_token_id if settings.pad_token_id is not None else 0  # pad is only written after an eos
@@ -363,6 +397,7 @@ def sample_loop(step, prompt, settings, generator=None, stop_check_interval=STOP
     eos = torch.tensor(settings.eos_token_ids, dtype=prompt.dtype, device=prompt.device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=prompt.device)
     finished_at = torch.full((batch,), total, dtype=torch.long, device=prompt.device)
+    poll = StopPoll(unfinished[:1])
     logits = step(prompt)
     length = prompt_len
     for num_generated in range(total - prompt_len):
@@ -379,8 +414,12 @@ def sample_loop(step, prompt, settings, generator=None, stop_check_interval=STOP
             unfinished &= ~just_finished
         if length == total:
             break
-        if (num_generated + 1) % stop_check_interval == 0 and not bool(unfinished.any()):
-            break
+        if (num_generated + 1) % stop_check_interval == 0:
+            if stop_check_interval == 1:  # the caller must not step past the last row's end (BART near its table)
+                if not bool(unfinished.any()):
+                    break
+            elif poll.after_step(~unfinished.any(0, keepdim=True)):
+                break
         logits = step(next_token[:, None])
     if eos.numel() and not bool(unfinished.any()):
         length = int(finished_at.max())  # HF stops at the step where the last row finished

@@ -118,7 +118,8 @@ def _loss_and_grads(model, ids, mask, labels, seed=None):
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     loss.backward()
-    return loss.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    grads = model.named_grads() if hasattr(model, "named_grads") else {n: p.grad for n, p in model.named_parameters()}
+    return loss.detach(), {name: grad.detach().clone() for name, grad in grads.items()}
 
 
 @pytest.mark.parametrize("impl", ["fused", "eager"])
@@ -309,8 +310,7 @@ def record_cross_attention(model):
     hooks = []
     for layer in model.model.decoder.layers:
         cross = layer.encoder_attn
-        hooks += [cross.k_proj.register_forward_hook(on_projection),
-                  cross.v_proj.register_forward_hook(on_projection),
+        hooks += [cross.kv_proj.register_forward_hook(on_projection),   # k and v: one packed matmul
                   cross.register_forward_hook(on_cross_attention, with_kwargs=True)]
     try:
         yield seen
@@ -321,7 +321,7 @@ def record_cross_attention(model):
 
 def assert_cross_kv_once_per_source(seen, model, num_sources, num_beams):
     num_layers = len(model.model.decoder.layers)
-    assert seen["projected"] == [num_sources] * (2 * num_layers)  # once per layer, for the sources only
+    assert seen["projected"] == [num_sources] * num_layers  # once per layer, for the sources only
     assert len(seen["queries"]) > num_layers  # several decoding steps read them
     assert set(seen["queries"]) == {num_sources * num_beams}
     assert set(seen["keys"]) == {num_sources}  # never expanded per beam
