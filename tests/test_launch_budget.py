@@ -5,8 +5,7 @@ slope between 1- and 2-layer models).
 These are the budgets of the issue "a decode step near the memory roofline"; the figures before it were:
 LLaMA 16 per layer; BART 19 per decoder layer (greedy and beams) and 77 launches outside the layers per beam
 step, with 4 host reads per step. LLaMA's layer is now nine launches (two RMSNorms, the packed q/k/v matmul, RoPE +
-the KV-cache write, attention, o_proj, the packed gate/up matmul, SiLU * mul, down_proj); the budget leaves one
-spare. The static paths (a recorded CUDA graph on a GPU) must not sync at all: the recorded steps advance their own
+the KV-cache write, attention, o_proj, the packed gate/up matmul, SiLU * mul, down_proj). The static paths (a recorded CUDA graph on a GPU) must not sync at all: the recorded steps advance their own
 positions on the device.
 """
 import pytest
@@ -17,18 +16,19 @@ from fusedformers.models import beam_search
 from fusedformers.models.generation import GenerationSettings
 from fusedformers.models.kv_cache import KVCache
 
-LLAMA_LAUNCHES_PER_LAYER = 10
-BART_PER_LAYER = 16
-BEAM_BOOKKEEPING = 20
+# held at today's figures (the issue's budgets in brackets), so that a regression fails here
+LLAMA_LAUNCHES_PER_LAYER = 9    # [10]
+BART_PER_LAYER = 14             # [16]
+BEAM_BOOKKEEPING = 7            # [20] float32 logits; 16-bit logits add their float32 cast
 
 
 @pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
 def test_llama_launches_per_layer(cache_implementation):
     settings = {"cache_implementation": cache_implementation} if cache_implementation else {}
-    result = decode_step_launches("llama", "ours", **settings)
+    # over 8 steps: the loop's look at its stop verdict (once per 8 steps) is counted too
+    result = decode_step_launches("llama", "ours", steps=(1, 9), **settings)
     assert result["per_layer"] <= LLAMA_LAUNCHES_PER_LAYER, result
-    if cache_implementation == "static":
-        assert result["syncs_per_step"] == 0, result
+    assert result["syncs_per_step"] == 0, result
 
 
 def test_llama_static_step_reads_nothing_from_the_host():
@@ -56,14 +56,15 @@ def test_llama_static_step_reads_nothing_from_the_host():
 @pytest.mark.parametrize("settings", [dict(), dict(num_beams=4), dict(num_beams=4, cache_implementation="static")],
                          ids=["greedy", "beam4", "beam4-static"])
 def test_bart_decoder_layer_budget(settings):
-    figures = decode_step_launches("bart", **settings)
+    figures = decode_step_launches("bart", steps=(1, 9) if settings else (1, 2), **settings)
     assert figures["per_layer"] <= BART_PER_LAYER, figures
     assert figures["syncs_per_step"] == 0, figures
 
 
 def test_beam_bookkeeping_budget():
     """One beam step's bookkeeping (processors, top-k, finished hypotheses, stop verdict), the reorder of a
-    4-layer self-attention cache and the host's look at the verdict: <= 20 launches, no host read."""
+    4-layer self-attention cache and the host's look at the verdict: log-softmax, the two kernels, top-k, the
+    reorder's gather and copy, the verdict's copy to the host; no host read."""
     settings = GenerationSettings(prompt_len=1, max_length=12, min_length=3, do_sample=False, temperature=1.0,
                                   top_k=0, top_p=1.0, num_beams=4, num_return_sequences=1, length_penalty=1.0,
                                   early_stopping=False, no_repeat_ngram_size=3, forced_bos_token_id=0,
