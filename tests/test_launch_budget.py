@@ -2,11 +2,13 @@
 launch and every aten op that launches device work; a host sync is a value read back to the host; per layer = the
 slope between 1- and 2-layer models).
 
-These are the budgets of the issue "a decode step near the memory roofline"; the figures before it were:
-LLaMA 16 per layer; BART 19 per decoder layer (greedy and beams) and 77 launches outside the layers per beam
-step, with 4 host reads per step. LLaMA's layer is now nine launches (two RMSNorms, the packed q/k/v matmul, RoPE +
-the KV-cache write, attention, o_proj, the packed gate/up matmul, SiLU * mul, down_proj). The static paths (a recorded CUDA graph on a GPU) must not sync at all: the recorded steps advance their own
-positions on the device.
+The issue "a decode step near the memory roofline" set the budgets; the figures before it were: LLaMA 16 per
+layer; BART 19 per decoder layer (greedy and beams) and 77 launches outside the layers per beam step, with 4 host
+reads per step. LLaMA's layer is now nine launches (two RMSNorms, the packed q/k/v matmul, RoPE + the KV-cache
+write, attention, o_proj, the packed gate/up matmul, SiLU * mul, down_proj); BART's decoder layer fourteen (the
+packed q/k/v matmul, two cache writes, self-attention, out_proj, LayerNorm + residual, the cross q matmul,
+cross-attention, out_proj, LayerNorm + residual, fc1, GELU, fc2, LayerNorm + residual). The static paths (a
+recorded CUDA graph on a GPU) must not sync at all: the recorded steps advance their own positions on the device.
 """
 import pytest
 import torch
