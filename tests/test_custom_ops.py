@@ -65,6 +65,22 @@ def test_opcheck_rms_norm_and_rope(with_residual):
     torch.library.opcheck(rope_op, (rows, cos, sin, with_residual))  # the backward flag, both ways
 
 
+def assert_compiles_like_eager(step, tensors):
+    """``step(*tensors)`` (a scalar loss) traces as one graph with no break, and the compiled call gives the eager
+    call's loss and gradients bit for bit."""
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    explanation = torch._dynamo.explain(step)(*leaves)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+    compiled_leaves = [t.clone().requires_grad_() for t in tensors]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss, expected = compiled(*compiled_leaves), step(*leaves)
+    assert torch.equal(loss, expected)
+    loss.backward()
+    expected.backward()
+    for ours, eager in zip(compiled_leaves, leaves):
+        assert torch.equal(ours.grad, eager.grad)
+
+
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("weight_dtype", [DTYPE, torch.float32], ids=["weight_fp16", "weight_fp32"])
 def test_opcheck_layer_norm(with_residual, weight_dtype):
@@ -86,17 +102,7 @@ def test_layer_norm_compiles_without_graph_breaks():
     def step(x, residual, weight, bias):
         return layer_norm(x * 2, weight, bias, residual=residual).float().square().sum()
 
-    leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
-    explanation = torch._dynamo.explain(step)(*leaves)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
-    compiled_leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss, expected = compiled(*compiled_leaves), step(*leaves)
-    assert torch.equal(loss, expected)
-    loss.backward()
-    expected.backward()
-    for ours, eager in zip(compiled_leaves, leaves):
-        assert torch.equal(ours.grad, eager.grad)
+    assert_compiles_like_eager(step, (x, residual, weight, bias))
 
 
 def test_opcheck_rope_qkv_and_silu_mul():
@@ -134,17 +140,7 @@ def test_kernel_functions_compile_without_graph_breaks():
         return (rotated.float().square().sum() + h.float().sum() + decoded.float().sum()
                 + (rq.float() * rk.float()).sum() + rv.float().sum() + gated.float().square().sum())
 
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, x, weight)]
-    explanation = torch._dynamo.explain(step)(*leaves)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
-    compiled_leaves = [t.clone().requires_grad_() for t in (q, k, v, x, weight)]
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss, expected = compiled(*compiled_leaves), step(*leaves)
-    assert torch.equal(loss, expected)
-    loss.backward()
-    expected.backward()
-    for ours, eager in zip(compiled_leaves, leaves):
-        assert torch.equal(ours.grad, eager.grad)
+    assert_compiles_like_eager(step, (q, k, v, x, weight))
 
 
 @pytest.mark.slow

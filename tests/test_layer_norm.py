@@ -93,24 +93,15 @@ def check_backward(x, weight, bias, residual, layout=None):
 
 # --- forward and backward against float64 -------------------------------------------------------------------
 
+@pytest.mark.parametrize("check", [check_forward, check_backward], ids=["forward", "backward"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("rows", [(3,), (2, 5)], ids=["rows3", "batch2x5"])
 @pytest.mark.parametrize("n", HIDDEN_SIZE_PARAMS)
 @pytest.mark.parametrize("dtype, weight_kind", DTYPE_WEIGHT_PARAMS)
-def test_forward(dtype, weight_kind, n, rows, with_residual):
+def test_against_float64(dtype, weight_kind, n, rows, with_residual, check):
     x = make_rows(rows, n, dtype)
     residual = make_rows(rows, n, dtype) if with_residual else None
-    check_forward(x, *make_params(n, dtype, weight_kind), residual)
-
-
-@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("rows", [(3,), (2, 5)], ids=["rows3", "batch2x5"])
-@pytest.mark.parametrize("n", HIDDEN_SIZE_PARAMS)
-@pytest.mark.parametrize("dtype, weight_kind", DTYPE_WEIGHT_PARAMS)
-def test_backward(dtype, weight_kind, n, rows, with_residual):
-    x = make_rows(rows, n, dtype)
-    residual = make_rows(rows, n, dtype) if with_residual else None
-    check_backward(x, *make_params(n, dtype, weight_kind), residual)
+    check(x, *make_params(n, dtype, weight_kind), residual)
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
