@@ -206,7 +206,7 @@ def _hf(kind, layers):
 def _generate_counts(model, kind, new_tokens, settings):
     """(launches, syncs) of one ``generate`` of ``new_tokens`` tokens that cannot stop early."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 90, (settings.pop("batch", 1), 8), generator=g)
+    ids = torch.randint(3, 90, (settings.pop("batch", 1), 8), generator=g).to(next(model.parameters()).device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
     if kind == "llama":
         kwargs.update(do_sample=False)
@@ -215,17 +215,25 @@ def _generate_counts(model, kind, new_tokens, settings):
     return counter
 
 
-def decode_step_launches(kind, impl="ours", layers=(1, 2), steps=(1, 2), **settings):
+def decode_step_launches(kind, impl="ours", layers=(1, 2), steps=(1, 2), device=None, **settings):
     """Launches and syncs per decode step of ``generate`` (tiny model of ``kind`` "llama" or "bart", ``impl``
     "ours" or "hf"), split into per decoder layer and outside the layers: the slope between two generation
     lengths (``steps``, so the prefill and the final cut are excluded), then between two layer counts.
+    ``device``: where the models run (default: CUDA if there is one, else the CPU, where the fused kernels need
+    ``TRITON_INTERPRET=1``); recorded steps run eagerly (the counter cannot see inside a CUDA graph's replay).
 
     Returns ``{"per_layer", "outside", "syncs_per_step", "per_step"}`` (the last at ``layers[0]`` layers)."""
+    from fusedformers.models.cuda_graph import StepGraph
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     build = _ours if impl == "ours" else _hf
     per_step, syncs = {}, {}
     for n in layers:
-        model = build(kind, n)
-        counts = [_generate_counts(model, kind, s, dict(settings)) for s in steps]
+        model = build(kind, n).to(device)
+        StepGraph.enabled = False
+        try:
+            counts = [_generate_counts(model, kind, s, dict(settings)) for s in steps]
+        finally:
+            StepGraph.enabled = True
         per_step[n] = per_unit(counts[0].launches, counts[1].launches, *steps)[0]
         syncs[n] = per_unit(counts[0].syncs, counts[1].syncs, *steps)[0]
     per_layer, outside = per_unit(per_step[layers[0]], per_step[layers[1]], *layers)
