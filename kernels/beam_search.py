@@ -236,6 +236,7 @@ def _beam_update_kernel(
         tl.store(stop_flags_ptr + 2 * batch + b, ended_all)
 
         # the last program to get here ends the step for everyone: stop when every source agrees on one reason
+        tl.debug_barrier()  # every thread's stores above come before this program's arrival (released by it)
         if tl.atomic_add(arrivals_ptr, 1) == batch - 1:   # acq_rel: the other programs' flags are visible
             stop_any = step < 0   # False, as a tensor (a loop-carried value keeps its type)
             for reason in tl.static_range(3):

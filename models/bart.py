@@ -673,14 +673,14 @@ class BartForConditionalGeneration(ModelBase):
         def step(tokens):
             return self.decode_step(tokens, state)
 
+        # a decoder position past the learned table is an error: check for the end every step near it
+        near_the_end = resolved.max_length > self.config.max_position_embeddings
         if resolved.num_beams > 1:
             fused = ops_for(self.config.attn_implementation, self.device) is OPS["fused"]
             recorded = functools.partial(self._recorded_beam_step, state, resolved, fused) if static else None
             return beam_search.beam_search(step, prompt.repeat_interleave(expand, dim=0), resolved,
                                            reorder_cache=state.self_cache.reorder, fused=fused,
-                                           recorded_step=recorded)
-        # a decoder position past the learned table is an error: check for finished rows every step near it
-        near_the_end = resolved.max_length > self.config.max_position_embeddings
+                                           recorded_step=recorded, sync_stop=near_the_end)
         return sample_loop(step, prompt, resolved, stop_check_interval=1 if near_the_end else STOP_CHECK_INTERVAL)
 
     def _recorded_beam_step(self, decoding, settings, fused, beams, logits):

@@ -246,7 +246,7 @@ def finalize(state, num_return_sequences):
     return sequences[:, :state.prompt_len + generated]
 
 
-def beam_search(step, prompt, settings, reorder_cache, fused=False, recorded_step=None):
+def beam_search(step, prompt, settings, reorder_cache, fused=False, recorded_step=None, sync_stop=False):
     """Beam search over ``prompt [B * num_beams, P]`` (each source's prompt repeated per beam).
 
     ``step(tokens [N, n]) -> logits [N, V]`` feeds tokens to the model; ``reorder_cache(beam_idx [N])`` moves
@@ -254,6 +254,9 @@ def beam_search(step, prompt, settings, reorder_cache, fused=False, recorded_ste
     of calling ``step`` and ``reorder_cache`` each step, build once ``recorded_step(state, logits)``, a callable
     that runs a whole step (bookkeeping, cache reorder, the model on ``state.next_tokens`` at the device-side
     length) and returns the next logits buffer (``fusedformers.models.bart``'s recorded beam step).
+    ``sync_stop``: read the stop verdict after every step, waiting for it (a caller that must not take a step
+    past the search's end: BART near the end of its position table); otherwise ``StopPoll`` looks without
+    waiting, and on CUDA may see the stop a few (no-op) steps late.
 
     Returns ``[B * num_return_sequences, P + generated]``: per source its best hypotheses, best first.
     """
@@ -271,7 +274,7 @@ def beam_search(step, prompt, settings, reorder_cache, fused=False, recorded_ste
         for _ in range(steps):
             advance(state, logits, settings, fused)
             reorder_cache(state.beam_idx)
-            if poll.after_step():
+            if bool(state.stopped) if sync_stop else poll.after_step():
                 break
             logits = step(state.next_tokens)
     return finalize(state, settings.num_return_sequences)

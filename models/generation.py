@@ -369,7 +369,7 @@ class StopPoll:
         self.host.copy_(self.flag if flag is None else flag, non_blocking=self.cuda)
         if self.cuda:
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.flag.device))
             self.events.append(event)
             if len(self.events) > self.lead:
                 self.events.popleft().synchronize()

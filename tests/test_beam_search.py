@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusedformers.models import beam_search
-from fusedformers.models.generation import GenerationSettings
+from fusedformers.models.generation import GenerationSettings, StopPoll
 from tests.conftest import DEVICE
 
 BASE = dict(prompt_len=2, max_length=9, min_length=4, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
@@ -79,3 +79,48 @@ def test_fused_step_checks_logits_shape():
     state = beam_search.new_state(prompt, settings, 11)
     with pytest.raises(ValueError, match=r"logits must be \[B \* num_beams, V\] = \[6, 11\], got \[6, 12\]"):
         beam_search.advance(state, torch.zeros(6, 12, device=DEVICE), settings, fused=True)
+
+
+class _LateStopPoll(beam_search.StopPoll):
+    """A StopPoll that sees the verdict three steps late, as one on CUDA may."""
+
+    def __init__(self, flag, lead=4):
+        super().__init__(flag, lead)
+        self.seen = []
+
+    def after_step(self, flag=None):
+        self.seen.append(super().after_step(flag))
+        return len(self.seen) > 3 and self.seen[-4]
+
+
+@pytest.mark.parametrize("sync_stop", [False, True])
+def test_sync_stop_takes_no_step_past_the_end(sync_stop, monkeypatch):
+    """With a late look at the verdict the loop takes a few no-op steps after the search stopped, which must not
+    change the result; ``sync_stop`` (BART near the end of its position table) takes none."""
+    monkeypatch.setattr(beam_search, "StopPoll", _LateStopPoll)
+    settings = GenerationSettings(**dict(BASE, max_length=12, eos_token_ids=[2], forced_eos_token_ids=None,
+                                         min_length=0, early_stopping=True))
+    vocab, num_beams = 5, settings.num_beams
+    g = torch.Generator().manual_seed(3)
+    table = (torch.randn(64, vocab, generator=g) * 2).to(DEVICE)
+    table[:, 2] += 1.0  # eos is likely: the search stops well before max_length
+    fed = []
+
+    def step(tokens):
+        fed.append(tokens.shape[1])
+        return table[tokens[:, -1] * 7 % 64 + len(fed)]
+
+    prompt = torch.ones(2 * num_beams, settings.prompt_len, dtype=torch.long, device=DEVICE)
+    out = beam_search.beam_search(step, prompt, settings, reorder_cache=lambda beam_idx: None, sync_stop=sync_stop)
+    fed_sync = []
+
+    def step_sync(tokens):
+        fed_sync.append(tokens.shape[1])
+        return table[tokens[:, -1] * 7 % 64 + len(fed_sync)]
+
+    monkeypatch.setattr(beam_search, "StopPoll", StopPoll)  # on CPU: sees each verdict at once
+    expected = beam_search.beam_search(step_sync, prompt, settings, reorder_cache=lambda beam_idx: None)
+    assert torch.equal(out, expected)
+    steps_needed = len(fed_sync)
+    assert steps_needed < settings.max_length - settings.prompt_len  # it did stop early
+    assert len(fed) == steps_needed if sync_stop else len(fed) > steps_needed
