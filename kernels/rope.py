@@ -162,7 +162,9 @@ def _launch(q, cos, sin, q_out, backward=False, kv=None, kv_out=None, cache_posi
             seq_len=seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
             BACKWARD=backward, QKV=kv is not None, TO_CACHE=to_cache, HALF=head_dim // 2,
             BLOCK_HALF=block_half, BLOCK_H=block_h,
-            num_warps=num_warps,
+            # x * cos + rotate_half(x) * sin as two rounded products and a sum, as PyTorch's three kernels: no
+            # FMA (in float32 it would round once where PyTorch rounds twice; 16-bit products are exact anyway)
+            num_warps=num_warps, enable_fp_fusion=False,
         )
 
 

@@ -42,13 +42,17 @@ def _silu_mul_kernel(
     g = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(src + N + cols, mask=mask, other=0.0).to(tl.float32)   # up's column j sits I columns later
     dtype = gate_up_ptr.dtype.element_ty
-    sig = 1.0 / (1.0 + tl.exp(-g))
-    s = (g * sig).to(dtype).to(tl.float32)  # F.silu's result, rounded to the dtype
+    # PyTorch's silu is x / (1 + exp(-x)) with a correctly rounded division (Triton's `/` is the GPU's
+    # approximate one: div_rn is not); tl.exp is within 2 ulp of PyTorch's expf, so a 16-bit result can still
+    # differ by 1 ulp at a rounding tie
+    denominator = 1.0 + tl.exp(-g)
+    s = tl.div_rn(g, denominator).to(dtype).to(tl.float32)  # F.silu's result, rounded to the dtype
     dst = out_ptr + row * stride_out_row
     if BACKWARD:
         do = tl.load(dout_ptr + row * stride_dout_row + cols, mask=mask, other=0.0).to(tl.float32)
         d_up = (do * s).to(dtype)                            # autograd of s * up: dout * s, rounded
         d_s = (do * u).to(dtype).to(tl.float32)              # and dout * up, rounded
+        sig = tl.div_rn(1.0, denominator)
         d_gate = d_s * sig * (1.0 + g * (1.0 - sig))         # SiLU's backward, in float32
         tl.store(dst + cols, d_gate.to(dtype), mask=mask)
         tl.store(dst + N + cols, d_up, mask=mask)
