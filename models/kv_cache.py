@@ -74,12 +74,17 @@ class KVCache:
         (a device tensor ``[n]``: no host value is read, so a CUDA graph can replay the write).
 
         Returns views ``k, v [B, Hkv, kv_len, D]`` of the cache (no copy); ``kv_len=None``: the whole buffers
-        ``[B, Hkv, max_len, D]``. ``length`` moves only on advance()."""
+        ``[B, Hkv, max_len, D]``. ``length`` moves only on advance(). k and v that are two views of one packed
+        projection (BART's) are written in one launch."""
         k_cache, v_cache = self.layer(layer_idx)
         if k_new.shape[0] != k_cache.shape[0]:
             raise ValueError(f"KVCache layer {layer_idx} holds [B, Hkv, *, D] = {tuple(k_cache.shape)}, "
                              f"got k_new {tuple(k_new.shape)}")
         self._check(layer_idx, k_new.shape[1], k_new.shape[3], kv_len, f"k_new {tuple(k_new.shape)}")
+        pair = _as_pair(k_new, v_new)
+        if pair is not None:  # k and v are two views of one packed projection: one launch writes both
+            self.storage[:, layer_idx].index_copy_(3, cache_position, pair.to(k_cache.dtype))
+            return self._views(layer_idx, kv_len)
         # in the cache's dtype: under autocast the projections come out in the autocast dtype
         k_cache.index_copy_(2, cache_position, k_new.to(k_cache.dtype))
         # a view made now: one made before the write above (if it was recorded) could not be written in place
@@ -132,3 +137,16 @@ class KVCache:
 
     def reset(self):
         self.length = 0
+
+
+def _as_pair(k, v):
+    """``[2, *k.shape]`` viewing k and v at once, when they are views of one buffer with the same shape and
+    strides and v lies after k (the k and v heads of a packed projection, as BART's); else None. Not for
+    tensors autograd records (the cache writes of training calls take the two-launch path)."""
+    if (k.requires_grad or v.requires_grad or k.shape != v.shape or k.stride() != v.stride() or k.dtype != v.dtype
+            or k.device != v.device or k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()):
+        return None
+    gap = v.storage_offset() - k.storage_offset()
+    if gap <= 0:
+        return None
+    return k.as_strided((2, *k.shape), (gap, *k.stride()), k.storage_offset())
