@@ -59,7 +59,7 @@ case "$what" in
     kernel_tests=(tests/test_attention.py tests/test_attention_dropout.py tests/test_decode_attention.py
                   tests/test_rms_norm.py tests/test_layer_norm.py tests/test_rope.py tests/test_silu_mul.py
                   tests/test_beam_search.py tests/test_launch_budget.py tests/llama/test_generate.py
-                  tests/test_bart.py::test_static_beam_step_matches_default_loop_and_hf
+                  tests/test_bart.py::test_static_cache_matches_default_loop_and_hf
                   tests/test_bart.py::test_static_beam_step_fused_matches_hf)
     if [ ${#dry[@]} -eq 0 ]; then
       proof_step tests 180 python -m pytest "${kernel_tests[@]}" -q "${workers[@]}" --maxfail=30 -p no:cacheprovider \

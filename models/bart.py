@@ -647,7 +647,8 @@ class BartForConditionalGeneration(ModelBase):
         ``cache_implementation="static"`` (HF's name for its fixed-shape path), with beams: the self-attention
         cache is allocated for the whole length, and after the decoder prompt every step — bookkeeping, cache
         reorder and decoder — has fixed shapes and reads no host value, so on CUDA it is recorded once as a CUDA
-        graph and replayed (``_recorded_beam_step``); same tokens. Greedy decoding ignores it."""
+        graph and replayed (``_recorded_beam_step``); greedy decoding likewise records its decoder step
+        (``_recorded_greedy_step``); same tokens."""
         if cache_implementation not in (None, "dynamic", "static"):
             raise ValueError(f"cache_implementation must be None, 'dynamic' or 'static', got {cache_implementation!r}")
         check_prompt(input_ids, attention_mask, "input_ids")
@@ -659,7 +660,7 @@ class BartForConditionalGeneration(ModelBase):
                                     decoder_input_ids=decoder_input_ids)
         prompt = decoder_prompt(resolved, input_ids.shape[0], decoder_input_ids, input_ids.device)
         expand = max(resolved.num_beams, resolved.num_return_sequences)
-        static = cache_implementation == "static" and resolved.num_beams > 1
+        static = cache_implementation == "static"
         if static and resolved.max_length > self.config.max_position_embeddings:
             warnings.warn(f"cache_implementation='static' needs max_length ({resolved.max_length}) <= "
                           f"max_position_embeddings ({self.config.max_position_embeddings}); generating with the "
@@ -675,6 +676,8 @@ class BartForConditionalGeneration(ModelBase):
 
         # a decoder position past the learned table is an error: check for the end every step near it
         near_the_end = resolved.max_length > self.config.max_position_embeddings
+        if static and resolved.num_beams == 1:
+            step = self._recorded_greedy_step(state)
         if resolved.num_beams > 1:
             fused = ops_for(self.config.attn_implementation, self.device) is OPS["fused"]
             recorded = functools.partial(self._recorded_beam_step, state, resolved, fused) if static else None
@@ -698,11 +701,50 @@ class BartForConditionalGeneration(ModelBase):
             beam_search.advance(beams, logits_buffer, settings, fused)
             cache.reorder(beams.beam_idx, cache.max_len)
             position = beams.step + (beams.prompt_len - 1)   # of the token fed (after a stop: unchanged)
-            written = (cache_positions <= position).expand(cache.batch_size, cache.max_len)
-            hidden = self.model.decoder(beams.next_tokens, encoder_attention_mask=decoding.cross_mask,
-                                        attention_mask=written, cache=cache, cross_kv=decoding.cross_kv,
-                                        kv_batch_index=decoding.kv_batch_index, position=position)
-            logits_buffer.copy_(self.logits(hidden[:, -1]))
+            logits_buffer.copy_(self._fixed_shape_logits(decoding, beams.next_tokens, position, cache_positions))
             return logits_buffer
 
         return StepGraph(body, logits.device if logits.is_cuda else None)
+
+    def _fixed_shape_logits(self, decoding, tokens, position, cache_positions):
+        """The decoder's fixed-shape step: ``tokens [N, 1]`` at the device-side ``position [1]``, their K/V
+        written there, the whole self-attention cache attended with the positions ``<= position`` visible
+        (``cache_positions``: ``arange(max_len)``). Returns next-token logits ``[N, V]``; reads no host value."""
+        cache = decoding.self_cache
+        written = (cache_positions <= position).expand(cache.batch_size, cache.max_len)
+        hidden = self.model.decoder(tokens, encoder_attention_mask=decoding.cross_mask, attention_mask=written,
+                                    cache=cache, cross_kv=decoding.cross_kv, kv_batch_index=decoding.kv_batch_index,
+                                    position=position)
+        return self.logits(hidden[:, -1])
+
+    def _recorded_greedy_step(self, decoding):
+        """Greedy decoding's ``step(tokens)`` for ``generate(cache_implementation="static")``: the decoder prompt
+        runs as usual (it fills the cache's first positions); every later call copies the tokens ``[N, 1]`` into
+        a fixed buffer and runs a :class:`StepGraph` (a replayed CUDA graph on CUDA) that feeds them at a
+        device-side position it advances itself. Returns next-token logits ``[N, V]`` (the same buffer each
+        step: the loop consumes it before the next call)."""
+        cache = decoding.self_cache
+        device = cache.storage.device
+        tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+        position = torch.zeros(1, dtype=torch.long, device=device)
+        cache_positions = torch.arange(cache.max_len, device=device)
+        logits_buffer = None
+
+        def body():
+            logits_buffer.copy_(self._fixed_shape_logits(decoding, tokens, position, cache_positions))
+            position.add_(1)
+            return logits_buffer
+
+        graph = StepGraph(body, device if device.type == "cuda" else None)
+
+        def step(new_tokens):
+            nonlocal logits_buffer
+            if logits_buffer is None:  # the decoder prompt
+                logits = self.decode_step(new_tokens, decoding)
+                logits_buffer = torch.empty_like(logits)
+                position.fill_(cache.length)
+                return logits
+            tokens.copy_(new_tokens)
+            return graph()
+
+        return step

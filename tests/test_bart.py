@@ -203,14 +203,11 @@ def test_generate_matches_hf_fused(setting, hf_checkpoint, models, source_batch)
     assert_cross_kv_once_per_source(seen, models["fused"], ids.shape[0], kwargs.get("num_beams", 1))
 
 
-BEAM_SETTINGS = [name for name in GENERATION_SETTINGS if name.startswith("beam")]
-
-
-@pytest.mark.parametrize("setting", BEAM_SETTINGS)
-def test_static_beam_step_matches_default_loop_and_hf(setting, hf_checkpoint, models, source_batch, monkeypatch):
-    """generate(cache_implementation="static") with beams: the fixed-shape step (bookkeeping, whole-cache
-    reorder, decoder at the device-side position; on CUDA a recorded, replayed CUDA graph) gives the default
-    loop's tokens and HF's."""
+@pytest.mark.parametrize("setting", list(GENERATION_SETTINGS))
+def test_static_cache_matches_default_loop_and_hf(setting, hf_checkpoint, models, source_batch, monkeypatch):
+    """generate(cache_implementation="static"): the fixed-shape step (with beams: bookkeeping, whole-cache
+    reorder and decoder; greedy: the decoder; at the device-side position; on CUDA a recorded, replayed CUDA
+    graph) gives the default loop's tokens and HF's."""
     from fusedformers.models.cuda_graph import StepGraph
     recorded = []
     record = StepGraph._record

@@ -55,8 +55,9 @@ def test_llama_static_step_reads_nothing_from_the_host():
             assert state.cache_position.tolist() == [6 + step]
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(num_beams=4), dict(num_beams=4, cache_implementation="static")],
-                         ids=["greedy", "beam4", "beam4-static"])
+@pytest.mark.parametrize("settings", [dict(), dict(cache_implementation="static"), dict(num_beams=4),
+                                      dict(num_beams=4, cache_implementation="static")],
+                         ids=["greedy", "greedy-static", "beam4", "beam4-static"])
 def test_bart_decoder_layer_budget(settings):
     figures = decode_step_launches("bart", steps=(1, 9) if settings else (1, 2), **settings)
     assert figures["per_layer"] <= BART_PER_LAYER, figures
