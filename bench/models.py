@@ -51,6 +51,7 @@ def shapes(quick):
         dict(model="llama", task="greedy", B=1, prompt=128, new=128, ours_cache="static"),
         dict(model="llama", task="greedy", B=8, prompt=512, new=128, ours_cache="static"),
         dict(model="bart", task="greedy", B=8, source=512, new=64),
+        dict(model="bart", task="greedy", B=8, source=512, new=64, ours_cache="static"),
         dict(model="bart", task="beam4", B=4, source=512, new=64),
         dict(model="bart", task="beam4", B=4, source=512, new=64, ours_cache="static"),
         dict(model="bart", task="train", B=8, source=512, target=128),
@@ -329,7 +330,7 @@ def _bart_cases(spec, runner):
         impls["hf_sdpa_static"] = lambda: hf_bart_generate(hf, ids, mask, new, beams, static_cache=True)
     label = f"bart {'beam 4' if beams > 1 else 'greedy'} B={batch} src {source} +{new} (row 0 half padded)"
     if ours_cache == "static":
-        label += " (ours: static cache, recorded beam step)"
+        label += " (ours: static cache, recorded step)"
     case = Case(NAME, "generate", label, label, None, shape, impls, "tok/s", batch * new, wall_clock=True)
     counted = {"ours": lambda n: ours_bart_generate(ours, ids, mask, n, beams, ours_cache),
                "hf_sdpa": lambda n: hf_bart_generate(hf, ids, mask, n, beams)}
