@@ -1,8 +1,8 @@
-"""Kernel fuzzer: random attention, RMSNorm and RoPE cases, forward and backward, each against its float64
-reference under the accuracy rule (error at most 2x the eager same-dtype computation's, plus a small slack; NaN
-never passes)::
+"""Kernel fuzzer: random attention, RMSNorm, LayerNorm, RoPE and SiLU*mul cases, forward and backward, each
+against its float64 reference under the accuracy rule (error at most 2x the eager same-dtype computation's, plus a
+small slack; NaN never passes)::
 
-    python -m tests.fuzz --cases 200 --seed 0 [--kinds attention rms_norm rope]
+    python -m tests.fuzz --cases 200 --seed 0 [--kinds attention rms_norm layer_norm rope silu_mul]
 
 Without CUDA the kernels run on CPU through Triton's interpreter (set here before triton is imported), so shapes
 stay small. Each failure prints one line that reproduces it (``--seed S --only-case I``); exit status 1 if any.
@@ -24,7 +24,13 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 from fusedformers import kernels  # noqa: E402
-from fusedformers.kernels.reference import attention_reference, rms_norm_reference, rope_reference  # noqa: E402
+from fusedformers.kernels.reference import (  # noqa: E402
+    attention_reference,
+    layer_norm_reference,
+    rms_norm_reference,
+    rope_reference,
+    silu_mul_reference,
+)
 from tests.helpers import (  # noqa: E402
     DTYPES,
     assert_within_eager_error,
@@ -36,7 +42,8 @@ from tests.helpers import (  # noqa: E402
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KINDS = ("attention", "rms_norm", "rope")
+# attention twice: it has by far the most cases to cover
+KINDS = ("attention", "rms_norm", "attention", "layer_norm", "rope", "silu_mul")
 
 
 def draw_attention(rng):
@@ -124,6 +131,57 @@ def run_rms_norm(case, generator):
             assert_within_eager_error(name, a, b, c)
 
 
+def draw_layer_norm(rng):
+    return dict(rows=rng.randint(1, 40), hidden=rng.choice([8, 48, 100, 768, 1024]), dtype=rng.choice(DTYPES),
+                fp32_params=rng.random() < 0.3, residual=rng.random() < 0.5, strided=rng.random() < 0.3,
+                backward=rng.random() < 0.5)
+
+
+def run_layer_norm(case, generator):
+    dtype, hidden = case["dtype"], case["hidden"]
+
+    def randn(*shape, dtype=dtype):
+        return torch.randn(*shape, generator=generator).to(DEVICE, dtype)
+
+    x = randn(case["rows"], hidden + 8)[:, :hidden] if case["strided"] else randn(case["rows"], hidden)  # row stride
+    param_dtype = torch.float32 if case["fp32_params"] else dtype
+    weight, bias = randn(hidden, dtype=param_dtype) * 0.5 + 1, randn(hidden, dtype=param_dtype) * 0.1
+    inputs = (x, weight, bias) + ((randn(*x.shape),) if case["residual"] else ())
+    dout = randn(*x.shape)
+
+    def fused(x, weight, bias, residual=None):
+        return kernels.layer_norm(x, weight, bias, 1e-5, residual=residual)
+
+    def reference(x, weight, bias, residual=None):
+        return layer_norm_reference(x, weight, bias, 1e-5, residual=residual)
+
+    got, got_grads = grads_on_fresh_leaves(fused, inputs, dout)
+    want, want_grads = grads_on_fresh_leaves(reference, inputs, dout, dtype=torch.float64)
+    eager, eager_grads = grads_on_fresh_leaves(reference, inputs, dout)
+    assert_within_eager_error("y", got, want, eager)
+    if case["backward"]:
+        for name, a, b, c in zip(("dx", "dweight", "dbias", "dresidual"), got_grads, want_grads, eager_grads):
+            assert_within_eager_error(name, a, b, c)
+
+
+def draw_silu_mul(rng):
+    return dict(rows=rng.randint(1, 40), size=rng.choice([1, 8, 100, 1024, 2752]), dtype=rng.choice(DTYPES),
+                strided=rng.random() < 0.3, backward=rng.random() < 0.5)
+
+
+def run_silu_mul(case, generator):
+    rows, width = case["rows"], 2 * case["size"]
+    gate_up = torch.randn(rows, width + 16, generator=generator).to(DEVICE, case["dtype"]) * 3
+    gate_up = gate_up[:, :width] if case["strided"] else gate_up[:, :width].contiguous()
+    dout = torch.randn(rows, case["size"], generator=generator).to(DEVICE, case["dtype"])
+    got, (got_grad,) = grads_on_fresh_leaves(kernels.silu_mul, (gate_up,), dout)
+    want, (want_grad,) = grads_on_fresh_leaves(silu_mul_reference, (gate_up,), dout, dtype=torch.float64)
+    eager, (eager_grad,) = grads_on_fresh_leaves(silu_mul_reference, (gate_up,), dout)
+    assert_within_eager_error("out", got, want, eager)
+    if case["backward"]:
+        assert_within_eager_error("dgate_up", got_grad, want_grad, eager_grad)
+
+
 def draw_rope(rng):
     return dict(batch=rng.randint(1, 2), seq_len=rng.randint(1, 24), heads=rng.choice([1, 3, 8, 32]),
                 head_dim=rng.choice([16, 32, 64, 128]), dtype=rng.choice(DTYPES), transposed=rng.random() < 0.5)
@@ -146,8 +204,10 @@ def run_rope(case, generator):
     assert_within_eager_error("dx", grad_x, want_x, eager_x)
 
 
-DRAW = {"attention": draw_attention, "rms_norm": draw_rms_norm, "rope": draw_rope}
-RUN = {"attention": run_attention, "rms_norm": run_rms_norm, "rope": run_rope}
+DRAW = {"attention": draw_attention, "rms_norm": draw_rms_norm, "layer_norm": draw_layer_norm, "rope": draw_rope,
+        "silu_mul": draw_silu_mul}
+RUN = {"attention": run_attention, "rms_norm": run_rms_norm, "layer_norm": run_layer_norm, "rope": run_rope,
+       "silu_mul": run_silu_mul}
 
 
 def case_plan(seed, cases, kinds):
