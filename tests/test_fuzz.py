@@ -1,5 +1,6 @@
 """The kernel fuzzer (tests/fuzz.py) in CI: 4 x 50 random attention / RMSNorm / LayerNorm / RoPE / SiLU*mul cases,
-forward and backward, each against its float64 reference under the accuracy rule. FUSEDFORMERS_TEST_SEED draws other cases."""
+forward and backward, each against its float64 reference under the accuracy rule. FUSEDFORMERS_TEST_SEED draws
+other cases."""
 import pytest
 
 from tests import fuzz
