@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fusedformers.kernels.beam_search import beam_advance
 from fusedformers.models.generation import StopPoll
 
 NEG_LARGE = -1.0e9  # HF's "impossible" score for beams
@@ -128,12 +129,12 @@ def _scale(state, scores, length):
     return scores * scale if state.multiply_by_reciprocal else scores / scale
 
 
-def process_scores_at(sequences, cur_len, log_probs, settings):
+def process_scores_at(state, sequences, cur_len, log_probs, settings):
     """HF's processors on ``log_probs [N, V]`` for ``sequences [N, T]`` whose first ``cur_len`` (a device ``[1]``
-    tensor) tokens are written: ``generation.process_scores`` for a length the host does not know."""
+    tensor) tokens are written: ``generation.process_scores`` for a length the host does not know. The token
+    ids come from ``state`` (device tensors made once), so a recorded step copies nothing from the host."""
     n = settings.no_repeat_ngram_size
     scores = log_probs
-    neg_inf = torch.tensor(float("-inf"), device=scores.device)
     if n > 0 and sequences.shape[1] >= n:
         windows = sequences.unfold(1, n, 1)                                         # [N, W, n]
         suffix = torch.gather(sequences, 1, (cur_len - n + 1 + torch.arange(n - 1, device=cur_len.device))
@@ -144,17 +145,17 @@ def process_scores_at(sequences, cur_len, log_probs, settings):
         banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
         banned.scatter_(1, torch.where(same_prefix, windows[:, :, -1], vocab), True)
         scores = scores.masked_fill(banned[:, :vocab], float("-inf"))
-    if settings.eos_token_ids and settings.min_length > 0:
-        eos = torch.tensor(settings.eos_token_ids, device=scores.device)
-        suppressed = scores.index_fill(-1, eos, float("-inf"))
+    if state.eos.numel() and settings.min_length > 0:
+        suppressed = scores.index_fill(-1, state.eos, float("-inf"))
         scores = torch.where(cur_len < settings.min_length, suppressed, scores)
     columns = torch.arange(scores.shape[-1], device=scores.device)
-    for token_ids, at_length in ((settings.forced_bos_token_id, 1),
-                                 (settings.forced_eos_token_ids, settings.max_length - 1)):
-        if token_ids is not None:
-            forced = torch.isin(columns, torch.tensor(token_ids, device=scores.device).view(-1))
-            scores = torch.where((cur_len == at_length) & ~forced, neg_inf,
-                                 torch.where(cur_len == at_length, 0.0, scores))
+    forced_bos = settings.forced_bos_token_id
+    for forced, at_length in ((columns == forced_bos if forced_bos is not None else None, 1),
+                              (torch.isin(columns, state.forced_eos) if settings.forced_eos_token_ids is not None
+                               else None, settings.max_length - 1)):
+        if forced is not None:
+            now = cur_len == at_length
+            scores = torch.where(now & ~forced, float("-inf"), torch.where(now, 0.0, scores))
     return scores
 
 
@@ -169,7 +170,7 @@ def advance_reference(state, logits, settings):
     seqs = s.running_seqs.index_select(0, parity)[0]                                 # [B, K, T]
     finished_seqs = s.finished_seqs.index_select(0, parity)[0]
 
-    log_probs = process_scores_at(seqs.view(batch * num_beams, -1), cur_len,
+    log_probs = process_scores_at(s, seqs.view(batch * num_beams, -1), cur_len,
                                   torch.log_softmax(logits.float(), dim=-1), settings)
     log_probs = log_probs.view(batch, num_beams, vocab) + s.running_scores[:, :, None]
     cand_scores, cand_index = torch.topk(log_probs.view(batch, num_beams * vocab), s.num_candidates)
@@ -231,7 +232,6 @@ def advance_reference(state, logits, settings):
 def advance(state, logits, settings, fused):
     """One step: the Triton kernels (``fused``) or :func:`advance_reference`; same state, same result."""
     if fused:
-        from fusedformers.kernels.beam_search import beam_advance
         beam_advance(state, logits, settings)
     else:
         advance_reference(state, logits, settings)
