@@ -203,39 +203,51 @@ def _hf(kind, layers):
     return model.eval()
 
 
-def _generate_counts(model, kind, new_tokens, settings):
-    """(launches, syncs) of one ``generate`` of ``new_tokens`` tokens that cannot stop early."""
+def _generate(model, kind, new_tokens, settings):
+    """One ``generate`` of ``new_tokens`` tokens that cannot stop early, from a padded prompt (LLaMA: left
+    padding; BART: a padded source), so that the padding masks' work is counted too."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 90, (settings.pop("batch", 1), 8), generator=g).to(next(model.parameters()).device)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
+    device = next(model.parameters()).device
+    ids = torch.randint(3, 90, (settings.pop("batch", 1), 8), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    if kind == "llama":
+        mask[:, :2] = 0   # left padding
+    else:
+        mask[:, -2:] = 0  # a padded source
+    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
     if kind == "llama":
         kwargs.update(do_sample=False)
     with torch.no_grad():
-        _, counter = count(model.generate, ids, **kwargs)
-    return counter
+        return model.generate(ids, **kwargs)
+
+
+def launches_per_step(generate_with, steps=(1, 2)):
+    """``(launches, host syncs)`` per decode step of ``generate_with(new_tokens)``: the slope between two
+    generation lengths (``steps``, so the prefill and the final cut are excluded), with the recorded steps run
+    eagerly (a CUDA graph's replay issues the same kernels, but the counter cannot see inside it)."""
+    from fusedformers.models.cuda_graph import StepGraph
+    StepGraph.enabled = False
+    try:
+        counters = [count(generate_with, new_tokens)[1] for new_tokens in steps]
+    finally:
+        StepGraph.enabled = True
+    return (per_unit(counters[0].launches, counters[1].launches, *steps)[0],
+            per_unit(counters[0].syncs, counters[1].syncs, *steps)[0])
 
 
 def decode_step_launches(kind, impl="ours", layers=(1, 2), steps=(1, 2), device=None, **settings):
     """Launches and syncs per decode step of ``generate`` (tiny model of ``kind`` "llama" or "bart", ``impl``
-    "ours" or "hf"), split into per decoder layer and outside the layers: the slope between two generation
-    lengths (``steps``, so the prefill and the final cut are excluded), then between two layer counts.
-    ``device``: where the models run (default: CUDA if there is one, else the CPU, where the fused kernels need
-    ``TRITON_INTERPRET=1``); recorded steps run eagerly (the counter cannot see inside a CUDA graph's replay).
+    "ours" or "hf"), split into per decoder layer and outside the layers: :func:`launches_per_step` over
+    ``steps``, then the slope between two layer counts. ``device``: where the models run (default: CUDA if there
+    is one, else the CPU, where the fused kernels need ``TRITON_INTERPRET=1``).
 
     Returns ``{"per_layer", "outside", "syncs_per_step", "per_step"}`` (the last at ``layers[0]`` layers)."""
-    from fusedformers.models.cuda_graph import StepGraph
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     build = _ours if impl == "ours" else _hf
     per_step, syncs = {}, {}
     for n in layers:
         model = build(kind, n).to(device)
-        StepGraph.enabled = False
-        try:
-            counts = [_generate_counts(model, kind, s, dict(settings)) for s in steps]
-        finally:
-            StepGraph.enabled = True
-        per_step[n] = per_unit(counts[0].launches, counts[1].launches, *steps)[0]
-        syncs[n] = per_unit(counts[0].syncs, counts[1].syncs, *steps)[0]
+        per_step[n], syncs[n] = launches_per_step(lambda s: _generate(model, kind, s, dict(settings)), steps)
     per_layer, outside = per_unit(per_step[layers[0]], per_step[layers[1]], *layers)
     return {"per_layer": per_layer, "outside": outside, "syncs_per_step": syncs[layers[0]],
             "per_step": per_step[layers[0]]}

@@ -24,6 +24,7 @@ import tempfile
 import torch
 
 from fusedformers.bench.common import Case, describe_error, print_error
+from fusedformers.bench.launches import launches_per_step
 
 NAME = "models"
 MODES = ("model",)
@@ -192,23 +193,6 @@ def compare_tokens(ours, theirs, prompt_len):
             f"first difference at new token {first}")
 
 
-def launches_per_step(generate_with):
-    """Kernels launched and host reads per decode step of ``generate_with(new_tokens)`` (the slope between 1 and
-    2 new tokens), counted by ``fusedformers.bench.launches`` with the recorded steps run eagerly (a CUDA graph's
-    replay issues the same kernels, but the counter cannot see inside it)."""
-    from fusedformers.bench.launches import count, per_unit
-    from fusedformers.models.cuda_graph import StepGraph
-    counters = []
-    StepGraph.enabled = False
-    try:
-        for new_tokens in (1, 2):
-            counters.append(count(generate_with, new_tokens)[1])
-    finally:
-        StepGraph.enabled = True
-    return {"launches_per_step": per_unit(counters[0].launches, counters[1].launches, 1, 2)[0],
-            "syncs_per_step": per_unit(counters[0].syncs, counters[1].syncs, 1, 2)[0]}
-
-
 def _token_check(case, outputs_of, prompt_len, counted=None):
     """Run each implementation once (its warm-up), compare the tokens with ours and HF static with HF. One that
     fails here is marked skipped, so the timing does not pay for (say) a failing compile a second time.
@@ -229,11 +213,11 @@ def _token_check(case, outputs_of, prompt_len, counted=None):
             result["hf_static_vs_hf_sdpa"] = compare_tokens(outputs["hf_sdpa_static"], outputs["hf_sdpa"], prompt_len)
         for name, generate_with in (counted or {}).items():
             try:
-                figures = launches_per_step(generate_with)
+                launches, syncs = launches_per_step(generate_with)
             except Exception as error:
                 print_error(case, f"{name} launch count", error)
                 continue
-            result.update({f"{key}_{name}": value for key, value in figures.items()})
+            result.update({f"launches_per_step_{name}": launches, f"syncs_per_step_{name}": syncs})
         return result
     return check
 

@@ -23,6 +23,7 @@ the loop bounds, so whole splits of left padding, right padding or the causal fu
 
 The arguments are assumed validated by ``fusedformers.kernels.checks.check_attention_inputs`` (the caller does it).
 """
+import collections
 import math
 import weakref
 
@@ -266,17 +267,17 @@ def key_padding_range(key_padding_mask):
     """Per batch row, the first valid key and the last valid key + 1, as int32 ``[B]`` tensors.
 
     A fully padded row gets ``(Lk, 0)``, an empty range. Pure torch ops on the mask's device (no host sync).
-    A model passes the same mask tensor to every layer of a forward pass, so the last result is kept and
-    reused while the very same tensor object, unmodified (same version counter), comes back. A mask changed
-    behind autograd's back (``.data`` writes, NumPy or DLPack aliases) keeps its version: pass a new tensor then.
+    A model passes the same mask tensors to every layer of a forward pass (a decoder layer two: its
+    self-attention's and the source's), so the last few results are kept and reused while the very same tensor
+    object, unmodified (same version counter), comes back. A mask changed behind autograd's back (``.data``
+    writes, NumPy or DLPack aliases) keeps its version: pass a new tensor then.
     """
-    global _last_key_range
     # inference-mode tensors have no version counter: those are not cached
     cacheable = not key_padding_mask.is_inference()
-    cached = _last_key_range
-    if (cacheable and cached is not None and cached[0]() is key_padding_mask
-            and cached[1] == key_padding_mask._version):
-        return cached[2]
+    if cacheable:
+        for entry in _recent_key_ranges:
+            if entry[0]() is key_padding_mask and entry[1] == key_padding_mask._version:
+                return entry[2]
     valid = key_padding_mask != 0
     k_len = valid.shape[1]
     positions = torch.arange(k_len, device=valid.device, dtype=torch.int32)
@@ -284,12 +285,12 @@ def key_padding_range(key_padding_mask):
     kv_end = torch.where(valid, positions + 1, 0).amax(dim=1)
     result = (kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous())
     if cacheable:
-        _last_key_range = (weakref.ref(key_padding_mask), key_padding_mask._version, result)
+        _recent_key_ranges.appendleft((weakref.ref(key_padding_mask), key_padding_mask._version, result))
     return result
 
 
-# (weak reference to the last mask, its version counter, its key range): see key_padding_range
-_last_key_range = None
+# (weak reference to a mask, its version counter, its key range), most recent first: see key_padding_range
+_recent_key_ranges = collections.deque(maxlen=4)
 
 
 def decode_attention(q, k, v, *, causal=True, key_padding_mask=None, past_len=None, sm_scale=None,
